@@ -1,0 +1,1 @@
+"""fbi: pretraining fully-binarized language models."""
