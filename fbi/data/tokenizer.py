@@ -1,0 +1,98 @@
+"""The student's tokenizer: a Hugging Face tokenizer, or a sentencepiece model.
+
+With a teacher, the student uses the teacher's tokenizer. Without one, a sentencepiece
+model is trained on the corpus. Either way the vocabulary has a fingerprint, compared
+against the teacher's and against the token shards' before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    fingerprint: str
+    source: str
+
+    def encode(self, texts: list[str]) -> list[list[int]]: ...
+
+
+def vocab_fingerprint(vocab: dict[str, int]) -> str:
+    """Stable hash of the token -> id table: equal iff the vocabularies are equal."""
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class HFTokenizer:
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self.source = str(path)
+        self.vocab_size = len(self._tok)
+        eos = self._tok.eos_token_id
+        if eos is None:
+            eos = self._tok.bos_token_id
+        if eos is None:
+            raise ValueError(
+                f"tokenizer.path: the tokenizer at {path} has neither an EOS nor a BOS token "
+                "to separate documents; use a tokenizer that defines one"
+            )
+        self.eos_id = int(eos)
+        self.fingerprint = vocab_fingerprint(self._tok.get_vocab())
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self._tok(texts, add_special_tokens=False)["input_ids"]
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.source = str(model_file)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eos_id = self._sp.eos_id()
+        self.fingerprint = vocab_fingerprint(
+            {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+        )
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A ``.model`` file is sentencepiece; a directory is loaded by ``AutoTokenizer``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer.path: {p} does not exist")
+    if p.is_file() and p.suffix == ".model":
+        return SentencePieceTokenizer(str(p))
+    return HFTokenizer(str(p))
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_file: Path) -> Tokenizer:
+    """BPE on the corpus, written atomically to ``model_file``."""
+    import sentencepiece as spm
+
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = model_file.with_name(model_file.stem + ".tmp")
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        pad_id=-1, bos_id=1, eos_id=2, unk_id=0, num_threads=2,
+        minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+    )
+    Path(f"{tmp_prefix}.model").replace(model_file)
+    Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
+    log.info("trained a %d-piece sentencepiece model: %s", vocab_size, model_file)
+    return SentencePieceTokenizer(str(model_file))

@@ -1,0 +1,131 @@
+"""DeepSpeed: process group, the JSON config generated from ours, and the engine."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from fbi.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun/deepspeed set up, or form a group of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain ``python train.py``
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_init_required=True)
+    return Dist(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def uses_torch_adam(cfg: TrainConfig) -> bool:
+    if cfg.optim.impl == "auto":
+        return not torch.cuda.is_available()
+    return cfg.optim.impl == "torch"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON, derived from the Hydra config alone."""
+    zero = cfg.zero
+    zero_section: dict = {"stage": zero.stage}
+    if zero.stage > 0:
+        zero_section.update(
+            overlap_comm=zero.overlap_comm,
+            reduce_bucket_size=zero.bucket_size,
+            allgather_bucket_size=zero.bucket_size,
+        )
+    if zero.offload_optimizer:
+        zero_section["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero.offload_params:
+        zero_section["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    torch_adam = uses_torch_adam(cfg)
+    return {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": [cfg.optim.beta1, cfg.optim.beta2],
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                "torch_adam": torch_adam,
+            },
+        },
+        "zero_force_ds_cpu_optimizer": not torch_adam,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        "zero_optimization": zero_section,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at
+    ``decay_steps`` (default ``max_steps``), the FBI-LLM/LLaMA recipe. The first step
+    already has a non-zero rate."""
+    warmup, total = cfg.optim.warmup_steps, cfg.optim.decay_steps or cfg.max_steps
+    floor = cfg.optim.min_lr / cfg.optim.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices named ``weight``: not norms, not scheme scales (alpha, beta)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = name.endswith(".weight") and p.dim() >= 2
+        (decay if is_matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
+    import deepspeed
+
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
+    return engine

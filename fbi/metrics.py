@@ -1,0 +1,70 @@
+"""Metrics: console progress, ``metrics.jsonl`` and (when enabled) wandb, on rank 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from fbi.config import LoggingConfig
+
+log = logging.getLogger("fbi")
+
+
+class Monitor:
+    def __init__(
+        self, run_dir: Path, cfg: LoggingConfig, max_steps: int, tokens_per_step: int,
+        is_main: bool, config: dict,
+    ) -> None:
+        self.cfg, self.max_steps, self.tokens_per_step = cfg, max_steps, tokens_per_step
+        self.is_main = is_main
+        self._jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
+        self._wandb = None
+        if is_main and cfg.wandb != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb,
+                config=config, name=run_dir.name, resume="allow",
+            )
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._started = time.perf_counter()
+        self._steps_done = 0
+
+    def step(self, step: int, metrics: dict) -> None:
+        self._window_steps += 1
+        self._steps_done += 1
+        if step % self.cfg.log_every and step != self.max_steps:
+            return
+        now = time.perf_counter()
+        step_time = (now - self._window_start) / self._window_steps
+        record = {
+            "step": step, **metrics,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "step_time_s": step_time,
+        }
+        eta = (now - self._started) / self._steps_done * (self.max_steps - step)
+        self.write(record)
+        if self.is_main:
+            log.info(
+                "step %d/%d  loss %.4f  distill %.4f  ce %.4f  lr %.2e  %.0f tok/s  ETA %s",
+                step, self.max_steps, metrics["loss"], metrics["distill"], metrics["ce"],
+                metrics["lr"], record["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()

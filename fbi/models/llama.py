@@ -1,0 +1,136 @@
+"""LLaMA-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
+
+Module and parameter names follow ``transformers``' ``LlamaForCausalLM`` so that a state
+dict moves between the two unchanged. The model knows nothing about binarization: every
+linear layer comes from the ``make_linear`` factory, keyed by its qualified name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fbi.binarize import LinearFactory
+from fbi.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as LLaMA does: bf16 variance loses too much precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
+    """cos and sin, each (seq_len, head_dim), in the half-split layout of LLaMA/HF."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        std = cfg.init_std
+        self.q_proj = make_linear(f"{prefix}.q_proj", cfg.d_model, cfg.d_model, std)
+        self.k_proj = make_linear(f"{prefix}.k_proj", cfg.d_model, kv_dim, std)
+        self.v_proj = make_linear(f"{prefix}.v_proj", cfg.d_model, kv_dim, std)
+        self.o_proj = make_linear(f"{prefix}.o_proj", cfg.d_model, cfg.d_model, std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, make_linear: LinearFactory) -> None:
+        super().__init__()
+        std = cfg.init_std
+        self.gate_proj = make_linear(f"{prefix}.gate_proj", cfg.d_model, cfg.d_ff, std)
+        self.up_proj = make_linear(f"{prefix}.up_proj", cfg.d_model, cfg.d_ff, std)
+        self.down_proj = make_linear(f"{prefix}.down_proj", cfg.d_ff, cfg.d_model, std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, make_linear: LinearFactory) -> None:
+        super().__init__()
+        prefix = f"layers.{index}"
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: ``LlamaModel`` in transformers' naming."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, make_linear) for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class LlamaLM(nn.Module):
+    """Causal LM: token ids (B, S) -> next-token logits (B, S, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset: it is taken from the tokenizer")
+        self.cfg = cfg
+        self.model = Backbone(cfg, make_linear)
+        self.lm_head = make_linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Set from outside (fbi.deepspeed_setup) when activation checkpointing is on.
+        self.checkpoint_layer = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_tables(
+            input_ids.shape[1], self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
+            x.device, x.dtype,
+        )
+        for layer in self.model.layers:
+            if self.checkpoint_layer is not None and self.training:
+                x = self.checkpoint_layer(layer, x, cos, sin)
+            else:
+                x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+

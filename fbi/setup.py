@@ -1,0 +1,146 @@
+"""Everything before the first step: run directory, teacher, tokenizer, shards, engine.
+
+Cheap checks come first (tokenizer agreement, batch arithmetic, resume target) so that a
+wrong setting fails in seconds, before the shards are built or the model is allocated.
+Work that writes shared files (teacher conversion, tokenization) happens on rank 0 while
+the other ranks wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from fbi import checkpoint
+from fbi.config import ConfigError, TrainConfig
+from fbi.data.prepare import ensure_shards, iter_texts
+from fbi.data.shards import TokenShards
+from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from fbi.deepspeed_setup import Dist, deepspeed_config, initialize
+from fbi.distill.teacher import OnlineTeacher, resolve_path
+from fbi.models import build_model
+
+log = logging.getLogger("fbi")
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    dist: Dist
+    run_dir: Path
+    device: torch.device
+    tokenizer: Tokenizer
+    train_data: TokenShards
+    val_data: TokenShards
+    engine: object  # deepspeed.DeepSpeedEngine
+    teacher: OnlineTeacher | None
+    grad_accum: int
+    resume_tag: str | None
+
+
+def on_rank0_first(dist_info: Dist, fn, *args):
+    """Run ``fn`` on rank 0, then on the others once rank 0 is done (they find its output)."""
+    if dist_info.is_main:
+        result = fn(*args)
+        dist.barrier()
+        return result
+    dist.barrier()
+    return fn(*args)
+
+
+def resume_target(cfg: TrainConfig, run_dir: Path) -> str | None:
+    tags = checkpoint.complete_tags(run_dir)
+    if cfg.resume == "false" and tags:
+        raise ConfigError(
+            f"resume: {run_dir} already holds checkpoints ({tags[-1]}); pass resume=auto to "
+            "continue that run, or choose another run_dir"
+        )
+    if cfg.resume == "true" and not tags:
+        raise FileNotFoundError(
+            f"resume: resume=true but {checkpoint.checkpoints_dir(run_dir)} has no complete "
+            "checkpoint; check run_dir, or pass resume=auto to start fresh"
+        )
+    return tags[-1] if tags and cfg.resume != "false" else None
+
+
+def student_tokenizer(cfg: TrainConfig, teacher_path: Path | None, run_dir: Path, cache: Path):
+    if teacher_path is not None:
+        teacher_tok = load_tokenizer(str(teacher_path))
+        if cfg.tokenizer.path:
+            student_tok = load_tokenizer(cfg.tokenizer.path)
+            if student_tok.fingerprint != teacher_tok.fingerprint:
+                raise ConfigError(
+                    f"tokenizer.path: the student's tokenizer {cfg.tokenizer.path} "
+                    f"({student_tok.vocab_size} tokens, fingerprint {student_tok.fingerprint}) "
+                    f"differs from the teacher's at {teacher_path} ({teacher_tok.vocab_size} "
+                    f"tokens, {teacher_tok.fingerprint}); distillation needs one vocabulary: "
+                    "drop tokenizer.path to use the teacher's"
+                )
+        return teacher_tok
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    model_file = run_dir / "tokenizer.model"
+    if model_file.exists():
+        return load_tokenizer(str(model_file))
+    return train_sentencepiece(iter_texts(cfg.data, cache), cfg.tokenizer.vocab_size, model_file)
+
+
+def write_run_files(cfg: TrainConfig, run_dir: Path, ds_config: dict, tokenizer: Tokenizer):
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    (run_dir / "tokenizer.json").write_text(json.dumps(
+        {"source": tokenizer.source, "fingerprint": tokenizer.fingerprint,
+         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}, indent=1))
+
+
+def setup(cfg: TrainConfig, dist_info: Dist) -> Run:
+    from deepspeed.accelerator import get_accelerator
+
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    cache = Path(cfg.cache_dir).expanduser().resolve()
+    grad_accum = cfg.grad_accum_steps(dist_info.world_size)
+    ds_config = deepspeed_config(cfg, dist_info.world_size)
+    resume_tag = resume_target(cfg, run_dir)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    teacher_path = on_rank0_first(dist_info, resolve_path, cfg.teacher)
+    tokenizer = on_rank0_first(dist_info, student_tokenizer, cfg, teacher_path, run_dir, cache)
+    shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache, cfg.seed)
+    train_data = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
+    val_data = TokenShards(shards, "val", cfg.data.seq_len, verify=False)
+
+    device = torch.device(get_accelerator().current_device_name())
+    teacher = None
+    if teacher_path is not None:
+        teacher = OnlineTeacher(teacher_path, cfg.teacher.dtype, device)
+    vocab = teacher.vocab_size if teacher else tokenizer.vocab_size
+    if cfg.model.vocab_size not in (None, vocab):
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} differs from the "
+            f"{'teacher' if teacher else 'tokenizer'}'s {vocab}; leave it unset (null)"
+        )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if dist_info.is_main:
+        write_run_files(cfg, run_dir, ds_config, tokenizer)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.scheme.name, cfg.scheme.binarize)
+    log.info(
+        "student %s/%s: %.1fM parameters, vocab %d, world %d, grad accum %d",
+        cfg.model.arch, cfg.scheme.name, sum(p.numel() for p in model.parameters()) / 1e6,
+        vocab, dist_info.world_size, grad_accum,
+    )
+    engine = initialize(model, cfg, ds_config)
+    torch.manual_seed(cfg.seed + dist_info.rank)  # then per-rank streams (e.g. dropout)
+    return Run(cfg, dist_info, run_dir, device, tokenizer, train_data, val_data, engine,
+               teacher, grad_accum, resume_tag)
+

@@ -1,0 +1,85 @@
+"""The training loop. Everything it calls is set up in ``fbi.setup``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.distributed as dist
+
+from fbi import checkpoint
+from fbi.config import TrainConfig
+from fbi.deepspeed_setup import init_distributed
+from fbi.distill.loss import distillation_loss
+from fbi.eval.perplexity import perplexity
+from fbi.metrics import Monitor
+from fbi.setup import Run, setup
+
+log = logging.getLogger("fbi")
+
+
+def train_step(run: Run, consumed: int, sampler) -> dict:
+    """One optimizer step: ``grad_accum`` micro-batches on every rank."""
+    cfg, engine = run.cfg, run.engine
+    totals = torch.zeros(3)
+    for accum in range(run.grad_accum):
+        ids = sampler.micro_batch_ids(
+            consumed, cfg.micro_batch_size, accum, run.dist.rank, run.dist.world_size
+        )
+        batch = torch.from_numpy(run.train_data.batch(ids)).to(run.device)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        teacher_logits = run.teacher.logits(inputs) if run.teacher else None
+        out = distillation_loss(
+            engine(inputs), teacher_logits, labels,
+            temperature=cfg.distill.temperature, ce_weight=cfg.distill.ce_weight,
+        )
+        engine.backward(out.loss)
+        engine.step()
+        totals += torch.tensor([out.loss.item(), float(out.distill), float(out.ce)])
+    totals /= run.grad_accum
+    if run.dist.world_size > 1:
+        dist.all_reduce(totals)
+        totals /= run.dist.world_size
+    loss, distill, ce = totals.tolist()
+    return {"loss": loss, "distill": distill, "ce": ce,
+            "lr": engine.get_lr()[0], "grad_norm": engine.get_global_grad_norm()}
+
+
+def evaluate(run: Run) -> dict:
+    """Validation perplexity of the student, and of the teacher when there is one."""
+    run.engine.eval()
+    args = (run.val_data, run.cfg.eval_batches, run.cfg.micro_batch_size,
+            run.dist.rank, run.dist.world_size, run.device)
+    result = {"val_ppl_student": perplexity(run.engine, *args)}
+    if run.teacher is not None:
+        result["val_ppl_teacher"] = perplexity(run.teacher.logits, *args)
+    run.engine.train()
+    return result
+
+
+def train(cfg: TrainConfig) -> dict:
+    from fbi.data.sampler import GlobalSampler
+
+    run = setup(cfg, init_distributed())
+    cfg = run.cfg
+    state = {"step": 0, "consumed": 0}
+    if run.resume_tag:
+        state = checkpoint.load(run.engine, run.run_dir, run.resume_tag, run.dist.rank)
+    sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
+    monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
+                      cfg.global_batch_size * cfg.data.seq_len, run.dist.is_main,
+                      dataclasses.asdict(cfg))
+    while state["step"] < cfg.max_steps:
+        metrics = train_step(run, state["consumed"], sampler)
+        state = {"step": state["step"] + 1, "consumed": state["consumed"] + cfg.global_batch_size}
+        monitor.step(state["step"], metrics)
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
+            checkpoint.save(run.engine, run.run_dir, state, run.dist.rank,
+                            run.dist.world_size, cfg.checkpoint_keep)
+    result = {"step": state["step"], **evaluate(run)}
+    monitor.write(result)
+    log.info("validation: %s", "  ".join(f"{k} {v:.2f}" for k, v in result.items()))
+    monitor.close()
+    dist.destroy_process_group()  # without it ZeRO-3 runs sometimes abort at exit
+    return result

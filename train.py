@@ -1,0 +1,30 @@
+"""Hydra entry point: compose the config, validate it, hand it to fbi.train.
+
+    python train.py experiment=demo
+    torchrun --nproc_per_node 8 train.py experiment=fbi_130m teacher.path=... zero=stage3
+"""
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from fbi.config import register, validate
+from fbi.train import train
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    train(validate(cfg))
+
+
+if __name__ == "__main__":
+    main()
