@@ -14,10 +14,10 @@ import logging
 import os
 import re
 import shutil
+import secrets
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import IO
@@ -37,20 +37,20 @@ def staging_dir(dest: Path) -> Iterator[Path]:
     process completed `dest` meanwhile, its copy wins and ours is discarded.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent folder, so the final rename stays on one file system and is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    # Same parent folder, so the final rename stays on one file system and is atomic. Not
+    # tempfile.mkdtemp: its mode 0700 would survive the rename and lock a shared cache to one user.
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        if not dest.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("%s was completed by another process; keeping that copy", dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            log.info("%s was completed by another process; keeping that copy", dest)
+    finally:
+        # Already gone after a successful rename; otherwise a failed or superseded attempt.
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -155,7 +155,9 @@ def extract(archive: Path, members: Sequence[str], dest: Path) -> list[Path]:
                     if member.isfile() and wanted(member.name):
                         _write(tf.extractfile(member), tmp / _safe_relpath(member.name, archive))
         else:
-            raise ValueError(f"Archive {archive} has an unknown format; expected one of {_ZIP_SUFFIXES + _TAR_SUFFIXES}")
+            raise ValueError(
+                f"Archive {archive} has an unknown format; expected a name ending in {_ZIP_SUFFIXES + _TAR_SUFFIXES}"
+            )
         extracted = sorted(p for p in tmp.rglob("*") if p.is_file())
         if not extracted:
             raise ValueError(

@@ -48,9 +48,11 @@ class Monitor:
         eta = (now - self._started) / self._steps_done * (self.max_steps - step)
         self.write(record)
         if self.is_main:
+            losses = "  ".join(
+                f"{k} {metrics[k]:.4f}" for k in ("loss", "distill", "ce") if k in metrics
+            )
             log.info(
-                "step %d/%d  loss %.4f  distill %.4f  ce %.4f  lr %.2e  %.0f tok/s  ETA %s",
-                step, self.max_steps, metrics["loss"], metrics["distill"], metrics["ce"],
+                "step %d/%d  %s  lr %.2e  %.0f tok/s  ETA %s", step, self.max_steps, losses,
                 metrics["lr"], record["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)),
             )
         self._window_start, self._window_steps = time.perf_counter(), 0

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from fbi import checkpoint
 from fbi.config import TrainConfig
+from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
 from fbi.eval.perplexity import perplexity
@@ -19,10 +20,12 @@ from fbi.setup import Run, setup
 log = logging.getLogger("fbi")
 
 
-def train_step(run: Run, consumed: int, sampler) -> dict:
+def train_step(run: Run, consumed: int, sampler: GlobalSampler) -> dict:
     """One optimizer step: ``grad_accum`` micro-batches on every rank."""
     cfg, engine = run.cfg, run.engine
-    totals = torch.zeros(3)
+    names = ["loss", "distill", "ce"] if run.teacher else ["loss", "ce"]
+    totals = torch.zeros(len(names))
+    lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in engine.step
     for accum in range(run.grad_accum):
         ids = sampler.micro_batch_ids(
             consumed, cfg.micro_batch_size, accum, run.dist.rank, run.dist.world_size
@@ -36,14 +39,16 @@ def train_step(run: Run, consumed: int, sampler) -> dict:
         )
         engine.backward(out.loss)
         engine.step()
-        totals += torch.tensor([out.loss.item(), float(out.distill), float(out.ce)])
+        totals += torch.stack([getattr(out, n).detach().float().cpu() for n in names])
     totals /= run.grad_accum
     if run.dist.world_size > 1:
         dist.all_reduce(totals)
         totals /= run.dist.world_size
-    loss, distill, ce = totals.tolist()
-    return {"loss": loss, "distill": distill, "ce": ce,
-            "lr": engine.get_lr()[0], "grad_norm": engine.get_global_grad_norm()}
+    metrics = {**dict(zip(names, totals.tolist())), "lr": lr}
+    grad_norm = engine.get_global_grad_norm()  # DeepSpeed reports it under ZeRO and bf16/fp16
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
 
 
 def evaluate(run: Run) -> dict:
@@ -59,8 +64,6 @@ def evaluate(run: Run) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    from fbi.data.sampler import GlobalSampler
-
     run = setup(cfg, init_distributed())
     cfg = run.cfg
     state = {"step": 0, "consumed": 0}
@@ -79,7 +82,8 @@ def train(cfg: TrainConfig) -> dict:
                             run.dist.world_size, cfg.checkpoint_keep)
     result = {"step": state["step"], **evaluate(run)}
     monitor.write(result)
-    log.info("validation: %s", "  ".join(f"{k} {v:.2f}" for k, v in result.items()))
+    log.info("validation after step %d: %s", state["step"],
+             "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))
     monitor.close()
     dist.destroy_process_group()  # without it ZeRO-3 runs sometimes abort at exit
     return result

@@ -1,59 +1,21 @@
-"""Shared fixtures: a real corpus slice, a real BPE tokenizer and a tiny real teacher.
-
-Everything is built here from ../shared/data and the installed libraries; nothing comes
-from a hub.
-"""
+"""Session fixtures built with fbi_testing: corpus, tokenizer, tiny teacher, download cache."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from fbi_testing import make_teacher, make_tokenizer, wikitext_lines
 
 
-def wikitext_lines(n_chars: int, split: str = "valid") -> list[str]:
-    text = (SHARED_DATA / "wikitext-2" / f"{split}.txt").read_text()[:n_chars]
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def make_tokenizer(directory: Path, vocab_size: int, lines: list[str]) -> Path:
-    """A byte-level BPE tokenizer trained on ``lines``, saved as a transformers folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(lines, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
-    return directory
-
-
-def make_teacher(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A tiny ``LlamaForCausalLM`` with the tokenizer beside it, via save_pretrained."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+@pytest.fixture(scope="session")
+def fbi_cache(tmp_path_factory) -> Path:
+    """Download cache: $FBI_CACHE if set, so that repeated runs reuse the teacher; else a temp dir."""
+    if "FBI_CACHE" in os.environ:
+        return Path(os.environ["FBI_CACHE"])
+    return tmp_path_factory.mktemp("fbi_cache")
 
 
 @pytest.fixture(scope="session")
@@ -74,19 +36,3 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_teacher(tmp_path_factory.mktemp("teacher"), tokenizer_dir)
-
-
-def run_train(overrides: list[str], cwd: Path, nproc: int = 1, timeout: int = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """``python train.py`` (or torchrun with ``nproc`` processes) as a user would start it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(REPO / "train.py"), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "0", str(REPO / "train.py"), *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc

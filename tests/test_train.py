@@ -1,0 +1,92 @@
+"""End to end: train.py distils a binary student from a real (tiny) teacher, then resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fbi_testing import REPO, make_teacher, make_tokenizer, run_train, wikitext_lines
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def common(run_dir, corpus, teacher_dir, cache):
+    return [
+        f"run_dir={run_dir}", f"cache_dir={cache}", "teacher=hf", f"teacher.path={teacher_dir}",
+        "teacher.dtype=float32", "data=files", f"data.files=[{corpus}/*.txt]", "data.seq_len=32",
+        "data.val_fraction=0.05", "model.n_layers=2", "model.d_model=64", "model.d_ff=128",
+        "model.n_heads=4", "global_batch_size=8", "micro_batch_size=4", "logging.log_every=1",
+        "eval_batches=4", "optim.lr=3e-3", "optim.warmup_steps=2", "distill.ce_weight=0.0",
+    ]
+
+
+@pytest.mark.slow
+def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
+    cache = tmp_path / "cache"
+    args = common(tmp_path / "a", corpus, teacher_dir, cache) + ["optim.decay_steps=24"]
+    run_train(args + ["max_steps=12", "checkpoint_every=6"], REPO)
+    run_train(args + ["max_steps=24", "checkpoint_every=6"], REPO)  # resume=auto
+    straight = common(tmp_path / "b", corpus, teacher_dir, cache) + ["optim.decay_steps=24"]
+    run_train(straight + ["max_steps=24", "checkpoint_every=100"], REPO)
+
+    resumed = [m for m in read_metrics(tmp_path / "a") if "loss" in m]
+    reference = [m for m in read_metrics(tmp_path / "b") if "loss" in m]
+    assert [m["step"] for m in resumed] == list(range(1, 25))
+    # Loss of the resumed run equals the uninterrupted one, step for step.
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]
+    first = sum(m["loss"] for m in reference[:3]) / 3
+    last = sum(m["loss"] for m in reference[-3:]) / 3
+    assert last < first - 0.08  # measured: 6.24 -> 6.08 (the teacher's entropy bounds it below)
+
+    final = read_metrics(tmp_path / "b")[-1]
+    assert final["val_ppl_student"] > 1 and final["val_ppl_teacher"] > 1
+    run = tmp_path / "b"
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
+    assert (run / "checkpoints" / "step_00000024" / "complete.json").exists()
+
+
+@pytest.mark.slow
+def test_no_teacher_trains_a_sentencepiece_tokenizer_and_uses_ce(tmp_path, corpus):
+    run = tmp_path / "run"
+    args = [
+        f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}", "teacher=none", "scheme=fp",
+        "tokenizer.vocab_size=600", "data=files", f"data.files=[{corpus}/*.txt]",
+        "data.seq_len=32", "model.n_layers=1", "model.d_model=32", "model.d_ff=64",
+        "model.n_heads=2", "max_steps=3", "global_batch_size=4", "micro_batch_size=4",
+        "logging.log_every=1", "eval_batches=2",
+    ]
+    run_train(args, REPO)
+    metrics = read_metrics(run)
+    assert (run / "tokenizer.model").exists()
+    assert json.loads((run / "tokenizer.json").read_text())["vocab_size"] == 600
+    assert all(m["loss"] == pytest.approx(m["ce"]) for m in metrics if "loss" in m)
+    assert "val_ppl_teacher" not in metrics[-1]
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path, teacher_dir):
+    from fbi.config import ConfigError, TrainConfig, TeacherConfig, TokenizerConfig
+    from fbi.setup import student_tokenizer
+
+    other = make_tokenizer(tmp_path / "other", 400, wikitext_lines(50_000, "test"))
+    cfg = TrainConfig(teacher=TeacherConfig(kind="hf", path=str(teacher_dir)),
+                      tokenizer=TokenizerConfig(path=str(other)))
+    with pytest.raises(ConfigError, match="differs from the teacher's"):
+        student_tokenizer(cfg, teacher_dir, tmp_path, tmp_path)
+
+
+def test_bad_values_are_refused_before_any_work(tmp_path):
+    proc = run_train([f"run_dir={tmp_path}/r", "global_batch_size=10", "micro_batch_size=4"],
+                     REPO, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "global_batch_size: 10 sequences cannot be split" in proc.stderr
+    assert not (tmp_path / "r").exists()
+    proc = run_train([f"run_dir={tmp_path}/r", "resume=true"], REPO, check=False, timeout=120)
+    assert "resume=true but" in proc.stderr
