@@ -4,6 +4,11 @@ Layout: ``<run_dir>/checkpoints/step_00000100/`` holds DeepSpeed's files, one
 ``rng_rank<r>.pt`` per rank, and ``complete.json``, written by rank 0 after every rank has
 finished. A folder without ``complete.json`` was cut off mid-write and is never resumed
 from, so a crash at any moment leaves the previous checkpoint usable.
+
+The data cursor is the number of global samples consumed, so the data side of a resume does
+not depend on the world size. Under ZeRO 1-3 the optimizer state is partitioned by rank; a
+resume on another world size converts the checkpoint once into DeepSpeed's universal format
+(``<tag>/universal``) and loads that.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +29,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
+UNIVERSAL_INFO = "universal_checkpoint_info"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -67,7 +75,9 @@ def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: i
     if rank == 0 and folder.exists():  # a cut-off attempt at this very step
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=dict(state), save_latest=False)
+    # The universal-checkpoint marker lets ds_to_universal convert this checkpoint later.
+    client_state = {**state, UNIVERSAL_INFO: {"universal_checkpoint_version": 0.2}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -79,17 +89,42 @@ def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: i
     return folder
 
 
-def load(engine, run_dir: Path, tag: str, rank: int) -> dict:
+def saved_world_size(run_dir: Path, tag: str) -> int:
+    return int(json.loads((checkpoints_dir(run_dir) / tag / COMPLETE).read_text())["world_size"])
+
+
+def needs_universal(run_dir: Path, tag: str, world_size: int, zero_stage: int) -> bool:
+    """Partitioned optimizer state (ZeRO >= 1) saved by another number of ranks."""
+    return zero_stage > 0 and saved_world_size(run_dir, tag) != world_size
+
+
+def make_universal(run_dir: Path, tag: str) -> None:
+    """Convert ``tag`` into DeepSpeed's world-size-free format, once (rank 0 only)."""
+    folder = checkpoints_dir(run_dir) / tag
+    target = folder / "universal"
+    if (target / COMPLETE).exists():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    log.info("converting %s to a universal checkpoint for a new world size", folder)
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+         "--input_folder", str(folder), "--output_folder", str(target)],
+        check=True, capture_output=True,
+    )
+    _write_json_atomic(target / COMPLETE, json.loads((folder / COMPLETE).read_text()))
+
+
+def load(engine, run_dir: Path, tag: str, rank: int, world_size: int, universal: bool) -> dict:
     """Restore model, optimizer, scheduler and (on the same world size) RNG; return state."""
     root = checkpoints_dir(run_dir)
     meta = json.loads((root / tag / COMPLETE).read_text())
-    path, client_state = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    load_dir, load_tag = (root / tag, "universal") if universal else (root, tag)
+    path, _ = engine.load_checkpoint(
+        str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng_file = root / tag / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+    if meta["world_size"] == world_size:  # per-rank streams only map 1:1 on the same ranks
+        _set_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=False))
     log.info("resumed from %s at step %d", root / tag, meta["step"])
     return {"step": int(meta["step"]), "consumed": int(meta["consumed"])}

@@ -136,6 +136,7 @@ class DataConfig:
     text_field: str = "text"
     shards_dir: Optional[str] = None  # None: <cache_dir>/shards/<name>-<tokenizer fingerprint>
     val_fraction: float = 0.01
+    split_seed: int = 0  # document order before the validation split is cut off
     shard_tokens: int = 50_000_000
     seq_len: int = 128
     verify_checksums: bool = True
@@ -220,6 +221,7 @@ class LoggingConfig:
     log_every: int = 10
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fbi"
+    sample_ids: bool = False  # write samples/rank<r>.jsonl: the sample ids of every step
 
     def __post_init__(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be positive")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from fbi.config import TrainConfig
 
@@ -122,6 +124,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
     import deepspeed
 
+    if cfg.zero.activation_checkpointing:
+        # Recompute each block in backward; non-reentrant so ZeRO-3's gather hooks fire again.
+        model.checkpoint_layer = functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False
+        )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),

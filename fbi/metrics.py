@@ -15,11 +15,16 @@ log = logging.getLogger("fbi")
 class Monitor:
     def __init__(
         self, run_dir: Path, cfg: LoggingConfig, max_steps: int, tokens_per_step: int,
-        is_main: bool, config: dict,
+        rank: int, config: dict,
     ) -> None:
+        is_main = rank == 0
         self.cfg, self.max_steps, self.tokens_per_step = cfg, max_steps, tokens_per_step
         self.is_main = is_main
         self._jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
+        self._samples = None
+        if cfg.sample_ids:  # data provenance: which samples each rank trained on, per step
+            (run_dir / "samples").mkdir(exist_ok=True)
+            self._samples = open(run_dir / "samples" / f"rank{rank}.jsonl", "a")
         self._wandb = None
         if is_main and cfg.wandb != "disabled":
             import wandb
@@ -57,6 +62,11 @@ class Monitor:
             )
         self._window_start, self._window_steps = time.perf_counter(), 0
 
+    def samples(self, step: int, micro_batches: list[list[int]]) -> None:
+        if self._samples is not None:
+            self._samples.write(json.dumps({"step": step, "ids": micro_batches}) + "\n")
+            self._samples.flush()
+
     def write(self, record: dict) -> None:
         if not self.is_main:
             return
@@ -66,7 +76,8 @@ class Monitor:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for f in (self._jsonl, self._samples):
+            if f is not None:
+                f.close()
         if self._wandb is not None:
             self._wandb.finish()

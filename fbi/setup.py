@@ -43,6 +43,7 @@ class Run:
     teacher: OnlineTeacher | None
     grad_accum: int
     resume_tag: str | None
+    resume_universal: bool  # resume through DeepSpeed's universal format (world size changed)
 
 
 def on_rank0_first(dist_info: Dist, fn, *args):
@@ -114,9 +115,16 @@ def setup(cfg: TrainConfig, dist_info: Dist) -> Run:
 
     teacher_path = on_rank0_first(dist_info, resolve_path, cfg.teacher)
     tokenizer = on_rank0_first(dist_info, student_tokenizer, cfg, teacher_path, run_dir, cache)
-    shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache, cfg.seed)
+    shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
     train_data = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
     val_data = TokenShards(shards, "val", cfg.data.seq_len, verify=False)
+
+    universal = bool(resume_tag) and checkpoint.needs_universal(
+        run_dir, resume_tag, dist_info.world_size, cfg.zero.stage
+    )
+    if universal:
+        on_rank0_first(dist_info, checkpoint.make_universal, run_dir, resume_tag)
+        ds_config["checkpoint"] = {"load_universal": True}
 
     device = torch.device(get_accelerator().current_device_name())
     teacher = None
@@ -142,5 +150,5 @@ def setup(cfg: TrainConfig, dist_info: Dist) -> Run:
     engine = initialize(model, cfg, ds_config)
     torch.manual_seed(cfg.seed + dist_info.rank)  # then per-rank streams (e.g. dropout)
     return Run(cfg, dist_info, run_dir, device, tokenizer, train_data, val_data, engine,
-               teacher, grad_accum, resume_tag)
+               teacher, grad_accum, resume_tag, universal)
 

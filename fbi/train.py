@@ -20,16 +20,13 @@ from fbi.setup import Run, setup
 log = logging.getLogger("fbi")
 
 
-def train_step(run: Run, consumed: int, sampler: GlobalSampler) -> dict:
-    """One optimizer step: ``grad_accum`` micro-batches on every rank."""
+def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
+    """One optimizer step over this rank's ``grad_accum`` micro-batches of sample ids."""
     cfg, engine = run.cfg, run.engine
     names = ["loss", "distill", "ce"] if run.teacher else ["loss", "ce"]
     totals = torch.zeros(len(names))
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in engine.step
-    for accum in range(run.grad_accum):
-        ids = sampler.micro_batch_ids(
-            consumed, cfg.micro_batch_size, accum, run.dist.rank, run.dist.world_size
-        )
+    for ids in micro_batches:
         batch = torch.from_numpy(run.train_data.batch(ids)).to(run.device)
         inputs, labels = batch[:, :-1], batch[:, 1:]
         teacher_logits = run.teacher.logits(inputs) if run.teacher else None
@@ -68,15 +65,22 @@ def train(cfg: TrainConfig) -> dict:
     cfg = run.cfg
     state = {"step": 0, "consumed": 0}
     if run.resume_tag:
-        state = checkpoint.load(run.engine, run.run_dir, run.resume_tag, run.dist.rank)
+        state = checkpoint.load(run.engine, run.run_dir, run.resume_tag, run.dist.rank,
+                                run.dist.world_size, run.resume_universal)
     sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
-                      cfg.global_batch_size * cfg.data.seq_len, run.dist.is_main,
+                      cfg.global_batch_size * cfg.data.seq_len, run.dist.rank,
                       dataclasses.asdict(cfg))
     while state["step"] < cfg.max_steps:
-        metrics = train_step(run, state["consumed"], sampler)
+        micro_batches = [
+            sampler.micro_batch_ids(state["consumed"], cfg.micro_batch_size, accum,
+                                    run.dist.rank, run.dist.world_size)
+            for accum in range(run.grad_accum)
+        ]
+        metrics = train_step(run, micro_batches)
         state = {"step": state["step"] + 1, "consumed": state["consumed"] + cfg.global_batch_size}
         monitor.step(state["step"], metrics)
+        monitor.samples(state["step"], micro_batches)
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
             checkpoint.save(run.engine, run.run_dir, state, run.dist.rank,
                             run.dist.world_size, cfg.checkpoint_keep)

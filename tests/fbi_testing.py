@@ -55,17 +55,33 @@ def make_teacher(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return directory
 
 
-def run_train(overrides: list[str], cwd: Path, nproc: int = 1, timeout: int = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """``python train.py`` (or torchrun with ``nproc`` processes) as a user would start it."""
+def run_train(overrides: list[str], cwd: Path = REPO, nproc: int = 1, timeout: int = 600,
+              check: bool = True, script: Path = REPO / "train.py",
+              launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """``python train.py`` as a user starts it; with ``nproc`` > 1, under torchrun or the
+    deepspeed launcher (gloo on CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
-        cmd = [sys.executable, str(REPO / "train.py"), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "0", str(REPO / "train.py"), *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        cmd = [sys.executable, str(script)]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), str(script)]
+    else:  # Hydra refuses --local_rank, hence --no_local_rank; --num_gpus counts processes
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+               "--master_port", str(free_port()), "--no_local_rank", str(script)]
+    proc = subprocess.run(cmd + overrides, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

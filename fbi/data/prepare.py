@@ -62,14 +62,14 @@ def iter_texts(cfg: DataConfig, cache_dir: Path) -> Iterator[str]:
 
 
 def build_shards(
-    cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path, seed: int
+    cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path
 ) -> Manifest:
     """Tokenize every document, append EOS, shuffle document order, split off validation.
 
     The last ``val_fraction`` of the shuffled token stream becomes the validation split.
     """
     docs = load_documents(cfg, corpus_files(cfg, cache_dir), cache_dir)
-    docs = docs.shuffle(seed=seed).flatten_indices()
+    docs = docs.shuffle(seed=cfg.split_seed).flatten_indices()
     eos = tokenizer.eos_id
     def encode(batch: dict) -> dict:
         ids = [doc + [eos] for doc in tokenizer.encode(batch["text"])]
@@ -102,10 +102,11 @@ def build_shards(
 def shards_dir(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
     if cfg.shards_dir:
         return Path(cfg.shards_dir).expanduser()
-    return cache_dir / "shards" / f"{cfg.name}-{tokenizer.fingerprint}-{cfg.val_fraction}"
+    name = f"{cfg.name}-{tokenizer.fingerprint}-val{cfg.val_fraction}-split{cfg.split_seed}"
+    return cache_dir / "shards" / name
 
 
-def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, seed: int) -> Path:
+def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
     """Build the shards unless a manifest is there; refuse shards of another tokenizer."""
     directory = shards_dir(cfg, tokenizer, cache_dir)
     if not (directory / MANIFEST).exists():
@@ -114,7 +115,7 @@ def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, seed: 
                 f"data.shards_dir: {directory} has no {MANIFEST} and no data.corpus or "
                 "data.files is given to build it from"
             )
-        build_shards(cfg, tokenizer, directory, cache_dir, seed)
+        build_shards(cfg, tokenizer, directory, cache_dir)
     manifest = Manifest.load(directory)
     if manifest.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ValueError(

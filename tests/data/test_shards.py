@@ -18,7 +18,7 @@ def built(tmp_path_factory, corpus, tokenizer_dir):
     cfg = DataConfig(name="t", corpus=None, files=[str(corpus / "*.txt")], val_fraction=0.05,
                      shard_tokens=4000, seq_len=16)
     out = tmp_path_factory.mktemp("shards") / "s"
-    manifest = build_shards(cfg, tok, out, tmp_path_factory.mktemp("cache"), seed=0)
+    manifest = build_shards(cfg, tok, out, tmp_path_factory.mktemp("cache"))
     return tok, cfg, out, manifest
 
 
@@ -72,7 +72,7 @@ def test_corrupt_truncated_and_foreign_shards_are_refused(built, tmp_path, token
     meta["tokenizer_fingerprint"] = "0000"
     manifest_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenized with"):
-        ensure_shards(DataConfig(corpus=None, shards_dir=str(copy)), tok, tmp_path, 0)
+        ensure_shards(DataConfig(corpus=None, shards_dir=str(copy)), tok, tmp_path)
 
 
 def test_global_order_is_a_permutation_per_epoch_and_world_size_free():
