@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from fbi import atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: int) -> Path:
     """``state`` holds at least ``step`` and ``consumed`` (global samples)."""
     tag = f"step_{state['step']:08d}"
@@ -81,7 +76,7 @@ def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: i
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        _write_json_atomic(folder / COMPLETE, {**state, "world_size": world_size})
+        atomic.write_json(folder / COMPLETE, {**state, "world_size": world_size})
         for old in complete_tags(run_dir)[:-keep]:
             shutil.rmtree(root / old, ignore_errors=True)
         log.info("checkpoint %s", folder)
@@ -111,7 +106,7 @@ def make_universal(run_dir: Path, tag: str) -> None:
          "--input_folder", str(folder), "--output_folder", str(target)],
         check=True, capture_output=True,
     )
-    _write_json_atomic(target / COMPLETE, json.loads((folder / COMPLETE).read_text()))
+    atomic.write_json(target / COMPLETE, json.loads((folder / COMPLETE).read_text()))
 
 
 def load(engine, run_dir: Path, tag: str, rank: int, world_size: int, universal: bool) -> dict:

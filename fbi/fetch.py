@@ -8,50 +8,24 @@ folder that exists is complete, and is reused without touching the network.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
-import os
 import re
 import shutil
-import secrets
 import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import IO
 from pathlib import Path, PurePosixPath
+
+from fbi.atomic import staging_dir
 
 log = logging.getLogger(__name__)
 
 _ZIP_SUFFIXES = (".whl", ".zip")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-
-
-@contextlib.contextmanager
-def staging_dir(dest: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `dest`; on success rename it to `dest`.
-
-    On an exception the temporary folder is removed and `dest` is left untouched. If another
-    process completed `dest` meanwhile, its copy wins and ours is discarded.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent folder, so the final rename stays on one file system and is atomic. Not
-    # tempfile.mkdtemp: its mode 0700 would survive the rename and lock a shared cache to one user.
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not dest.is_dir():
-                raise
-            log.info("%s was completed by another process; keeping that copy", dest)
-    finally:
-        # Already gone after a successful rename; otherwise a failed or superseded attempt.
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _archives_in(folder: Path) -> list[Path]:

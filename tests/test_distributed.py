@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fbi_testing import REPO, run_train
 
@@ -121,11 +122,12 @@ def test_consolidated_stage3_checkpoint_loads_into_the_model(tmp_path, base):
     run = tmp_path / "run"
     run_train(base + [f"run_dir={run}", "zero=stage3", "max_steps=2"], nproc=2)
     state = consolidate(run)
-    vocab = json.loads((run / "tokenizer.json").read_text())["vocab_size"]
-    model = build_model(ModelConfig(n_layers=2, d_model=64, d_ff=128, n_heads=4,
-                                    vocab_size=vocab), "fbi", ["layers.*"])
+    saved = OmegaConf.load(run / "config.yaml")
+    model = build_model(ModelConfig(**saved.model), saved.scheme.name, list(saved.scheme.binarize))
     model.load_state_dict(state, strict=True)
     assert any(k.endswith(".alpha") for k in state)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert sum(v.numel() for v in state.values()) == n_params  # every shard was gathered
 
 
 def test_deepspeed_launcher_starts_two_processes(tmp_path, base):

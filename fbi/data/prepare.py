@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import glob
 import logging
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from fbi.config import DataConfig
-from fbi.data.shards import MANIFEST, Manifest, ShardWriter, publish, token_dtype
+from fbi.atomic import staging_dir
+from fbi.data.shards import MANIFEST, Manifest, ShardWriter, token_dtype
 from fbi.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,21 @@ def build_shards(
     total = int(np.sum(tokenized["n"]))
     n_val = max(1, int(total * cfg.val_fraction))
     dtype = token_dtype(tokenizer.vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    written = 0
-    for batch in tokenized.iter(batch_size=1024):
-        arr = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["ids"]])
-        cut = max(0, min(len(arr), total - n_val - written))
-        writers["train"].write(arr[:cut])
-        writers["val"].write(arr[cut:])
-        written += len(arr)
-    manifest = Manifest(
-        tokenizer_fingerprint=tokenizer.fingerprint, tokenizer_source=tokenizer.source,
-        vocab_size=tokenizer.vocab_size, dtype=dtype.name,
-        splits={s: w.close() for s, w in writers.items()},
-    )
-    publish(tmp, out_dir, manifest)
+    with staging_dir(out_dir) as tmp:  # the manifest is written last, the folder renamed
+        writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+        written = 0
+        for batch in tokenized.iter(batch_size=1024):
+            arr = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["ids"]])
+            cut = max(0, min(len(arr), total - n_val - written))
+            writers["train"].write(arr[:cut])
+            writers["val"].write(arr[cut:])
+            written += len(arr)
+        manifest = Manifest(
+            tokenizer_fingerprint=tokenizer.fingerprint, tokenizer_source=tokenizer.source,
+            vocab_size=tokenizer.vocab_size, dtype=dtype.name,
+            splits={s: w.close() for s, w in writers.items()},
+        )
+        manifest.save(tmp)
     log.info("wrote %d train + %d val tokens to %s", total - n_val, n_val, out_dir)
     return manifest
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +46,9 @@ class Manifest:
 
     def tokens(self, split: str) -> int:
         return sum(s.tokens for s in self.splits[split])
+
+    def save(self, directory: Path) -> None:
+        (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=1))
 
     @staticmethod
     def load(directory: Path) -> "Manifest":
@@ -94,14 +95,6 @@ class ShardWriter:
     def close(self) -> list[ShardInfo]:
         self._close_current()
         return self.shards
-
-
-def publish(tmp_dir: Path, final_dir: Path, manifest: Manifest) -> None:
-    """Write the manifest last and rename the folder into place: readers never see half."""
-    (tmp_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1))
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
 
 
 class ShardCorruption(RuntimeError):
