@@ -121,14 +121,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
-    import deepspeed
-
+def activation_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Recompute each block in backward instead of keeping its activations."""
     if cfg.zero.activation_checkpointing:
-        # Recompute each block in backward; non-reentrant so ZeRO-3's gather hooks fire again.
+        # Non-reentrant, so that ZeRO-3's parameter-gather hooks fire again on recompute.
         model.checkpoint_layer = functools.partial(
             torch.utils.checkpoint.checkpoint, use_reentrant=False
         )
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
+    import deepspeed
+
+    activation_checkpointing(model, cfg)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),

@@ -104,7 +104,10 @@ def write_run_files(cfg: TrainConfig, run_dir: Path, ds_config: dict, tokenizer:
 def setup(cfg: TrainConfig, dist_info: Dist) -> Run:
     from deepspeed.accelerator import get_accelerator
 
-    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    # Rank 0's path wins: an interpolation like ${now:...} may resolve differently per process.
+    shared = [str(Path(cfg.run_dir).expanduser().resolve())]
+    dist.broadcast_object_list(shared, src=0)
+    run_dir = Path(shared[0])
     cache = Path(cfg.cache_dir).expanduser().resolve()
     grad_accum = cfg.grad_accum_steps(dist_info.world_size)
     ds_config = deepspeed_config(cfg, dist_info.world_size)

@@ -39,9 +39,10 @@ def single_process(tmp_path_factory, base) -> dict:
     return worker(tmp_path_factory.mktemp("one"), base + ["max_steps=3"], 1)[0]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_processes_match_one(tmp_path, base, single_process, stage):
-    ranks = worker(tmp_path, base + ["max_steps=3", f"zero=stage{stage}"], 2)
+@pytest.mark.parametrize("stage,recompute", [(0, False), (1, False), (2, False), (3, False), (3, True)])
+def test_two_processes_match_one(tmp_path, base, single_process, stage, recompute):
+    ranks = worker(tmp_path, base + ["max_steps=3", f"zero=stage{stage}",
+                                     f"zero.activation_checkpointing={recompute}"], 2)
     assert ranks[0]["losses"] == ranks[1]["losses"]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # replicas (or gathered shards) agree
     # Same global batch of 8: 1 process x 2 micro-batches == 2 processes x 1.
@@ -136,3 +137,11 @@ def test_deepspeed_launcher_starts_two_processes(tmp_path, base):
                      launcher="deepspeed")
     assert "world 2" in proc.stderr + proc.stdout
     assert len(read_steps(run)) == 2
+
+
+def test_one_run_dir_even_when_the_path_differs_per_process(tmp_path, base):
+    # ${now:...} resolves in each process a moment apart; rank 0's folder must be the only one.
+    pattern = f"run_dir={tmp_path}/run-" + "${now:%H%M%S%f}"
+    run_train(base + [pattern, "max_steps=1"], nproc=2)
+    runs = list(tmp_path.glob("run-*"))
+    assert len(runs) == 1 and (runs[0] / "metrics.jsonl").exists()
