@@ -1,6 +1,6 @@
 """Per-rank memory of parameters + optimizer state, and step time, for ZeRO stages 0-3.
 
-    python bench/zero_stages.py [--model fbi_130m] [--nproc 2] [--seq-len 128] [--steps 4]
+    python bench/zero_stages.py [--model fbi_130m] [--procs 2] [--seq-len 128] [--steps 4]
 
 Starts one torchrun job per stage (gloo on CPU, NCCL on GPUs) on the same model and random
 tokens, and prints one table: the bytes DeepSpeed keeps on each rank (its partitioned
@@ -61,8 +61,10 @@ def worker(args) -> None:
         times.append(time.perf_counter() - start)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
-    # ZeRO 1/2 keep an fp32 master partition beside the torch optimizer's own tensors.
-    masters = getattr(engine.optimizer, "single_partition_of_fp32_groups", [])
+    # ZeRO keeps an fp32 master partition beside the torch optimizer's own tensors
+    # (stages 1/2 and stage 3 name it differently).
+    masters = getattr(engine.optimizer, "single_partition_of_fp32_groups", None) or getattr(
+        engine.optimizer, "fp32_partitioned_groups_flat", [])
     optim_bytes = tensor_bytes(state) + tensor_bytes(masters)
     if info.rank == 0:
         Path(args.out).write_text(json.dumps({
@@ -76,7 +78,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="fbi_130m")
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--procs", dest="nproc", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=49152)
@@ -92,7 +94,7 @@ def main() -> None:
             subprocess.run(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc_per_node", str(args.nproc), __file__, "--stage", str(stage),
-                 "--out", str(out), "--model", args.model, "--nproc", str(args.nproc),
+                 "--out", str(out), "--model", args.model, "--procs", str(args.nproc),
                  "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                  "--vocab", str(args.vocab)],
                 check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -304,9 +304,6 @@ def validate(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(str(err).split("\n")[0] + "  (see conf/ and fbi/config.py)") from err
 
 
-def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
 
 def register() -> None:
     """Make the schemas known to Hydra so that YAML files are checked against them."""

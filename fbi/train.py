@@ -24,7 +24,7 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     """One optimizer step over this rank's ``grad_accum`` micro-batches of sample ids."""
     cfg, engine = run.cfg, run.engine
     names = ["loss", "distill", "ce"] if run.teacher else ["loss", "ce"]
-    totals = torch.zeros(len(names))
+    totals = torch.zeros(len(names), device=run.device)  # NCCL reduces device tensors only
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in engine.step
     for ids in micro_batches:
         batch = torch.from_numpy(run.train_data.batch(ids)).to(run.device)
@@ -36,7 +36,7 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
         )
         engine.backward(out.loss)
         engine.step()
-        totals += torch.stack([getattr(out, n).detach().float().cpu() for n in names])
+        totals += torch.stack([getattr(out, n).detach().float() for n in names])
     totals /= run.grad_accum
     if run.dist.world_size > 1:
         dist.all_reduce(totals)

@@ -60,7 +60,7 @@ def run_train(overrides: list[str], cwd: Path = REPO, nproc: int = 1, timeout: i
               launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """``python train.py`` as a user starts it; with ``nproc`` > 1, under torchrun or the
     deepspeed launcher (gloo on CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(REPO)}
     if nproc == 1:

@@ -54,17 +54,19 @@ def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
 
 
 @pytest.mark.slow
-def test_no_teacher_trains_a_sentencepiece_tokenizer_and_uses_ce(tmp_path, corpus):
+def test_no_teacher_trains_a_sentencepiece_tokenizer_uses_ce_and_logs_to_wandb(tmp_path, corpus):
     run = tmp_path / "run"
     args = [
         f"run_dir={run}", f"cache_dir={tmp_path / 'cache'}", "teacher=none", "scheme=fp",
         "tokenizer.vocab_size=600", "data=files", f"data.files=[{corpus}/*.txt]",
         "data.seq_len=32", "model.n_layers=1", "model.d_model=32", "model.d_ff=64",
         "model.n_heads=2", "max_steps=3", "global_batch_size=4", "micro_batch_size=4",
-        "logging.log_every=1", "eval_batches=2",
+        "logging.log_every=1", "eval_batches=2", "logging.wandb=offline",
     ]
     run_train(args, REPO)
     metrics = read_metrics(run)
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0  # real wandb, offline mode
     assert (run / "tokenizer.model").exists()
     assert json.loads((run / "tokenizer.json").read_text())["vocab_size"] == 600
     assert all(m["loss"] == pytest.approx(m["ce"]) for m in metrics if "loss" in m)
