@@ -6,6 +6,7 @@
 
 import logging
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -23,6 +24,12 @@ def main(cfg: DictConfig) -> None:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    if rank != 0 or not sys.stderr.isatty():  # progress bars only on an interactive rank 0
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     train(validate(cfg))
 
 

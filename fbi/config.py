@@ -243,7 +243,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     cache_dir: str = "~/.cache/fbi"
     seed: int = 0
-    max_steps: int = 100
+    max_steps: int = 100_000
     global_batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per rank per forward pass
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -262,6 +262,13 @@ class TrainConfig:
         _require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
         _require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        horizon = self.optim.decay_steps or self.max_steps
+        _require(
+            self.optim.warmup_steps < horizon,
+            "optim.warmup_steps",
+            f"{self.optim.warmup_steps} warmup steps leave no decay before step {horizon} "
+            "(max_steps, or optim.decay_steps); lower optim.warmup_steps or raise max_steps",
+        )
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per step, such that micro * accum * world == global."""

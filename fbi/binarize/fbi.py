@@ -15,16 +15,27 @@ from torch import nn
 from fbi.binarize.fp import DenseLinear
 
 
-class SignSTE(torch.autograd.Function):
-    """``sign`` with ``sign(0) = +1`` (two values, never three); gradient passed unchanged."""
+class BinaryWeight(torch.autograd.Function):
+    """``alpha * sign(W) + beta`` in one pass over W, with ``sign(0) = +1`` (two values per
+    column, never three). Backward: identity straight-through for W, so ``dW = alpha * dW_eff``;
+    ``dalpha`` and ``dbeta`` are the column sums of ``sign(W) * dW_eff`` and ``dW_eff``.
+
+    Fused rather than composed from ``sign``, ``mul`` and ``add`` because those make three
+    weight-sized temporaries per layer per step, which costs as much as the matmul when few
+    tokens share the weights; only a one-byte mask is kept for backward.
+    """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
-        return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+    def forward(ctx, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+        positive = weight >= 0
+        ctx.save_for_backward(positive, alpha)
+        return torch.where(positive, beta + alpha, beta - alpha)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx, grad: torch.Tensor):
+        positive, alpha = ctx.saved_tensors
+        signed = torch.where(positive, grad, -grad)
+        return grad * alpha, signed.sum(0, keepdim=True), grad.sum(0, keepdim=True)
 
 
 class FBILinear(DenseLinear):
@@ -41,7 +52,7 @@ class FBILinear(DenseLinear):
         self.alpha.copy_((self.weight - beta).abs().mean(dim=0, keepdim=True))
 
     def effective_weight(self) -> torch.Tensor:
-        return self.alpha * SignSTE.apply(self.weight) + self.beta
+        return BinaryWeight.apply(self.weight, self.alpha, self.beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.effective_weight())
