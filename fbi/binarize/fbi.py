@@ -16,26 +16,25 @@ from fbi.binarize.fp import DenseLinear
 
 
 class BinaryWeight(torch.autograd.Function):
-    """``alpha * sign(W) + beta`` in one pass over W, with ``sign(0) = +1`` (two values per
-    column, never three). Backward: identity straight-through for W, so ``dW = alpha * dW_eff``;
-    ``dalpha`` and ``dbeta`` are the column sums of ``sign(W) * dW_eff`` and ``dW_eff``.
+    """``alpha * sign(W) + beta`` with ``sign(0) = +1`` (two values per column, never three).
 
-    Fused rather than composed from ``sign``, ``mul`` and ``add`` because those make three
-    weight-sized temporaries per layer per step, which costs as much as the matmul when few
-    tokens share the weights; only a one-byte mask is kept for backward.
+    Backward: identity straight-through for W, so ``dW = alpha * dW_eff``; ``dalpha`` and
+    ``dbeta`` are the column sums of ``sign(W) * dW_eff`` and ``dW_eff``. Written out by hand
+    because the composed ops (``where`` on a bool mask above all) cost several times the
+    matmul on CPU when few tokens share the weights.
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
-        positive = weight >= 0
-        ctx.save_for_backward(positive, alpha)
-        return torch.where(positive, beta + alpha, beta - alpha)
+        # copysign maps -0.0 to -1; adding +0.0 first turns -0.0 into +0.0 (IEEE 754).
+        sign = torch.ones_like(weight).copysign_(weight + 0.0)
+        ctx.save_for_backward(sign, alpha)
+        return torch.addcmul(beta, alpha, sign)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        positive, alpha = ctx.saved_tensors
-        signed = torch.where(positive, grad, -grad)
-        return grad * alpha, signed.sum(0, keepdim=True), grad.sum(0, keepdim=True)
+        sign, alpha = ctx.saved_tensors
+        return grad * alpha, (grad * sign).sum(0, keepdim=True), grad.sum(0, keepdim=True)
 
 
 class FBILinear(DenseLinear):

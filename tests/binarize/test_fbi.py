@@ -31,6 +31,7 @@ def test_forward_and_gradients_match_float64():
         layer.alpha.mul_(torch.rand_like(layer.alpha) + 0.5)
         layer.beta.add_(0.1 * torch.randn_like(layer.beta))
         layer.weight[0, 0] = 0.0  # sign(0) is +1
+        layer.weight[1, 0] = -0.0  # and so is sign(-0.0)
     x = torch.randn(3, 5, 32)
     grad_out = torch.randn(3, 5, 20)
     (layer(x) * grad_out).sum().backward()
@@ -55,6 +56,7 @@ def test_effective_weight_has_two_values_per_column():
     layer = FBILinear(40, 64)
     with torch.no_grad():
         layer.weight[:5, 3] = 0.0
+        layer.weight[5:9, 3] = -0.0
     w_eff = layer.effective_weight().detach()
     for column in w_eff.T:
         assert column.unique().numel() == 2
