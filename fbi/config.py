@@ -7,7 +7,6 @@ here. ``validate(cfg)`` turns the composed DictConfig into these objects and rai
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 

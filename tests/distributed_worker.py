@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import deepspeed
-import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from fbi_testing import REPO, make_teacher, make_tokenizer, run_train, wikitext_lines
+from fbi_testing import REPO, make_tokenizer, run_train, wikitext_lines
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
