@@ -29,7 +29,7 @@ def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
     cache = tmp_path / "cache"
     args = common(tmp_path / "a", corpus, teacher_dir, cache) + ["optim.decay_steps=24"]
     run_train(args + ["max_steps=12", "checkpoint_every=6"], REPO)
-    run_train(args + ["max_steps=24", "checkpoint_every=6"], REPO)  # resume=auto
+    run_train(args + ["max_steps=24", "checkpoint_every=6", "resume=true"], REPO)
     straight = common(tmp_path / "b", corpus, teacher_dir, cache) + ["optim.decay_steps=24"]
     run_train(straight + ["max_steps=24", "checkpoint_every=100"], REPO)
 
