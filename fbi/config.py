@@ -261,13 +261,6 @@ class TrainConfig:
         _require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
         _require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
-        horizon = self.optim.decay_steps or self.max_steps
-        _require(
-            self.optim.warmup_steps < horizon,
-            "optim.warmup_steps",
-            f"{self.optim.warmup_steps} warmup steps leave no decay before step {horizon} "
-            "(max_steps, or optim.decay_steps); lower optim.warmup_steps or raise max_steps",
-        )
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per step, such that micro * accum * world == global."""
