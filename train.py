@@ -35,3 +35,11 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    # The run is complete (checkpoint written, logs closed, process group destroyed). Skip
+    # interpreter teardown: DeepSpeed's CPU communication threads sometimes abort it
+    # ("terminate called without an active exception"), which would report a finished run
+    # as failed to torchrun, the deepspeed launcher or SLURM.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -7,6 +7,7 @@ many parameter elements DeepSpeed keeps on this rank).
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,3 +55,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    os._exit(0)  # as train.py: DeepSpeed's CPU comm threads can abort interpreter teardown
