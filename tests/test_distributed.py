@@ -148,3 +148,11 @@ def test_one_run_dir_even_when_the_path_differs_per_process(tmp_path, base):
     run_train(base + [pattern, "max_steps=1"], nproc=2)
     runs = list(tmp_path.glob("run-*"))
     assert len(runs) == 1 and (runs[0] / "metrics.jsonl").exists()
+
+
+def test_bf16_under_zero2_follows_the_fp32_run(tmp_path, base, single_process):
+    # The paper recipes train in bf16: same trajectory as fp32 within bf16 rounding.
+    ranks = worker(tmp_path, base + ["max_steps=3", "zero=stage2", "precision=bf16"], 2)
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["losses"] == pytest.approx(single_process["losses"], rel=2e-2)
+    assert ranks[0]["losses"] != single_process["losses"]  # really computed in bf16
