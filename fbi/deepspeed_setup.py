@@ -18,7 +18,6 @@ from fbi.config import TrainConfig
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +41,6 @@ def init_distributed() -> Dist:
     return Dist(
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
     )
 
 
