@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fbi.deepspeed_setup import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -79,10 +81,3 @@ def run_train(overrides: list[str], cwd: Path = REPO, nproc: int = 1, timeout: i
         )
     return proc
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

