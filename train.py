@@ -1,4 +1,4 @@
-"""Hydra entry point: compose the config, validate it, hand it to fbi.train.
+"""Hydra entry point: compose the config, validate it, hand it to fbi.loop.
 
     python train.py experiment=demo
     torchrun --nproc_per_node 8 train.py experiment=fbi_130m teacher.path=... zero=stage3
@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fbi.config import register, validate
-from fbi.train import train
+from fbi.loop import train
 
 register()
 

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from fbi.config import register, validate
 from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
-from fbi.setup import setup
-from fbi.train import train_step
+from fbi.run import build_run
+from fbi.loop import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def main() -> None:
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = validate(compose("train", overrides=overrides))
-    run = setup(cfg, init_distributed())
+    run = build_run(cfg, init_distributed())
     sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
     losses = []
     for step in range(cfg.max_steps):

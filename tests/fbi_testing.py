@@ -1,7 +1,7 @@
 """Test helpers: a real corpus slice, a real BPE tokenizer, a tiny real teacher, train.py.
 
-Everything is built here from ../shared/data and the installed libraries; nothing comes
-from a hub.
+Everything is built here from the repository's own data (``data/wikitext-2``) and the
+installed libraries; nothing comes from a hub or from outside the clone.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 from fbi.deepspeed_setup import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+WIKITEXT = REPO / "data" / "wikitext-2"
 
 
 def wikitext_lines(n_chars: int, split: str = "valid") -> list[str]:
-    text = (SHARED_DATA / "wikitext-2" / f"{split}.txt").read_text()[:n_chars]
+    text = (WIKITEXT / f"{split}.txt").read_text()[:n_chars]
     return [line for line in text.splitlines() if line.strip()]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from fbi.checkpoint import COMPLETE, checkpoints_dir, complete_tags, needs_universal
 from fbi.config import ConfigError, TrainConfig
-from fbi.setup import resume_target
+from fbi.run import resume_target
 
 
 def make(run_dir, step, complete=True, world_size=2):

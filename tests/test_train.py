@@ -74,7 +74,7 @@ def test_no_teacher_trains_a_sentencepiece_tokenizer_uses_ce_and_logs_to_wandb(t
 
 def test_student_with_another_tokenizer_is_refused(tmp_path, teacher_dir):
     from fbi.config import ConfigError, TrainConfig, TeacherConfig, TokenizerConfig
-    from fbi.setup import student_tokenizer
+    from fbi.run import student_tokenizer
 
     other = make_tokenizer(tmp_path / "other", 400, wikitext_lines(50_000, "test"))
     cfg = TrainConfig(teacher=TeacherConfig(kind="hf", path=str(teacher_dir)),

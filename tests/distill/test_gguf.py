@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from fbi.distill import gguf
-from fbi_testing import SHARED_DATA
+from fbi_testing import WIKITEXT
 from fbi.distill.gguf import SMOLLM2_GGUF_MEMBER, SMOLLM2_REQUIREMENT, gguf_cache_dir, obtain_gguf_teacher
 
-WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
+WIKITEXT_TEST = WIKITEXT / "test.txt"
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it rests."
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The training loop. Everything it calls is set up in ``fbi.setup``."""
+"""The training loop. Everything it calls is assembled in ``fbi.run``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
 from fbi.eval.perplexity import perplexity
 from fbi.metrics import Monitor
-from fbi.setup import Run, setup
+from fbi.run import Run, build_run
 
 log = logging.getLogger("fbi")
 
@@ -61,7 +61,7 @@ def evaluate(run: Run) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = setup(cfg, init_distributed())
+    run = build_run(cfg, init_distributed())
     cfg = run.cfg
     state = {"step": 0, "consumed": 0}
     if run.resume_tag:

@@ -101,7 +101,7 @@ def write_run_files(cfg: TrainConfig, run_dir: Path, ds_config: dict, tokenizer:
          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}, indent=1))
 
 
-def setup(cfg: TrainConfig, dist_info: Dist) -> Run:
+def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     from deepspeed.accelerator import get_accelerator
 
     # Rank 0's path wins: an interpolation like ${now:...} may resolve differently per process.
