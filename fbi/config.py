@@ -92,24 +92,63 @@ class GGUFSource:
 
 
 @dataclass
-class TeacherConfig:
-    """Frozen full-precision teacher: a local Hugging Face checkpoint directory."""
+class CacheConfig:
+    """The teacher's targets written once to disk (``python -m fbi.distill.cache_writer``)
+    and read by ``teacher=cache`` training; see fbi/distill/cache.py for the format."""
 
-    kind: str = "none"  # none | hf
+    dir: Optional[str] = None  # None: <cache_dir>/logits/<shards folder>/<mode>-L<seq_len>
+    mode: str = "topk"  # topk: the k most likely ids + log-probs + tail | sampled: drawn ids + counts
+    k: int = 32  # topk: ids kept per position
+    draws: int = 32  # sampled: tokens drawn from the teacher per position (with replacement)
+    value_dtype: str = "float16"  # topk log-probs: float16 | bfloat16 | float32
+    part_samples: int = 16  # samples per part: the unit of work, completion and resume
+    order: str = "trainer"  # trainer: the training sampler's order (streaming) | sequential
+    wait_s: float = 600.0  # how long training waits for an entry the cache job has not written
+    verify: bool = False  # sha256 of every cache file at start-up (slow for large caches)
+    # Cache job: stop after this many parts per rank (time-limited jobs; run it again to go on).
+    max_parts: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("topk", "sampled"), "teacher.cache.mode")
+        _one_of(self.value_dtype, ("float16", "bfloat16", "float32"), "teacher.cache.value_dtype")
+        _one_of(self.order, ("trainer", "sequential"), "teacher.cache.order")
+        _require(self.k > 0, "teacher.cache.k", "must be a positive integer")
+        _require(0 < self.draws < 2**16, "teacher.cache.draws", "must be in [1, 65535]")
+        _require(self.part_samples > 0, "teacher.cache.part_samples", "must be positive")
+        _require(self.wait_s >= 0, "teacher.cache.wait_s", "must be >= 0")
+        _require(self.max_parts is None or self.max_parts >= 0, "teacher.cache.max_parts",
+                 "must be >= 0 or null")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen full-precision teacher: a local Hugging Face checkpoint directory.
+
+    kind: none (plain CE) | hf (online: run beside the student at every step) | cache (read
+    targets written by ``python -m fbi.distill.cache_writer`` from ``path``'s teacher).
+    """
+
+    kind: str = "none"  # none | hf | cache
     path: Optional[str] = None
     gguf: Optional[GGUFSource] = None  # how to build ``path`` when it does not exist yet
     dtype: str = "float32"
+    # Online teacher partitioned across ranks by its own ZeRO-3 inference engine, for a
+    # teacher that does not fit beside the student.
+    zero3: bool = False
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, ("none", "hf"), "teacher.kind")
+        _one_of(self.kind, ("none", "hf", "cache"), "teacher.kind")
         _one_of(self.dtype, ("float32", "bfloat16", "float16"), "teacher.dtype")
-        if self.kind == "hf":
+        if self.kind in ("hf", "cache"):
             _require(
                 bool(self.path),
                 "teacher.path",
-                "teacher=hf needs a local Hugging Face checkpoint directory: "
+                f"teacher={self.kind} needs a local Hugging Face checkpoint directory: "
                 "teacher.path=/path/to/model",
             )
+        _require(not self.zero3 or self.kind == "hf", "teacher.zero3",
+                 "partitions the online teacher: it needs teacher.kind=hf")
 
 
 @dataclass

@@ -23,15 +23,15 @@ log = logging.getLogger("fbi")
 def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     """One optimizer step over this rank's ``grad_accum`` micro-batches of sample ids."""
     cfg, engine = run.cfg, run.engine
-    names = ["loss", "distill", "ce"] if run.teacher else ["loss", "ce"]
+    names = ["loss", "ce"] if run.teacher.kind == "none" else ["loss", "distill", "ce"]
     totals = torch.zeros(len(names), device=run.device)  # NCCL reduces device tensors only
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in engine.step
     for ids in micro_batches:
         batch = torch.from_numpy(run.train_data.batch(ids)).to(run.device)
         inputs, labels = batch[:, :-1], batch[:, 1:]
-        teacher_logits = run.teacher.logits(inputs) if run.teacher else None
+        targets = run.teacher.targets(ids, inputs)  # dense logits, sparse targets or None
         out = distillation_loss(
-            engine(inputs), teacher_logits, labels,
+            engine(inputs), targets, labels,
             temperature=cfg.distill.temperature, ce_weight=cfg.distill.ce_weight,
         )
         engine.backward(out.loss)
@@ -54,8 +54,9 @@ def evaluate(run: Run) -> dict:
     args = (run.val_data, run.cfg.eval_batches, run.cfg.micro_batch_size,
             run.dist.rank, run.dist.world_size, run.device)
     result = {"val_ppl_student": perplexity(run.engine, *args)}
-    if run.teacher is not None:
-        result["val_ppl_teacher"] = perplexity(run.teacher.logits, *args)
+    teacher_ppl = run.teacher.val_ppl(lambda logits_fn: perplexity(logits_fn, *args))
+    if teacher_ppl is not None:
+        result["val_ppl_teacher"] = teacher_ppl
     run.engine.train()
     return result
 

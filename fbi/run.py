@@ -24,7 +24,7 @@ from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from fbi.deepspeed_setup import Dist, deepspeed_config, initialize
-from fbi.distill.teacher import OnlineTeacher, resolve_path
+from fbi.distill.teacher import TeacherSource, build_teacher, resolve_path
 from fbi.models import build_model
 
 log = logging.getLogger("fbi")
@@ -40,7 +40,7 @@ class Run:
     train_data: TokenShards
     val_data: TokenShards
     engine: object  # deepspeed.DeepSpeedEngine
-    teacher: OnlineTeacher | None
+    teacher: TeacherSource  # online, cache or none: the loop asks it for targets
     grad_accum: int
     resume_tag: str | None
     resume_universal: bool  # resume through DeepSpeed's universal format (world size changed)
@@ -130,14 +130,13 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
         ds_config["checkpoint"] = {"load_universal": True}
 
     device = torch.device(get_accelerator().current_device_name())
-    teacher = None
-    if teacher_path is not None:
-        teacher = OnlineTeacher(teacher_path, cfg.teacher.dtype, device)
-    vocab = teacher.vocab_size if teacher else tokenizer.vocab_size
+    teacher = build_teacher(cfg, teacher_path, device, shards, train_data, tokenizer)
+    vocab = teacher.vocab_size or tokenizer.vocab_size
     if cfg.model.vocab_size not in (None, vocab):
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} differs from the "
-            f"{'teacher' if teacher else 'tokenizer'}'s {vocab}; leave it unset (null)"
+            f"{'tokenizer' if teacher.vocab_size is None else 'teacher'}'s {vocab}; "
+            "leave it unset (null)"
         )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if dist_info.is_main:

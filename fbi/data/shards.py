@@ -150,9 +150,18 @@ class TokenShards:
     def num_samples(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    @property
+    def samples_per_shard(self) -> list[int]:
+        return np.diff(self._starts).tolist()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, sample number within the shard) of global sample ``index``."""
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        offset = (index - int(self._starts[shard])) * self.seq_len
+        return shard, index - int(self._starts[shard])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard, row = self.locate(index)
+        offset = row * self.seq_len
         return np.asarray(self._arrays[shard][offset : offset + self.seq_len + 1], dtype=np.int64)
 
     def batch(self, ids) -> np.ndarray:

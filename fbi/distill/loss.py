@@ -8,6 +8,14 @@
 At T = 1 and ce_weight = 0 this is exactly FBI-LLM's loss (arXiv:2407.07093, eq. 7); the T**2
 factor is Hinton et al.'s, so the gradient's size does not depend on T.
 
+Sparse targets (fbi.distill.targets.SparseTargets: ids, weights w, tail mass r) replace the
+soft cross-entropy by the one over the listed ids plus, for top-k, "every other token" as
+one class:
+
+    distill = T**2 * mean_valid( -sum_k w_k log p_s(id_k) - r log sum_{v not listed} p_s(v) )
+
+Dense logits are the case w = p_t over all V ids, r = 0.
+
 Memory. The logits are the largest activations of an LLM (B*S*V), so the loss never holds a
 full-size fp32 copy of them: positions are processed `chunk_rows` at a time, each chunk is
 upcast to fp32, and the gradient w.r.t. the student logits is derived analytically and written
@@ -22,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from fbi.distill.targets import SparseTargets, Targets
 
 # Per fp32 chunk temporary; a chunk makes about five of them. Derived rows do not depend on V.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -42,7 +52,7 @@ class LossOutput(NamedTuple):
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher: Targets | None,
     labels: Tensor,
     *,
     temperature: float = 1.0,
@@ -52,21 +62,25 @@ def distillation_loss(
 ) -> LossOutput:
     """Distillation (+ optional hard-label CE) loss of (B, S, V) student logits.
 
-    teacher_logits: (B, S, V), any float dtype (bf16 is typical), or None for plain CE.
+    teacher: dense (B, S, V) logits of any float dtype (bf16 is typical), sparse targets
+        (SparseTargets of (B, S, K) ids and weights, (B, S) tail or None), or None for plain CE.
     labels: (B, S) integer next-token ids; positions equal to `ignore_index` are excluded.
     chunk_rows: positions per chunk; None derives it from DEFAULT_CHUNK_BYTES and V.
     A batch with no valid position gives loss 0 and a zero gradient, not NaN.
     The gradient is computed in forward when needed, so `loss.backward()` may run once only.
     """
-    _check(student_logits, teacher_logits, labels, temperature, ce_weight, chunk_rows)
+    _check(student_logits, teacher, labels, temperature, ce_weight, chunk_rows)
     vocab = student_logits.shape[-1]
     rows = chunk_rows or max(1, DEFAULT_CHUNK_BYTES // (4 * vocab))
-    args = (student_logits, teacher_logits, labels, temperature, ce_weight, ignore_index, rows)
+    # autograd.Function takes tensors, not tuples: sparse targets travel as three arguments.
+    sparse = teacher if isinstance(teacher, SparseTargets) else SparseTargets(None, None, None)
+    dense = teacher if isinstance(teacher, Tensor) else None
+    args = (student_logits, dense, *sparse, labels, temperature, ce_weight, ignore_index, rows)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss, distill, ce, tokens = _ChunkedDistillation.apply(*args)
     else:
         loss, distill, ce, tokens = _loss_and_grad(*args, grad=None)
-    return LossOutput(loss, distill if teacher_logits is not None else None, ce, tokens)
+    return LossOutput(loss, distill if teacher is not None else None, ce, tokens)
 
 
 @torch.no_grad()
@@ -85,7 +99,9 @@ def _check(student, teacher, labels, temperature, ce_weight, chunk_rows) -> None
     if labels.shape != student.shape[:-1] or labels.is_floating_point():
         raise ValueError(f"labels must be integer ids of shape {tuple(student.shape[:-1])} "
                          f"(the student logits' (B, S)), got {labels.dtype} {tuple(labels.shape)}")
-    if teacher is not None:
+    if isinstance(teacher, SparseTargets):
+        _check_sparse(student, teacher)
+    elif teacher is not None:
         if teacher.shape[-1] != student.shape[-1]:
             raise ValueError(f"teacher vocabulary size {teacher.shape[-1]} differs from the "
                              f"student's {student.shape[-1]}; they must share one tokenizer")
@@ -106,13 +122,58 @@ def _check(student, teacher, labels, temperature, ce_weight, chunk_rows) -> None
         raise ValueError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
 
 
-def _teacher_probs(teacher_rows: Tensor, temperature: float) -> Tensor:
-    """Teacher target for one chunk: (rows, V) fp32 probabilities, each row summing to 1.
+def _check_sparse(student: Tensor, t: SparseTargets) -> None:
+    lead = tuple(student.shape[:-1])
+    if t.ids.dim() != 3 or tuple(t.ids.shape[:-1]) != lead or t.ids.is_floating_point():
+        raise ValueError(f"sparse target ids must be integer (B, S, K) with (B, S) = {lead}, "
+                         f"got {t.ids.dtype} {tuple(t.ids.shape)}")
+    if t.weights.shape != t.ids.shape or not t.weights.is_floating_point():
+        raise ValueError(f"sparse target weights must be float of the ids' shape "
+                         f"{tuple(t.ids.shape)}, got {t.weights.dtype} {tuple(t.weights.shape)}")
+    if t.tail is not None and (tuple(t.tail.shape) != lead or not t.tail.is_floating_point()):
+        raise ValueError(f"sparse target tail must be float of shape {lead} or None, got "
+                         f"{t.tail.dtype} {tuple(t.tail.shape)}")
+    tensors = [t.ids, t.weights] + ([t.tail] if t.tail is not None else [])
+    if any(x.device != student.device for x in tensors):
+        raise ValueError(f"sparse targets must be on the student logits' device {student.device}")
 
-    The one place that knows the teacher's format; a sparse (top-k ids, log-probs) target
-    would add its own version of this.
+
+def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, want_grad: bool):
+    """Per-row soft cross-entropy (without T**2) and its gradient w.r.t. s_T for one chunk.
+
+    target: ("dense", (rows, V) teacher logits) or ("sparse", ids, weights, tail), rows first.
+    The gradient of  W lse - sum_k w_k s[id_k] - r lse_rest,  with W = sum_k w_k + r and
+    lse_rest the log-sum-exp over the ids not listed, is
+    W softmax(s) - w (at the ids) - r softmax_rest(s) (zero at the ids).
     """
-    return torch.softmax(teacher_rows.float() / temperature, dim=-1)
+    if target[0] == "dense":
+        p_t = torch.softmax(target[1].float() / temperature, dim=-1)
+        # -sum_v p_t log p_s = lse_T - <p_t, s_T>, since each row of p_t sums to 1.
+        rows = lse_T - torch.linalg.vecdot(p_t, s_T)
+        if not want_grad:
+            return rows, None
+        return rows, (s_T - lse_T.unsqueeze(-1)).exp_().sub_(p_t)
+    _, ids, w, tail = target
+    ids, w = ids.long(), w.float()
+    total = w.sum(-1) if tail is None else w.sum(-1) + tail.float()
+    rows = total * lse_T - (w * s_T.gather(-1, ids)).sum(-1)
+    rest = None
+    if tail is not None:
+        r = tail.float()
+        outside = s_T.scatter(-1, ids, float("-inf"))
+        lse_rest = torch.logsumexp(outside, dim=-1)
+        # r = 0 with every id listed would be 0 * -inf; such a row has no tail term.
+        rows = rows - torch.where(r > 0, r * lse_rest, 0.0)
+        if want_grad:
+            rest = outside.sub_(lse_rest.unsqueeze(-1)).exp_().mul_(r.unsqueeze(-1))
+            rest = torch.nan_to_num_(rest, nan=0.0)  # rows where every id is listed
+    if not want_grad:
+        return rows, None
+    g = (s_T - lse_T.unsqueeze(-1)).exp_().mul_(total.unsqueeze(-1))
+    g.scatter_add_(-1, ids, -w)
+    if rest is not None:
+        g.sub_(rest)
+    return rows, g
 
 
 def _row_reader(x: Tensor):
@@ -128,17 +189,31 @@ def _row_reader(x: Tensor):
     return lambda a, b: x[torch.unravel_index(torch.arange(a, b, device=x.device), lead)]
 
 
-def _loss_and_grad(student, teacher, labels, temperature, ce_weight, ignore_index, chunk_rows,
-                   grad: Tensor | None):
+def _target_reader(dense, ids, weights, tail):
+    """Rows [a, b) of the teacher's targets, in the form _kd_rows_and_grad takes; None
+    without a teacher."""
+    if dense is not None:
+        read = _row_reader(dense)
+        return lambda a, b: ("dense", read(a, b))
+    if ids is None:
+        return None
+    read_ids, read_w = _row_reader(ids), _row_reader(weights)
+    flat_tail = tail.reshape(-1) if tail is not None else None
+    return lambda a, b: ("sparse", read_ids(a, b), read_w(a, b),
+                         flat_tail[a:b] if flat_tail is not None else None)
+
+
+def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_weight,
+                   ignore_index, chunk_rows, grad: Tensor | None):
     """Loss values, and, when `grad` (an (N, V) buffer) is given, d loss / d student into it."""
     n_rows, T = labels.numel(), temperature
     read_s = _row_reader(student)
-    read_t = _row_reader(teacher) if teacher is not None else None
+    read_t = _target_reader(dense, ids, weights, tail)  # None without a teacher
     flat_labels = labels.reshape(-1)
     tokens = (flat_labels != ignore_index).sum()
     inv_n = 1.0 / tokens.clamp(min=1).float()  # a tensor: no host sync on GPU
     # Without a teacher the loss is plain CE whatever ce_weight says.
-    w_ce = ce_weight if teacher is not None else 1.0
+    w_ce = ce_weight if read_t is not None else 1.0
     w_kd = 1.0 - w_ce
     distill_sum = torch.zeros((), dtype=torch.float32, device=student.device)
     ce_sum = torch.zeros_like(distill_sum)
@@ -150,23 +225,23 @@ def _loss_and_grad(student, teacher, labels, temperature, ce_weight, ignore_inde
         y_safe = torch.where(valid, y, 0).unsqueeze(-1)
         lse = torch.logsumexp(s, dim=-1)
         ce_sum += torch.where(valid, lse - s.gather(-1, y_safe).squeeze(-1), 0.0).sum()
-        if teacher is not None:
-            p_t = _teacher_probs(read_t(a, b), T)
+        kd_grad = None
+        if read_t is not None:
             s_T = s / T if T != 1.0 else s
             lse_T = torch.logsumexp(s_T, dim=-1)
-            # -sum_v p_t log p_s = lse_T - <p_t, s_T>, since each row of p_t sums to 1.
-            kd_rows = lse_T - torch.linalg.vecdot(p_t, s_T)
+            kd_rows, kd_grad = _kd_rows_and_grad(s_T, lse_T, read_t(a, b), T,
+                                                 want_grad=grad is not None and w_kd > 0)
             distill_sum += torch.where(valid, kd_rows, 0.0).sum()
         if grad is None:
             continue
-        # d/dz_s of T**2 * (-sum p_t log softmax(z_s/T)) = T * (softmax(z_s/T) - p_t);
+        # d/dz_s of T**2 * (soft-CE at z_s/T) = T * (d soft-CE / d s_T);
         # d/dz_s of -log softmax(z_s)[y] = softmax(z_s) - onehot(y). Both over the mean's N.
         g = torch.zeros_like(s)
         if w_ce > 0:
             g.add_((s - lse.unsqueeze(-1)).exp_(), alpha=w_ce)
             g.scatter_add_(-1, y_safe, torch.full_like(y_safe, -w_ce, dtype=g.dtype))
-        if teacher is not None and w_kd > 0:
-            g.add_((s_T - lse_T.unsqueeze(-1)).exp_().sub_(p_t), alpha=w_kd * T)
+        if kd_grad is not None:
+            g.add_(kd_grad, alpha=w_kd * T)
         g.masked_fill_(~valid.unsqueeze(-1), 0.0).mul_(inv_n)
         grad[a:b].copy_(g)
     ce = ce_sum * inv_n
@@ -179,10 +254,11 @@ class _ChunkedDistillation(torch.autograd.Function):
     """Forward computes the loss and its gradient together; backward only scales it."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, ce_weight, ignore_index, chunk_rows):
+    def forward(ctx, student, dense, ids, weights, tail, labels, temperature, ce_weight,
+                ignore_index, chunk_rows):
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        out = _loss_and_grad(student, teacher, labels, temperature, ce_weight, ignore_index,
-                             chunk_rows, grad=grad.view(-1, student.shape[-1]))
+        out = _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_weight,
+                             ignore_index, chunk_rows, grad=grad.view(-1, student.shape[-1]))
         ctx.grad = grad  # an intermediate, not an input/output: kept as a plain attribute
         ctx.mark_non_differentiable(*out[1:])
         return out
@@ -195,4 +271,4 @@ class _ChunkedDistillation(torch.autograd.Function):
                                "buffer is scaled in place and released by the first")
         grad, ctx.grad = ctx.grad, None
         # In place: a second full-size tensor here would double the loss's peak memory.
-        return grad.mul_(grad_loss), None, None, None, None, None, None
+        return (grad.mul_(grad_loss),) + (None,) * 9

@@ -1,0 +1,187 @@
+"""The cache job: run the teacher once over the train split and write its targets.
+
+    python -m fbi.distill.cache_writer teacher=cache [the overrides train.py gets]
+    torchrun --nproc_per_node 8 -m fbi.distill.cache_writer teacher=cache ...
+
+Takes train.py's overrides, so it finds the same shards and writes where ``teacher=cache``
+training reads (``teacher.cache.*``, fbi/distill/cache.py). Rank r of w writes parts
+r, r + w, r + 2w, ...: with ``teacher.cache.order=trainer`` (the default) parts follow the
+trainer's sample order, so training can start at once and follow behind. A job started
+again writes only the parts without a marker; a finished job records file checksums and the
+teacher's validation perplexity in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from fbi.atomic import write_json
+from fbi.config import ConfigError, TrainConfig, register, validate
+from fbi.data.prepare import ensure_shards
+from fbi.data.shards import TokenShards, sha256_file
+from fbi.deepspeed_setup import Dist, init_distributed
+from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, CacheArrays, cache_dir,
+                               describe, encode_values, file_names, load_manifest, marker,
+                               num_parts, refuse_mismatch, walk_order)
+from fbi.distill.teacher import OnlineTeacher, resolve_path
+from fbi.eval.perplexity import perplexity
+from fbi.run import on_rank0_first, student_tokenizer
+
+log = logging.getLogger("fbi")
+
+SAMPLE_ROWS = 4096  # positions per sampling chunk: bounds the (rows, V) count table
+
+
+def encode_topk(logits: torch.Tensor, k: int, temperature: float):
+    """(B, S, V) logits -> ids (B, S, k) of the k most likely tokens, their log-probs, and
+    (B, S) the log of the probability of all other tokens."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    vals, ids = logp.topk(k, dim=-1)
+    tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
+    return ids, vals, tail
+
+
+def encode_sampled(logits: torch.Tensor, draws: int, temperature: float, seed: int):
+    """(B, S, V) logits -> ids (B, S, draws) of the distinct tokens among ``draws`` drawn with
+    replacement from softmax(logits / T), and their counts (0 in unused slots).
+
+    Deterministic in ``seed``; slots ordered by count, then id, so equal inputs give equal
+    bytes."""
+    B, S, V = logits.shape
+    gen = torch.Generator(device=logits.device).manual_seed(seed)
+    rows = logits.reshape(-1, V)
+    ids, counts = [], []
+    rank_of_id = torch.arange(V - 1, -1, -1, device=logits.device)  # ties: smaller id first
+    for a in range(0, rows.shape[0], SAMPLE_ROWS):
+        probs = torch.softmax(rows[a:a + SAMPLE_ROWS].float() / temperature, dim=-1)
+        drawn = torch.multinomial(probs, draws, replacement=True, generator=gen)
+        table = torch.zeros(probs.shape, dtype=torch.int64, device=logits.device)
+        table.scatter_add_(1, drawn, torch.ones_like(drawn))
+        top = (table * V + rank_of_id).topk(draws, dim=-1).indices
+        ids.append(top)
+        counts.append(table.gather(1, top))
+    return torch.cat(ids).view(B, S, draws), torch.cat(counts).view(B, S, draws)
+
+
+def part_seed(seed: int, part: int) -> int:
+    return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
+
+
+def prepare(directory: Path, expected: dict) -> None:
+    """Rank 0: check an existing cache is this one (to resume it), or lay out a new one."""
+    if (directory / MANIFEST).exists():
+        refuse_mismatch(directory, load_manifest(directory), expected, CONTENT_KEYS + LAYOUT_KEYS)
+        return
+    (directory / "parts").mkdir(parents=True, exist_ok=True)
+    CacheArrays.create(directory, expected)
+    write_json(directory / MANIFEST, expected)  # last: a reader finds the files in place
+
+
+def write_part(arrays: CacheArrays, train: TokenShards, teacher: OnlineTeacher, manifest: dict,
+               sample_ids: np.ndarray, part: int, device: torch.device) -> None:
+    batch = torch.from_numpy(train.batch(sample_ids)).to(device)
+    logits = teacher.logits(batch[:, :-1])
+    T = manifest["temperature"]
+    if manifest["mode"] == "topk":
+        ids, vals, tail = encode_topk(logits, manifest["slots"], T)
+        vals = encode_values(vals.cpu(), manifest["value_dtype"])
+        tail = encode_values(tail.cpu(), manifest["value_dtype"])
+    else:
+        ids, vals = encode_sampled(logits, manifest["slots"], T, part_seed(manifest["seed"], part))
+        vals, tail = vals.cpu().numpy(), None
+    ids = ids.cpu().numpy()
+    for j, sample in enumerate(sample_ids):
+        shard, row = train.locate(int(sample))
+        out_ids, out_vals, out_tail = arrays.shards[shard]
+        out_ids[row] = ids[j]
+        out_vals[row] = vals[j]
+        if tail is not None:
+            out_tail[row] = tail[j]
+    arrays.flush()  # the rows reach the file before the marker says they are there
+    marker(Path(arrays.directory), part).touch()
+
+
+def write_cache(cfg: TrainConfig, dist_info: Dist) -> int:
+    """Write this rank's missing parts (at most ``teacher.cache.max_parts``); returns how many
+    it wrote."""
+    from deepspeed.accelerator import get_accelerator
+
+    if cfg.teacher.kind == "none":
+        raise ConfigError("teacher: the cache job runs a teacher; pass teacher=cache "
+                          "teacher.path=/path/to/model")
+    cache = Path(cfg.cache_dir).expanduser().resolve()
+    teacher_path = on_rank0_first(dist_info, resolve_path, cfg.teacher)
+    tokenizer = on_rank0_first(dist_info, student_tokenizer, cfg, teacher_path, cache, cache)
+    shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
+    train = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
+    directory = cache_dir(cfg, shards)
+    expected = describe(cfg, teacher_path, shards, train)
+    if dist_info.is_main:
+        prepare(directory, expected)
+    dist.barrier()
+    manifest = load_manifest(directory)
+    if manifest["complete"]:
+        log.info("cache %s is already complete", directory)
+        return 0
+    device = torch.device(get_accelerator().current_device_name())
+    teacher = OnlineTeacher(teacher_path, cfg.teacher.dtype, device, cfg.data.seq_len)
+    order, size = walk_order(manifest), manifest["part_samples"]
+    arrays = CacheArrays(directory, manifest, "r+")
+    todo = [p for p in range(dist_info.rank, num_parts(manifest), dist_info.world_size)
+            if not marker(directory, p).exists()][:cfg.teacher.cache.max_parts]
+    log.info("cache %s: rank %d writes %d parts of %d samples", directory, dist_info.rank,
+             len(todo), size)
+    for part in todo:
+        write_part(arrays, train, teacher, manifest, order[part * size:(part + 1) * size],
+                   part, device)
+    dist.barrier()
+    done = [all(marker(directory, p).exists() for p in range(num_parts(manifest)))]
+    dist.broadcast_object_list(done, src=0)
+    if done[0]:
+        finish(cfg, dist_info, directory, manifest, teacher, shards, device)
+    return len(todo)
+
+
+def finish(cfg, dist_info, directory, manifest, teacher, shards, device) -> None:
+    """Every part is written: record the teacher's validation perplexity and checksums."""
+    val = TokenShards(shards, "val", cfg.data.seq_len, verify=False)
+    ppl = perplexity(teacher.logits, val, cfg.eval_batches, cfg.micro_batch_size,
+                     dist_info.rank, dist_info.world_size, device)
+    if dist_info.is_main:
+        manifest["eval"] = {"batches": cfg.eval_batches, "batch_size": cfg.micro_batch_size,
+                            "val_ppl_teacher": ppl}
+        manifest["files"] = {name: sha256_file(directory / name) for name in file_names(manifest)}
+        manifest["complete"] = True
+        write_json(directory / MANIFEST, manifest)
+        log.info("cache %s complete; teacher val. ppl %.2f", directory, ppl)
+    dist.barrier()
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    write_cache(validate(cfg), init_distributed())
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as train.py: DeepSpeed's CPU comm threads can abort interpreter teardown

@@ -1,0 +1,39 @@
+"""What a teacher source hands the loss: dense logits, or sparse targets.
+
+Dense targets are the teacher's (B, S, V) logits, a plain tensor. Sparse targets keep, per
+position, a few token ids with the target probability the loss should put on each, and what
+the loss needs about the mass that is not listed:
+
+- top-k (``tail`` given): the teacher's own probabilities of its k most likely tokens, and
+  the probability of all other tokens together. The loss treats "any other token" as one
+  class, so it compares K + 1 probabilities: the student's mass outside the k ids is pulled
+  toward the teacher's (it is not renormalized away, which would make the student
+  overconfident on the listed tokens).
+- sampled (``tail`` None): tokens drawn from the teacher's distribution, each weighted by its
+  count / draws (Anshumann et al., ACL 2025, "Sparse Logit Sampling"). The weights sum to 1
+  and are an unbiased estimate of the teacher's distribution, so the loss and its gradient
+  are unbiased estimates of the full-vocabulary ones. Unused slots have weight 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+from torch import Tensor
+
+
+class SparseTargets(NamedTuple):
+    """ids: (B, S, K) integer token ids; weights: (B, S, K) float target probabilities
+    (already at the distillation temperature); tail: (B, S) float mass outside ``ids``
+    (top-k) or None (sampled: the weights alone are the target)."""
+
+    ids: Tensor
+    weights: Tensor
+    tail: Tensor | None
+
+    def to(self, device) -> "SparseTargets":
+        tail = None if self.tail is None else self.tail.to(device)
+        return SparseTargets(self.ids.to(device), self.weights.to(device), tail)
+
+
+Targets = Union[Tensor, SparseTargets]  # a Tensor is the teacher's dense (B, S, V) logits

@@ -1,0 +1,120 @@
+"""Sparse teacher targets in fbi.distill.loss: top-k against a float64 reference restricted to
+the same support, and the sampled estimator's mean against the full-vocabulary loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fbi.distill.cache_writer import encode_sampled, encode_topk
+from fbi.distill.loss import distillation_loss
+from fbi.distill.targets import SparseTargets
+
+B, S, V = 3, 8, 50
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = (2 * torch.randn(B, S, V, generator=g)).requires_grad_()
+    teacher = 3 * torch.randn(B, S, V, generator=g)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, :2] = -100
+    return student, teacher, labels
+
+
+def _topk_reference(student, teacher, labels, k, T, ce_weight):
+    """float64: soft-CE over the teacher's top-k ids plus 'every other id' as one class."""
+    s = student.detach().double().requires_grad_()
+    p_t = F.softmax(teacher.double() / T, dim=-1)
+    w, ids = p_t.topk(k, dim=-1)
+    r = 1 - w.sum(-1)
+    logp_s = F.log_softmax(s / T, dim=-1)
+    listed = torch.zeros_like(p_t, dtype=torch.bool).scatter(-1, ids, True)
+    log_rest = torch.logsumexp(logp_s.masked_fill(listed, float("-inf")), dim=-1)
+    soft = -(w * logp_s.gather(-1, ids)).sum(-1) - r * log_rest
+    valid = labels != -100
+    nll = -F.log_softmax(s, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = ((1 - ce_weight) * T**2 * soft[valid] + ce_weight * nll[valid]).sum() / valid.sum()
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("T,ce_weight", [(1.0, 0.0), (2.0, 0.3)])
+def test_topk_equals_the_loss_restricted_to_the_same_support(T, ce_weight):
+    student, teacher, labels = _inputs()
+    ids, logp, log_tail = encode_topk(teacher, 5, T)  # what the cache writer stores
+    targets = SparseTargets(ids, logp.exp(), log_tail.exp())
+    out = distillation_loss(student, targets, labels, temperature=T, ce_weight=ce_weight,
+                            chunk_rows=7)
+    out.loss.backward()
+    loss, grad = _topk_reference(student, teacher, labels, 5, T, ce_weight)
+    torch.testing.assert_close(out.loss, loss.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad, grad.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_full_support_sparse_equals_dense():
+    student, teacher, labels = _inputs(seed=1)
+    dense = distillation_loss(student, teacher, labels, temperature=2.0, chunk_rows=5)
+    (g_dense,) = torch.autograd.grad(dense.loss, student)
+    p_t = F.softmax(teacher / 2.0, dim=-1)
+    ids = torch.arange(V).expand(B, S, V)
+    for tail in (None, torch.zeros(B, S)):  # sampled form, and top-k with k = V
+        sparse = distillation_loss(student, SparseTargets(ids, p_t, tail), labels,
+                                   temperature=2.0, chunk_rows=5)
+        (g_sparse,) = torch.autograd.grad(sparse.loss, student)
+        torch.testing.assert_close(sparse.loss, dense.loss)
+        torch.testing.assert_close(g_sparse, g_dense)
+
+
+def test_sampled_estimator_is_unbiased_for_loss_and_gradient():
+    """Mean over M independent draws -> the full-vocabulary loss and gradient.
+
+    Bounds come from the draws' own spread: |mean - full| < 4 standard errors for the loss,
+    and for the gradient the squared error of the mean below 3x its expectation
+    (sum of per-element variances / M). The same bounds refuse the top-k estimator with
+    as many slots (biased), which shows they are tight enough to fail.
+    """
+    student, teacher, labels = _inputs(seed=2)
+    T, draws, M = 1.0, 8, 1500
+    full = distillation_loss(student, teacher, labels, temperature=T)
+    (g_full,) = torch.autograd.grad(full.loss, student)
+    losses, grads = [], []
+    for m in range(M):
+        ids, counts = encode_sampled(teacher, draws, T, seed=m)
+        assert (counts.sum(-1) == draws).all()
+        out = distillation_loss(student, SparseTargets(ids, counts.float() / draws, None),
+                                labels, temperature=T)
+        (g,) = torch.autograd.grad(out.loss, student)
+        losses.append(out.loss.detach().double())
+        grads.append(g.double())
+    losses, grads = torch.stack(losses), torch.stack(grads)
+    se = losses.std() / M**0.5
+    assert abs(losses.mean() - full.loss.double()) < 4 * se
+    expected_sq = grads.var(dim=0).sum() / M
+    assert ((grads.mean(0) - g_full.double()) ** 2).sum() < 3 * expected_sq
+
+    ids, logp, _ = encode_topk(teacher, draws, T)  # renormalized top-k: biased
+    biased = distillation_loss(student, SparseTargets(ids, logp.exp() / logp.exp().sum(-1,
+                               keepdim=True), None), labels, temperature=T)
+    (g_biased,) = torch.autograd.grad(biased.loss, student)
+    assert abs(biased.loss.double() - full.loss.double()) > 3 * 4 * se
+    assert ((g_biased.double() - g_full.double()) ** 2).sum() > 3 * 3 * expected_sq
+
+
+def test_sampling_is_deterministic_in_its_seed():
+    _, teacher, _ = _inputs(seed=3)
+    a = encode_sampled(teacher, 16, 1.0, seed=7)
+    b = encode_sampled(teacher, 16, 1.0, seed=7)
+    c = encode_sampled(teacher, 16, 1.0, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_bad_sparse_targets_are_refused():
+    student, teacher, labels = _inputs()
+    ids, logp, tail = encode_topk(teacher, 4, 1.0)
+    with pytest.raises(ValueError, match="weights must be float of the ids' shape"):
+        distillation_loss(student, SparseTargets(ids, logp[..., :3].exp(), tail.exp()), labels)
+    with pytest.raises(ValueError, match="tail must be float of shape"):
+        distillation_loss(student, SparseTargets(ids, logp.exp(), tail[:, 1:]), labels)
+    with pytest.raises(ValueError, match="ids must be integer"):
+        distillation_loss(student, SparseTargets(ids.float(), logp.exp(), None), labels)
