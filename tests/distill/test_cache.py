@@ -1,0 +1,222 @@
+"""The logit cache: the writer against the tiny teacher's own top-k, resume, 2 ranks == 1,
+refusals, and training from it (2 ranks, resume, world-size change, while it is written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fbi_testing import REPO, make_teacher, run_train
+
+pytestmark = pytest.mark.slow
+
+WRITER = REPO / "fbi" / "distill" / "cache_writer.py"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, corpus, teacher_dir) -> list[str]:
+    cache = tmp_path_factory.mktemp("cache")
+    return [
+        f"cache_dir={cache}", "teacher=cache", f"teacher.path={teacher_dir}",
+        "teacher.dtype=float32", "data=files", f"data.files=[{corpus}/*.txt]", "data.seq_len=32",
+        "data.val_fraction=0.05", "model.n_layers=2", "model.d_model=64", "model.d_ff=128",
+        "model.n_heads=4", "global_batch_size=8", "micro_batch_size=4", "logging.log_every=1",
+        "eval_batches=2", "optim.lr=3e-3", "optim.warmup_steps=2", "teacher.cache.k=8",
+        "teacher.cache.part_samples=8", "teacher.cache.value_dtype=float32",
+    ]
+
+
+def write(base, directory: Path, *extra, nproc=1) -> subprocess.CompletedProcess:
+    return run_train(base + [f"teacher.cache.dir={directory}", *extra], script=WRITER,
+                     nproc=nproc)
+
+
+def data_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from fbi.config import register, validate
+
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return validate(hydra_compose("train", overrides=overrides))
+
+
+def open_cache(base, directory: Path, *extra):
+    from fbi.data.shards import TokenShards
+    from fbi.distill.cache import CacheTeacher
+    from fbi.distill.teacher import resolve_path
+
+    cfg = compose(base + [f"teacher.cache.dir={directory}", *extra])
+    shards = next((Path(cfg.cache_dir) / "shards").iterdir())
+    train = TokenShards(shards, "train", cfg.data.seq_len)
+    from fbi.data.shards import Manifest
+
+    fingerprint = Manifest.load(shards).tokenizer_fingerprint
+    return CacheTeacher(cfg, resolve_path(cfg.teacher), shards, train, fingerprint,
+                        torch.device("cpu")), train
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, base) -> Path:
+    directory = tmp_path_factory.mktemp("topk") / "cache"
+    write(base, directory)
+    return directory
+
+
+def test_topk_round_trip_equals_the_teachers_own(base, topk_cache, teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fbi.distill.cache import load_manifest, walk_order
+    from fbi.distill.loss import distillation_loss
+
+    source, train = open_cache(base, topk_cache)
+    manifest = load_manifest(topk_cache)
+    assert manifest["complete"] and manifest["id_dtype"] == "uint16"  # a 512-token vocabulary
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    order = walk_order(manifest)
+    for part in (0, 5):  # the batch the writer ran as one
+        ids = order[part * 8:(part + 1) * 8].tolist()
+        batch = torch.from_numpy(train.batch(ids))
+        with torch.no_grad():
+            logits = teacher(input_ids=batch[:, :-1]).logits
+        logp = F.log_softmax(logits.double(), dim=-1)
+        want_vals, want_ids = logp.topk(8, dim=-1)
+        got = source.targets(ids, batch[:, :-1])
+        assert torch.equal(got.ids, want_ids)
+        torch.testing.assert_close(got.weights.double(), want_vals.exp(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got.tail.double(), 1 - want_vals.exp().sum(-1),
+                                   rtol=1e-4, atol=1e-6)
+        # The loss from the cache equals the online loss restricted to the same support.
+        student = torch.randn(logits.shape, dtype=torch.float64, requires_grad=True)
+        listed = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, want_ids, True)
+        logp_s = F.log_softmax(student, -1)
+        rest = torch.logsumexp(logp_s.masked_fill(listed, float("-inf")), -1)
+        reference = (-(want_vals.exp() * logp_s.gather(-1, want_ids)).sum(-1)
+                     - (1 - want_vals.exp().sum(-1)) * rest).mean()
+        from_cache = distillation_loss(student.float(), got, batch[:, 1:]).loss
+        torch.testing.assert_close(from_cache.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_path):
+    from fbi.distill.cache import load_manifest, num_parts
+
+    directory = tmp_path / "cache"
+    write(base, directory, "teacher.cache.max_parts=3")  # stops as a time-limited job would
+    assert not load_manifest(directory)["complete"]
+    assert len(list((directory / "parts").iterdir())) == 3
+    with open(directory / "train_00000.ids", "r+b") as f:  # a part cut off mid-write
+        f.seek(20 * 32 * 8 * 2)
+        f.write(b"\xff" * 4096)
+    proc = write(base, directory)
+    total = num_parts(load_manifest(directory))
+    assert f"writes {total - 3} parts" in proc.stderr  # only what was missing
+    assert data_files(directory) == data_files(topk_cache)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_write_the_same_files_as_one(base, topk_cache, tmp_path):
+    write(base, tmp_path / "cache", nproc=2)
+    assert data_files(tmp_path / "cache") == data_files(topk_cache)
+
+
+def test_sampled_cache_is_resumable_and_counts_its_draws(base, tmp_path):
+    extra = ["teacher.cache.mode=sampled", "teacher.cache.draws=16"]
+    write(base, tmp_path / "a", *extra)
+    write(base, tmp_path / "b", *extra, "teacher.cache.max_parts=2")
+    write(base, tmp_path / "b", *extra)
+    assert data_files(tmp_path / "a") == data_files(tmp_path / "b")
+    source, train = open_cache(base, tmp_path / "a", *extra)
+    got = source.targets([3, 1, 4], None)
+    assert got.tail is None and got.ids.shape == (3, 32, 16)
+    torch.testing.assert_close(got.weights.sum(-1), torch.ones(3, 32))
+    counts = np.fromfile(tmp_path / "a" / "train_00000.vals", dtype=np.uint8)
+    assert counts.size == train.num_samples * 32 * 16  # one byte per count, 16 slots
+
+
+def test_a_cache_for_another_teacher_or_other_shards_is_refused(base, topk_cache, tmp_path,
+                                                                 tokenizer_dir):
+    from fbi.config import ConfigError
+
+    other = make_teacher(tmp_path / "other", tokenizer_dir, seed=1)
+    with pytest.raises(ConfigError, match="written for another teacher"):
+        open_cache(base, topk_cache, f"teacher.path={other}")
+    with pytest.raises(ConfigError, match="written for another slots"):
+        open_cache(base, topk_cache, "teacher.cache.k=4")
+    with pytest.raises(ConfigError, match="written for another temperature"):
+        open_cache(base, topk_cache, "distill.temperature=2.0")
+
+
+def steps(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def sample_ids(run_dir: Path) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for f in (run_dir / "samples").glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], []).extend(i for mb in rec["ids"] for i in mb)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+@pytest.mark.multiprocess
+def test_training_from_cache_on_two_ranks_with_resume_reads_the_right_entries(
+        base, topk_cache, tmp_path):
+    args = base + [f"teacher.cache.dir={topk_cache}", "logging.sample_ids=true",
+                   "optim.decay_steps=8", "checkpoint_every=4"]
+    run_train(args + [f"run_dir={tmp_path / 'one'}", "max_steps=8"])
+    run_train(args + [f"run_dir={tmp_path / 'split'}", "max_steps=4"], nproc=2)
+    run_train(args + [f"run_dir={tmp_path / 'split'}", "max_steps=8", "resume=true"])
+    one, split = steps(tmp_path / "one"), steps(tmp_path / "split")
+    assert [s["step"] for s in split] == list(range(1, 9))
+    assert sample_ids(tmp_path / "split") == sample_ids(tmp_path / "one")
+    # Another entry read for any sample would change that step's distillation loss.
+    assert [s["distill"] for s in split] == pytest.approx([s["distill"] for s in one], rel=1e-5)
+
+
+def test_training_while_the_cache_is_written_equals_training_from_the_finished_cache(
+        base, topk_cache, tmp_path):
+    import os
+
+    args = base + ["max_steps=6", "optim.decay_steps=6", "teacher.cache.wait_s=300"]
+    run_train(args + [f"teacher.cache.dir={topk_cache}", f"run_dir={tmp_path / 'finished'}"])
+    streaming = tmp_path / "streaming"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    trainer = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, f"teacher.cache.dir={streaming}",
+         f"run_dir={tmp_path / 'follow'}"], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: list[str] = []
+
+    def wait_for(text):
+        for line in trainer.stdout:
+            seen.append(line)
+            if text in line:
+                return
+        raise AssertionError("".join(seen)[-4000:])
+
+    # The trainer starts first and waits for the job; the job writes one part (the first
+    # step's 8 samples, in the trainer's order) and stops; the trainer takes its step and
+    # waits for the next part; the job, started again, writes the rest.
+    wait_for("waiting for")
+    write(base, streaming, "teacher.cache.max_parts=1")
+    wait_for("waiting for part 1 ")
+    write(base, streaming)
+    log = "".join(seen) + trainer.communicate(timeout=600)[0]
+    assert trainer.returncode == 0, log[-4000:]
+    assert "step 1/6" in log.split("waiting for part 1 ")[0]
+    assert data_files(streaming) == data_files(topk_cache)
+    finished, followed = steps(tmp_path / "finished"), steps(tmp_path / "follow")
+    assert [s["loss"] for s in followed] == [s["loss"] for s in finished]
