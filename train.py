@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fbi.config import register, validate
+from fbi.distributed import detect
 from fbi.loop import train
 
 register()
@@ -19,7 +20,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    rank = int(os.environ.get("RANK", 0))
+    rank = detect(os.environ).rank  # torchrun, deepspeed or plain srun
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",

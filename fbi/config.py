@@ -267,6 +267,22 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How this process joins the job; the launcher's variables are read by fbi.distributed."""
+
+    device: str = "auto"  # auto: this local rank's GPU if any, else CPU | cuda | cpu
+    # Non-zero ranks wait this long for rank 0's rendezvous before giving up with an error.
+    rendezvous_timeout_s: float = 300.0
+    # Bound on every collective, including the barriers while rank 0 prepares data alone.
+    timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.device, ("auto", "cuda", "cpu"), "distributed.device")
+        _require(self.rendezvous_timeout_s > 0, "distributed.rendezvous_timeout_s", "must be positive")
+        _require(self.timeout_s > 0, "distributed.timeout_s", "must be positive")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
@@ -277,6 +293,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     run_dir: str = "runs/default"
     cache_dir: str = "~/.cache/fbi"

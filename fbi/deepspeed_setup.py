@@ -4,44 +4,22 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import socket
-from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
 
-from fbi.config import TrainConfig
+from fbi import distributed
+from fbi.config import DistributedConfig, TrainConfig
+from fbi.distributed import Dist
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> Dist:
-    """Join the process group torchrun/deepspeed set up, or form a group of one."""
+def init_distributed(settings: DistributedConfig | None = None) -> Dist:
+    """Join the job's process group (fbi.distributed) and hand it to DeepSpeed's comm layer."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # plain ``python train.py``
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(dist_init_required=True)
-    return Dist(
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-    )
+    info = distributed.init_distributed(settings)
+    deepspeed.init_distributed(dist_backend="nccl" if info.device.startswith("cuda") else "gloo")
+    return info
 
 
 def uses_torch_adam(cfg: TrainConfig) -> bool:

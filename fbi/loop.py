@@ -62,7 +62,7 @@ def evaluate(run: Run) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = build_run(cfg, init_distributed())
+    run = build_run(cfg, init_distributed(cfg.distributed))
     cfg = run.cfg
     state = {"step": 0, "consumed": 0}
     if run.resume_tag:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fbi.deepspeed_setup import free_port
+from fbi.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "data" / "wikitext-2"

@@ -29,6 +29,7 @@ from fbi.config import ConfigError, TrainConfig, register, validate
 from fbi.data.prepare import ensure_shards
 from fbi.data.shards import TokenShards, sha256_file
 from fbi.deepspeed_setup import Dist, init_distributed
+from fbi.distributed import detect
 from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, CacheArrays, cache_dir,
                                describe, encode_values, file_names, load_manifest, marker,
                                num_parts, refuse_mismatch, walk_order)
@@ -171,11 +172,12 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    rank = int(os.environ.get("RANK", 0))
+    rank = detect(os.environ).rank  # torchrun, deepspeed or plain srun
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    write_cache(validate(cfg), init_distributed())
+    cfg = validate(cfg)
+    write_cache(cfg, init_distributed(cfg.distributed))
     dist.destroy_process_group()
 
 
