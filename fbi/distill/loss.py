@@ -145,6 +145,7 @@ def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, wa
     The gradient of  W lse - sum_k w_k s[id_k] - r lse_rest,  with W = sum_k w_k + r and
     lse_rest the log-sum-exp over the ids not listed, is
     W softmax(s) - w (at the ids) - r softmax_rest(s) (zero at the ids).
+    ``s_T`` is not modified (it may alias the student's logits).
     """
     if target[0] == "dense":
         p_t = torch.softmax(target[1].float() / temperature, dim=-1)
@@ -156,23 +157,25 @@ def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, wa
     _, ids, w, tail = target
     ids, w = ids.long(), w.float()
     total = w.sum(-1) if tail is None else w.sum(-1) + tail.float()
-    rows = total * lse_T - (w * s_T.gather(-1, ids)).sum(-1)
-    rest = None
+    s_k = s_T.gather(-1, ids)
+    rows = total * lse_T - (w * s_k).sum(-1)
+    p_s = (s_T - lse_T.unsqueeze(-1)).exp_() if want_grad or tail is not None else None
+    at_ids = -w
     if tail is not None:
         r = tail.float()
-        outside = s_T.scatter(-1, ids, float("-inf"))
-        lse_rest = torch.logsumexp(outside, dim=-1)
-        # r = 0 with every id listed would be 0 * -inf; such a row has no tail term.
-        rows = rows - torch.where(r > 0, r * lse_rest, 0.0)
-        if want_grad:
-            rest = outside.sub_(lse_rest.unsqueeze(-1)).exp_().mul_(r.unsqueeze(-1))
-            rest = torch.nan_to_num_(rest, nan=0.0)  # rows where every id is listed
+        # The student's mass outside the ids, summed directly (no 1 - sum cancellation);
+        # floored so that a student with none left gives a large loss, not inf.
+        rest = p_s.scatter(-1, ids, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+        rows = rows - r * (lse_T + rest.log())  # lse_rest = lse_T + log(rest)
+        # softmax_rest = p_s / rest outside the ids: fold r / rest into p_s's coefficient
+        # and add it back at the ids, so the gradient needs no second (rows, V) pass.
+        c = r / rest
+        total = total - c
+        at_ids = at_ids + c.unsqueeze(-1) * (s_k - lse_T.unsqueeze(-1)).exp()
     if not want_grad:
         return rows, None
-    g = (s_T - lse_T.unsqueeze(-1)).exp_().mul_(total.unsqueeze(-1))
-    g.scatter_add_(-1, ids, -w)
-    if rest is not None:
-        g.sub_(rest)
+    g = p_s.mul_(total.unsqueeze(-1))
+    g.scatter_add_(-1, ids, at_ids)
     return rows, g
 
 
@@ -227,8 +230,9 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
         ce_sum += torch.where(valid, lse - s.gather(-1, y_safe).squeeze(-1), 0.0).sum()
         kd_grad = None
         if read_t is not None:
-            s_T = s / T if T != 1.0 else s
-            lse_T = torch.logsumexp(s_T, dim=-1)
+            s_T, lse_T = (s, lse) if T == 1.0 else (s / T, None)
+            if lse_T is None:
+                lse_T = torch.logsumexp(s_T, dim=-1)
             kd_rows, kd_grad = _kd_rows_and_grad(s_T, lse_T, read_t(a, b), T,
                                                  want_grad=grad is not None and w_kd > 0)
             distill_sum += torch.where(valid, kd_rows, 0.0).sum()

@@ -4,6 +4,7 @@ refusals, and training from it (2 ranks, resume, world-size change, while it is 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,14 @@ def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_pat
     write(base, directory, "teacher.cache.max_parts=3")  # stops as a time-limited job would
     assert not load_manifest(directory)["complete"]
     assert len(list((directory / "parts").iterdir())) == 3
+    from fbi.distill.cache import walk_order
+
+    source, _ = open_cache(base, directory, "teacher.cache.wait_s=0.3")
+    order = walk_order(load_manifest(directory))
+    assert source.targets(order[:8].tolist(), None).ids.shape == (8, 32, 8)  # part 0: written
+    with pytest.raises(TimeoutError, match=r"part 10 .* not written after 0 s; start \(or check\) "
+                                           r"the cache job"):
+        source.targets(order[80:84].tolist(), None)
     with open(directory / "train_00000.ids", "r+b") as f:  # a part cut off mid-write
         f.seek(20 * 32 * 8 * 2)
         f.write(b"\xff" * 4096)
@@ -155,6 +164,17 @@ def test_a_cache_for_another_teacher_or_other_shards_is_refused(base, topk_cache
         open_cache(base, topk_cache, "teacher.cache.k=4")
     with pytest.raises(ConfigError, match="written for another temperature"):
         open_cache(base, topk_cache, "distill.temperature=2.0")
+    for key, change, message in [
+        ("token_shards", lambda m: m["token_shards"][0].update(sha256="0" * 64), "token shards"),
+        ("tokenizer_fingerprint", lambda m: m.update(tokenizer_fingerprint="0" * 16), "tokenizer"),
+    ]:
+        copy = tmp_path / key
+        shutil.copytree(topk_cache, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ConfigError, match=f"written for another {message}"):
+            open_cache(base, copy)
 
 
 def steps(run_dir: Path) -> list[dict]:
@@ -184,6 +204,10 @@ def test_training_from_cache_on_two_ranks_with_resume_reads_the_right_entries(
     assert sample_ids(tmp_path / "split") == sample_ids(tmp_path / "one")
     # Another entry read for any sample would change that step's distillation loss.
     assert [s["distill"] for s in split] == pytest.approx([s["distill"] for s in one], rel=1e-5)
+    # Evaluation's teacher part: the perplexity the cache job measured on the same batches.
+    final = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])
+    recorded = json.loads((topk_cache / "manifest.json").read_text())["eval"]
+    assert final["val_ppl_teacher"] == recorded["val_ppl_teacher"] > 1
 
 
 def test_training_while_the_cache_is_written_equals_training_from_the_finished_cache(

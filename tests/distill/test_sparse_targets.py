@@ -118,3 +118,19 @@ def test_bad_sparse_targets_are_refused():
         distillation_loss(student, SparseTargets(ids, logp.exp(), tail[:, 1:]), labels)
     with pytest.raises(ValueError, match="ids must be integer"):
         distillation_loss(student, SparseTargets(ids.float(), logp.exp(), None), labels)
+
+
+@pytest.mark.parametrize("with_tail", [True, False])
+def test_sparse_targets_keep_the_one_full_size_tensor_bound(with_tail):
+    from test_loss import _PeakLiveBytes
+
+    g = torch.Generator().manual_seed(4)
+    student = torch.randn(4, 64, 512, generator=g).requires_grad_()
+    ids, logp, log_tail = encode_topk(torch.randn(4, 64, 512, generator=g), 32, 1.0)
+    targets = SparseTargets(ids, logp.exp(), log_tail.exp() if with_tail else None)
+    labels = torch.randint(0, 512, (4, 64), generator=g)
+    tracker = _PeakLiveBytes()
+    with tracker:
+        distillation_loss(student, targets, labels, ce_weight=0.3, chunk_rows=16).loss.backward()
+    # The gradient (it becomes student.grad) plus chunk temporaries of 16 rows each.
+    assert tracker.peak < 1.5 * student.numel() * 4, tracker.peak / (student.numel() * 4)
