@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -89,3 +90,42 @@ def test_hydra_multirun_sends_each_combination_to_slurm(slurm, overrides, tmp_pa
         assert (run / "checkpoints" / "step_00000002" / "complete.json").exists()
     assert logs.count("slurm launch") == 2  # rank 0 of each job: SLURM's variables, 2 ranks
     assert "rank 0/2" in logs
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(
+        slurm, overrides, tmp_path):
+    args = overrides + ["max_steps=200", "optim.decay_steps=200", "checkpoint_every=1000",
+                        "zero=stage1"]
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    reference = submit(slurm, straight, args)
+    job = submit(slurm, preempted, args)
+    deadline = time.monotonic() + 300
+    while not any(s >= 20 for s in steps_logged(preempted)):
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline
+        time.sleep(0.05)
+    # What --signal=B:USR1@300 does 300 s before the time limit: USR1 to the batch script.
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm.env, check=True)
+    while slurm.job(job).get("Restarts") != "1":
+        assert time.monotonic() < deadline, job_log(preempted, job)[-4000:]
+        time.sleep(0.2)
+    # SLURM holds a requeued job for two minutes before it may start again; skip the wait.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env,
+                   check=True)
+    info, ref_info = slurm.wait(job, timeout=400), slurm.wait(reference, timeout=400)
+    text = job_log(preempted, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert ref_info["JobState"] == "COMPLETED", job_log(straight, reference)[-4000:]
+
+    stopped = int(re.search(r"stopped after step (\d+) on SIGUSR1", text).group(1))
+    tag = preempted / "checkpoints" / f"step_{stopped:08d}"
+    assert f"resumed from {tag} at step {stopped}" in text
+    steps = steps_logged(preempted)
+    assert steps == list(range(1, 201))  # no step lost, none trained twice
+    seconds = (tag / "complete.json").stat().st_mtime - signalled
+    log.warning("preemption: signal at step >= 20, checkpoint of step %d %.2f s later; "
+                "steps lost %d", stopped, seconds, len(steps) - len(set(steps)))
+    a, b = final_parameters(preempted), final_parameters(straight)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
