@@ -8,10 +8,13 @@ import logging
 import os
 import sys
 
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fbi.config import register, validate
+from fbi.config import check_experiment, register, validate
 from fbi.distributed import detect
 from fbi.loop import train
 
@@ -31,6 +34,9 @@ def main(cfg: DictConfig) -> None:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    hydra_cfg = HydraConfig.get()
+    check_experiment(Path(__file__).parent / "conf", dict(hydra_cfg.runtime.choices),
+                     list(hydra_cfg.overrides.task))
     train(validate(cfg))
 
 

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fbi.config import register, validate  # noqa: E402
+from fbi.config import compose  # noqa: E402
 from fbi.models import build_model  # noqa: E402
 
 
@@ -32,10 +31,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = validate(compose("train", overrides=[f"model={args.model}",
-                                                   f"model.vocab_size={args.vocab}"]))
+    cfg = compose([f"model={args.model}", f"model.vocab_size={args.vocab}"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = {}
     for scheme in ("fbi", "fp"):

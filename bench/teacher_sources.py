@@ -30,9 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from fbi.config import register, validate  # noqa: E402
+from fbi.config import compose  # noqa: E402
 from fbi.data.sampler import GlobalSampler  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
 from fbi.distill.cache import cache_dir, file_names, load_manifest  # noqa: E402
@@ -51,10 +49,8 @@ SOURCES = {
 
 
 def config(out: Path, name: str, steps: int, extra: list[str]):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return validate(compose("train", overrides=[
-            "experiment=demo", f"run_dir={out / name}", f"max_steps={steps}",
-            f"checkpoint_every={10 * steps}", "resume=false", *extra]))
+    return compose(["experiment=demo", f"run_dir={out / name}", f"max_steps={steps}",
+                    f"checkpoint_every={10 * steps}", "resume=false", *extra])
 
 
 def micro_batches(run, step):
@@ -130,7 +126,6 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_teacher_sources")
     args = parser.parse_args()
-    register()
     dist_info = init_distributed()
     out = args.out.resolve()
     bpt = write_caches(out, args.steps, dist_info)

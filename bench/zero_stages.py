@@ -30,19 +30,15 @@ def tensor_bytes(tensors) -> int:
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
-    from hydra import compose, initialize_config_dir
-
-    from fbi.config import register, validate
+    from fbi.config import compose
     from fbi.deepspeed_setup import deepspeed_config, init_distributed, initialize
     from fbi.models import build_model
 
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = validate(compose("train", overrides=[
-            f"model={args.model}", f"zero=stage{args.stage}", "teacher=none",
-            f"model.vocab_size={args.vocab}", f"global_batch_size={args.nproc}",
-            "micro_batch_size=1", "optim.warmup_steps=1",
-        ]))
+    cfg = compose([
+        f"model={args.model}", f"zero=stage{args.stage}", "teacher=none",
+        f"model.vocab_size={args.vocab}", f"global_batch_size={args.nproc}",
+        "micro_batch_size=1", "optim.warmup_steps=1",
+    ])
     info = init_distributed()
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.scheme.name, cfg.scheme.binarize)

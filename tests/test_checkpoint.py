@@ -22,17 +22,17 @@ def test_newest_complete_checkpoint_wins_and_cut_off_saves_are_ignored(tmp_path)
     make(tmp_path, 10)
     make(tmp_path, 12, complete=False)  # the process died while saving step 12
     assert complete_tags(tmp_path) == ["step_00000002", "step_00000010"]
-    assert resume_target(TrainConfig(resume="auto"), tmp_path) == "step_00000010"
-    assert resume_target(TrainConfig(resume="true"), tmp_path) == "step_00000010"
+    assert resume_target(TrainConfig(max_steps=10, resume="auto"), tmp_path) == "step_00000010"
+    assert resume_target(TrainConfig(max_steps=10, resume="true"), tmp_path) == "step_00000010"
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        resume_target(TrainConfig(resume="false"), tmp_path)
+        resume_target(TrainConfig(max_steps=10, resume="false"), tmp_path)
 
 
 def test_resume_true_without_checkpoint_is_refused(tmp_path):
     make(tmp_path, 4, complete=False)
-    assert resume_target(TrainConfig(resume="auto"), tmp_path) is None
+    assert resume_target(TrainConfig(max_steps=10, resume="auto"), tmp_path) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resume_target(TrainConfig(resume="true"), tmp_path)
+        resume_target(TrainConfig(max_steps=10, resume="true"), tmp_path)
 
 
 def test_universal_conversion_only_for_partitioned_state_on_a_new_world_size(tmp_path):

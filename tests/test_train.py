@@ -77,7 +77,7 @@ def test_student_with_another_tokenizer_is_refused(tmp_path, teacher_dir):
     from fbi.run import student_tokenizer
 
     other = make_tokenizer(tmp_path / "other", 400, wikitext_lines(50_000, "test"))
-    cfg = TrainConfig(teacher=TeacherConfig(kind="hf", path=str(teacher_dir)),
+    cfg = TrainConfig(max_steps=10, teacher=TeacherConfig(kind="hf", path=str(teacher_dir)),
                       tokenizer=TokenizerConfig(path=str(other)))
     with pytest.raises(ConfigError, match="differs from the teacher's"):
         student_tokenizer(cfg, teacher_dir, tmp_path, tmp_path)

@@ -14,12 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from fbi.config import register, validate  # noqa: E402
+from fbi.config import compose  # noqa: E402
 from fbi.data.prepare import ensure_shards  # noqa: E402
 from fbi.data.tokenizer import load_tokenizer  # noqa: E402
 from fbi.distill.teacher import resolve_path  # noqa: E402
@@ -27,9 +25,7 @@ from fbi.distill.teacher import resolve_path  # noqa: E402
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = validate(compose("train", overrides=["data=shakespeare", *sys.argv[1:]]))
+    cfg = compose(["data=shakespeare", *sys.argv[1:]])
     source = cfg.tokenizer.path or resolve_path(cfg.teacher)
     if source is None:
         raise SystemExit("tokenizer.path: with teacher=none, name the tokenizer to tokenize with")

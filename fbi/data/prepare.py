@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -61,60 +64,103 @@ def iter_texts(cfg: DataConfig, cache_dir: Path) -> Iterator[str]:
         yield row["text"]
 
 
-def build_shards(
-    cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path
-) -> Manifest:
-    """Tokenize every document, append EOS, shuffle document order, split off validation.
+def separator_ids(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids written before and after every document (``data.separator``)."""
+    if cfg.separator == "eos":
+        return [], [tokenizer.eos_id]
+    if cfg.separator == "bos_eos":
+        if tokenizer.bos_id is None:
+            raise ValueError(
+                f"data.separator: bos_eos, but the tokenizer {tokenizer.source} has no BOS "
+                "token; use data.separator=eos"
+            )
+        return [tokenizer.bos_id], [tokenizer.eos_id]
+    token = tokenizer.token_id(cfg.separator)
+    if token is None:
+        raise ValueError(
+            f"data.separator: {cfg.separator!r} is not a token of {tokenizer.source}; use eos, "
+            "bos_eos or one of its special tokens"
+        )
+    return [], [token]
 
-    The last ``val_fraction`` of the shuffled token stream becomes the validation split.
-    """
+
+def build_shards(
+    cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path, sources: dict
+) -> Manifest:
+    """Tokenize every document with its separators, shuffle document order, and hold out
+    whole documents from the end of that order until ``val_fraction`` of the tokens is
+    reached, so that no document is split between training and validation."""
     docs = load_documents(cfg, corpus_files(cfg, cache_dir), cache_dir)
+    docs = docs.add_column("doc", list(range(len(docs))))
     docs = docs.shuffle(seed=cfg.split_seed).flatten_indices()
-    eos = tokenizer.eos_id
+    before, after = separator_ids(cfg, tokenizer)
+
     def encode(batch: dict) -> dict:
-        ids = [doc + [eos] for doc in tokenizer.encode(batch["text"])]
+        ids = [before + doc + after for doc in tokenizer.encode(batch["text"])]
         return {"ids": ids, "n": [len(doc) for doc in ids]}
 
     tokenized = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
-    total = int(np.sum(tokenized["n"]))
-    n_val = max(1, int(total * cfg.val_fraction))
+    lengths = np.asarray(tokenized["n"], dtype=np.int64)
+    if len(lengths) < 2:
+        raise ValueError(
+            f"data: {len(lengths)} document(s) found; the split needs at least two (one for "
+            "validation), so add text or split it into several files/rows"
+        )
+    # Validation: the fewest whole documents from the end that reach val_fraction.
+    from_end = np.cumsum(lengths[::-1])
+    n_val_docs = min(len(lengths) - 1, int(np.searchsorted(from_end, lengths.sum() * cfg.val_fraction)) + 1)
+    first_val = len(lengths) - n_val_docs
     dtype = token_dtype(tokenizer.vocab_size)
     with staging_dir(out_dir) as tmp:  # the manifest is written last, the folder renamed
         writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-        written = 0
-        for batch in tokenized.iter(batch_size=1024):
-            arr = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["ids"]])
-            cut = max(0, min(len(arr), total - n_val - written))
-            writers["train"].write(arr[:cut])
-            writers["val"].write(arr[cut:])
-            written += len(arr)
+        for start in range(0, len(lengths), 1024):
+            batch = tokenized[start : start + 1024]
+            for i, ids in enumerate(batch["ids"], start):
+                writers["train" if i < first_val else "val"].write(np.asarray(ids, np.int64))
         manifest = Manifest(
             tokenizer_fingerprint=tokenizer.fingerprint, tokenizer_source=tokenizer.source,
             vocab_size=tokenizer.vocab_size, dtype=dtype.name,
             splits={s: w.close() for s, w in writers.items()},
+            sources=sources,
+            documents={"train": tokenized["doc"][:first_val], "val": tokenized["doc"][first_val:]},
         )
         manifest.save(tmp)
-    log.info("wrote %d train + %d val tokens to %s", total - n_val, n_val, out_dir)
+    log.info("wrote %d train + %d val tokens (%d + %d documents) to %s",
+             lengths[:first_val].sum(), lengths[first_val:].sum(), first_val, n_val_docs, out_dir)
     return manifest
 
 
-def shards_dir(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
+def source_key(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> dict:
+    """Everything that decides the tokens: each source file's path, size and mtime, the
+    tokenizer, and the settings that shape the split. Its hash names the cache folder."""
+    files = corpus_files(cfg, cache_dir)
+    return {
+        "files": [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files],
+        "text_field": cfg.text_field, "tokenizer": tokenizer.fingerprint,
+        "separator": cfg.separator, "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed, "shard_tokens": cfg.shard_tokens,
+    }
+
+
+def shards_dir(cfg: DataConfig, key: dict | None, cache_dir: Path) -> Path:
     if cfg.shards_dir:
         return Path(cfg.shards_dir).expanduser()
-    name = f"{cfg.name}-{tokenizer.fingerprint}-val{cfg.val_fraction}-split{cfg.split_seed}"
-    return cache_dir / "shards" / name
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / "shards" / f"{cfg.name}-{digest}"
 
 
 def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
     """Build the shards unless a manifest is there; refuse shards of another tokenizer."""
-    directory = shards_dir(cfg, tokenizer, cache_dir)
+    key = None if cfg.shards_dir else source_key(cfg, tokenizer, cache_dir)
+    directory = shards_dir(cfg, key, cache_dir)
     if not (directory / MANIFEST).exists():
         if not (cfg.corpus or cfg.files):
             raise FileNotFoundError(
                 f"data.shards_dir: {directory} has no {MANIFEST} and no data.corpus or "
                 "data.files is given to build it from"
             )
-        build_shards(cfg, tokenizer, directory, cache_dir)
+        build_shards(cfg, tokenizer, directory, cache_dir,
+                     key or source_key(cfg, tokenizer, cache_dir))
     manifest = Manifest.load(directory)
     if manifest.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ValueError(

@@ -43,6 +43,8 @@ class Manifest:
     vocab_size: int
     dtype: str
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)  # what the tokens were made from
+    documents: dict[str, list[int]] = field(default_factory=dict)  # document ids per split
 
     def tokens(self, split: str) -> int:
         return sum(s.tokens for s in self.splits[split])
@@ -120,7 +122,8 @@ class TokenShards:
         self.seq_len = seq_len
         dtype = np.dtype(self.manifest.dtype)
         self._arrays, counts = [], []
-        for info in self.manifest.splits[split]:
+        self._infos = self.manifest.splits[split]
+        for info in self._infos:
             path = directory / info.file
             self._check(path, info, dtype, verify)
             self._arrays.append(np.memmap(path, dtype=dtype, mode="r"))
@@ -145,6 +148,18 @@ class TokenShards:
             )
         if verify and sha256_file(path) != info.sha256:
             raise ShardCorruption(f"shard {path} fails its sha256 checksum: corrupt; {fix}")
+
+    def check_ids(self, vocab_size: int) -> None:
+        """Refuse ids outside the vocabulary (one pass over the split: meant for validation,
+        whose ids would otherwise crash only at the final evaluation)."""
+        for arr, info in zip(self._arrays, self._infos):
+            top = int(arr.max()) if len(arr) else 0
+            if top >= vocab_size:
+                raise ShardCorruption(
+                    f"shard {info.file} holds token id {top}, outside the vocabulary of "
+                    f"{vocab_size}: built with another tokenizer or corrupt; delete its folder "
+                    "to rebuild it from the corpus"
+                )
 
     @property
     def num_samples(self) -> int:

@@ -19,10 +19,14 @@ log = logging.getLogger(__name__)
 class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
+    bos_id: int | None
     fingerprint: str
     source: str
 
     def encode(self, texts: list[str]) -> list[list[int]]: ...
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` as a single vocabulary entry, or None."""
 
 
 def vocab_fingerprint(vocab: dict[str, int]) -> str:
@@ -47,10 +51,15 @@ class HFTokenizer:
                 "to separate documents; use a tokenizer that defines one"
             )
         self.eos_id = int(eos)
-        self.fingerprint = vocab_fingerprint(self._tok.get_vocab())
+        self.bos_id = self._tok.bos_token_id
+        self._vocab = self._tok.get_vocab()
+        self.fingerprint = vocab_fingerprint(self._vocab)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._tok(texts, add_special_tokens=False)["input_ids"]
+
+    def token_id(self, token: str) -> int | None:
+        return self._vocab.get(token)
 
 
 class SentencePieceTokenizer:
@@ -61,12 +70,17 @@ class SentencePieceTokenizer:
         self.source = str(model_file)
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.fingerprint = vocab_fingerprint(
             {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
         )
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
+
+    def token_id(self, token: str) -> int | None:
+        piece = self._sp.piece_to_id(token)
+        return piece if self._sp.id_to_piece(piece) == token else None
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
-
-from fbi.config import register, validate
+from fbi.config import compose
 from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.loop import evaluate, train_step
@@ -23,9 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = validate(compose("train", overrides=overrides))
+    cfg = compose(overrides)
     run = build_run(cfg, init_distributed())
     sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
     losses = []

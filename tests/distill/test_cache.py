@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fbi.config import compose
 from fbi_testing import REPO, make_teacher, run_train
 
 pytestmark = pytest.mark.slow
@@ -41,16 +42,6 @@ def write(base, directory: Path, *extra, nproc=1) -> subprocess.CompletedProcess
 
 def data_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from fbi.config import register, validate
-
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return validate(hydra_compose("train", overrides=overrides))
 
 
 def open_cache(base, directory: Path, *extra):

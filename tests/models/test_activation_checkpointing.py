@@ -15,7 +15,7 @@ def test_checkpointed_blocks_give_identical_gradients(monkeypatch):
     for enabled in (False, True):
         torch.manual_seed(0)
         model = build_model(cfg, "fbi", ["layers.*"])
-        activation_checkpointing(model, TrainConfig(zero=ZeroConfig(activation_checkpointing=enabled)))
+        activation_checkpointing(model, TrainConfig(max_steps=10, zero=ZeroConfig(activation_checkpointing=enabled)))
         calls = []
         forward = DecoderLayer.forward
         monkeypatch.setattr(DecoderLayer, "forward", lambda *a: calls.append(1) or forward(*a))
