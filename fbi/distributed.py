@@ -280,6 +280,42 @@ def wait_for_master(addr: str, port: int, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+STORE_KEY = "fbi/process_group_store"
+
+
+def fresh_store(agent_addr: str, agent_port: int, rank: int, world_size: int,
+                settings: DistributedConfig) -> dist.Store:
+    """A store of this restart's own, hosted by rank 0 and announced through torchrun's.
+
+    torchrun keeps one store for all restarts, and the process group's keys in it outlive the
+    workers that wrote them: after ``--max_restarts`` restarts a fast rank could read the dead
+    rank 0's address and fail to connect. An address whose server accepts a connection is
+    this restart's, because torchrun stops every worker before it forms the next group."""
+    agent = dist.TCPStore(agent_addr, agent_port, is_master=False,
+                          timeout=timedelta(seconds=settings.rendezvous_timeout_s))
+    timeout = timedelta(seconds=settings.timeout_s)
+    if rank == 0:
+        host = socket.getfqdn()
+        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        agent.set(STORE_KEY, f"{host}:{store.port}")
+        return store
+    deadline = time.monotonic() + settings.rendezvous_timeout_s
+    while True:
+        host, _, port = agent.get(STORE_KEY).decode().rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            break
+        except OSError as err:  # the previous rank 0's address: wait for the new one
+            if time.monotonic() >= deadline:
+                raise LaunchError(
+                    f"rank 0's store {host}:{port} (announced through torchrun's store) was "
+                    f"unreachable for {settings.rendezvous_timeout_s:.0f} s ({err})"
+                ) from None
+            time.sleep(0.5)
+    return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+
+
 def init_distributed(settings: DistributedConfig | None = None,
                      environ: Mapping[str, str] | None = None) -> Dist:
     """Bind this process's device, then join (or form) the process group: NCCL on GPU, gloo on
@@ -301,8 +337,13 @@ def init_distributed(settings: DistributedConfig | None = None,
     backend = "nccl" if device.startswith("cuda") else "gloo"
     timeout = timedelta(seconds=settings.timeout_s)
     try:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank,
-                                world_size=env.world_size, timeout=timeout)
+        if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.world_size > 1:
+            store = fresh_store(addr, port, env.rank, env.world_size, settings)
+            dist.init_process_group(backend, store=store, rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         dist.barrier()
     except RuntimeError as err:  # torch's DistStoreError and gloo/NCCL timeouts among them
         raise LaunchError(

@@ -15,6 +15,7 @@ from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
 from fbi.eval.perplexity import perplexity
 from fbi.metrics import Monitor
+from fbi.preemption import PreemptionFlag
 from fbi.run import Run, build_run
 
 log = logging.getLogger("fbi")
@@ -72,7 +73,8 @@ def train(cfg: TrainConfig) -> dict:
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
                       cfg.global_batch_size * cfg.data.seq_len, run.dist.rank,
                       dataclasses.asdict(cfg))
-    while state["step"] < cfg.max_steps:
+    preemption, stop = PreemptionFlag(run.device), False
+    while state["step"] < cfg.max_steps and not stop:
         micro_batches = [
             sampler.micro_batch_ids(state["consumed"], cfg.micro_batch_size, accum,
                                     run.dist.rank, run.dist.world_size)
@@ -82,13 +84,20 @@ def train(cfg: TrainConfig) -> dict:
         state = {"step": state["step"] + 1, "consumed": state["consumed"] + cfg.global_batch_size}
         monitor.step(state["step"], metrics)
         monitor.samples(state["step"], micro_batches)
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
+        stop = preemption.agreed(run.dist.world_size)
+        if stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
             checkpoint.save(run.engine, run.run_dir, state, run.dist.rank,
                             run.dist.world_size, cfg.checkpoint_keep)
-    result = {"step": state["step"], **evaluate(run)}
-    monitor.write(result)
-    log.info("validation after step %d: %s", state["step"],
-             "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))
+    preemption.close()
+    if stop:  # preempted: no time for evaluation; resume=auto continues from the checkpoint
+        log.warning("stopped after step %d on %s", state["step"], preemption.received or
+                    "another rank's signal")
+        result = {"step": state["step"], "preempted": True}
+    else:
+        result = {"step": state["step"], **evaluate(run)}
+        monitor.write(result)
+        log.info("validation after step %d: %s", state["step"],
+                 "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))
     monitor.close()
     dist.destroy_process_group()  # without it ZeRO-3 runs sometimes abort at exit
     return result

@@ -7,6 +7,7 @@ Both need root and the system packages that .ci/run installs (slurm-wlm, munge, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,15 @@ from fbi.distributed import free_port
 def _run(*cmd: str, env: dict | None = None, check: bool = True, timeout: float = 30):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, check=check,
                           timeout=timeout)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    """The steps in ``run_dir/metrics.jsonl``, in the order they were logged."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()
+            if '"loss"' in line]
 
 
 def why_not_slurm() -> str | None:
@@ -174,6 +184,9 @@ class Namespaces:
             _run("ip", "-n", n, "link", "set", "lo", "up")
             Path(f"/etc/netns/{n}").mkdir(parents=True, exist_ok=True)
             Path(f"/etc/netns/{n}/hosts").write_text(hosts)
+            # No DNS server is reachable from inside: fail lookups of other names at once
+            # instead of after the resolver's timeouts (about a minute per process start).
+            Path(f"/etc/netns/{n}/resolv.conf").write_text("nameserver 127.0.0.1\n")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,131 @@
+"""launch/slurm/train.sbatch on a real SLURM cluster of two slurmd nodes on this machine:
+2-node gloo training through torchrun's c10d rendezvous; preemption -> checkpoint -> requeue
+-> the same final parameters as an uninterrupted run."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster import SlurmCluster, steps_logged, why_not_slurm
+from fbi_testing import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+log = logging.getLogger(__name__)
+
+SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
+# The script's #SBATCH lines are for a GPU cluster; the fixture's nodes have CPUs only.
+CPU_JOB = ["--partition=debug", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = why_not_slurm()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        seconds = cluster.start()
+        log.warning("SLURM fixture up in %.1f s", seconds)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def submit(slurm: SlurmCluster, run_dir: Path, overrides: list[str], *sbatch_args: str) -> int:
+    env = {"RUN_DIR": str(run_dir), "PYTHON": sys.executable, "RDZV_TIMEOUT": "60",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return slurm.sbatch(*CPU_JOB, f"--output={run_dir.parent}/%x-%j.out", *sbatch_args,
+                        str(SCRIPT), *overrides, cwd=REPO, env=env)
+
+
+def job_log(run_dir: Path, job_id: int) -> str:
+    return "\n".join(p.read_text() for p in run_dir.parent.glob(f"*-{job_id}.out"))
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    from fbi.consolidate import consolidate
+
+    return consolidate(run_dir)
+
+
+def test_two_node_job_trains_to_a_checkpoint(slurm, overrides, tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    job = submit(slurm, run, overrides + ["max_steps=3", "zero=stage2"])
+    info = slurm.wait(job, timeout=400)
+    log.warning("2-node job %d: %.1f s", job, time.monotonic() - t0)
+    text = job_log(run, job)
+    assert info["JobState"] == "COMPLETED", text[-4000:] + slurm.logs()
+    assert info["NumNodes"] == "2" and "n[1-2]" in info["NodeList"]
+    assert "world 2" in text  # one process on each node, joined through the rendezvous
+    assert (run / "checkpoints" / "step_00000003" / "complete.json").exists()
+    assert steps_logged(run) == [1, 2, 3]
+
+
+def test_hydra_multirun_sends_each_combination_to_slurm(slurm, overrides, tmp_path):
+    # hydra-submitit-launcher: each job is a plain `srun` of 2 tasks on 2 nodes, which
+    # fbi.distributed maps to ranks through SLURM's variables (no torchrun).
+    env = {**slurm.env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+         "hydra.launcher.gpus_per_node=0", "hydra.launcher.nodes=2",
+         "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}/sweep", *overrides,
+         "max_steps=2", f"run_dir={tmp_path}/runs/" + "${hydra:job.num}", "optim.lr=1e-3,2e-3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )
+    logs = "\n".join(p.read_text() for p in (tmp_path / "sweep").rglob("*_log.*"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs[-4000:]
+    for job in ("0", "1"):
+        run = tmp_path / "runs" / job
+        assert steps_logged(run) == [1, 2]
+        assert (run / "checkpoints" / "step_00000002" / "complete.json").exists()
+    assert logs.count("slurm launch") == 2  # rank 0 of each job: SLURM's variables, 2 ranks
+    assert "rank 0/2" in logs
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(
+        slurm, overrides, tmp_path):
+    args = overrides + ["max_steps=200", "optim.decay_steps=200", "checkpoint_every=1000",
+                        "zero=stage1"]
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    reference = submit(slurm, straight, args)
+    job = submit(slurm, preempted, args)
+    deadline = time.monotonic() + 300
+    while not any(s >= 20 for s in steps_logged(preempted)):
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline
+        time.sleep(0.05)
+    # What --signal=B:USR1@300 does 300 s before the time limit: USR1 to the batch script.
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm.env, check=True)
+    while slurm.job(job).get("Restarts") != "1":
+        assert time.monotonic() < deadline, job_log(preempted, job)[-4000:]
+        time.sleep(0.2)
+    # SLURM holds a requeued job for two minutes before it may start again; skip the wait.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env,
+                   check=True)
+    info, ref_info = slurm.wait(job, timeout=400), slurm.wait(reference, timeout=400)
+    text = job_log(preempted, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert ref_info["JobState"] == "COMPLETED", job_log(straight, reference)[-4000:]
+
+    stopped = int(re.search(r"stopped after step (\d+) on SIGUSR1", text).group(1))
+    tag = preempted / "checkpoints" / f"step_{stopped:08d}"
+    assert f"resumed from {tag} at step {stopped}" in text
+    steps = steps_logged(preempted)
+    assert steps == list(range(1, 201))  # no step lost, none trained twice
+    seconds = (tag / "complete.json").stat().st_mtime - signalled
+    log.warning("preemption: signal at step >= 20, checkpoint of step %d %.2f s later; "
+                "steps lost %d", stopped, seconds, len(steps) - len(set(steps)))
+    a, b = final_parameters(preempted), final_parameters(straight)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
