@@ -4,7 +4,6 @@ dtypes, the demo-versus-model choice, and refusing another model's run directory
 import math
 
 import pytest
-import torch
 
 from fbi.config import CONF_DIR, ConfigError, check_experiment, compose
 from fbi.deepspeed_setup import deepspeed_config, lr_lambda, param_groups
