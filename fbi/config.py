@@ -68,20 +68,32 @@ class ModelConfig:
 
 @dataclass
 class SchemeConfig:
-    """Which linear layers are binarized, and how.
+    """Which linear layers are binarized, and how (one yaml per scheme in ``conf/scheme/``).
 
     ``binarize`` holds fnmatch patterns over module names (``layers.0.self_attn.q_proj``);
     the default covers every linear inside the transformer blocks, while embeddings, norms
-    and the output head stay in full precision, as in FBI-LLM.
+    and the output head stay in full precision, as in FBI-LLM. The other fields are options
+    of one scheme each and ignored by the others.
     """
 
     name: str = "fbi"
     binarize: list[str] = field(default_factory=lambda: ["layers.*"])
+    layout: str = "column"  # fbi, fbi_w1a1: alpha/beta per column (paper) | row | tensor
+    salient_fraction: float = 0.1  # pbllm: share of weights (largest |W|) kept at 8 bits
+    hadamard_block: int = 128  # fbi_w1a1: rotation block (a power of two)
+    trust: float = 1.0  # fbi_w1a1: activation gradient passes where |Hx - q| <= trust * scale
 
     def __post_init__(self) -> None:
         from fbi.binarize import SCHEMES
 
         _one_of(self.name, tuple(sorted(SCHEMES)), "scheme.name")
+        _one_of(self.layout, ("column", "row", "tensor"), "scheme.layout")
+        _require(0.0 <= self.salient_fraction <= 1.0, "scheme.salient_fraction",
+                 f"got {self.salient_fraction}; choose a share in [0, 1]")
+        block = self.hadamard_block
+        _require(block > 0 and block & (block - 1) == 0, "scheme.hadamard_block",
+                 f"got {block}; choose a power of two such as 128")
+        _require(self.trust > 0, "scheme.trust", f"got {self.trust}; choose a positive factor")
 
 
 @dataclass

@@ -171,7 +171,7 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
         write_run_files(cfg, run_dir, ds_config, tokenizer)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, cfg.scheme.name, cfg.scheme.binarize)
+    model = build_model(cfg.model, cfg.scheme, cfg.scheme.binarize)
     log.info(
         "student %s/%s: %.1fM parameters, vocab %d, world %d, grad accum %d",
         cfg.model.arch, cfg.scheme.name, sum(p.numel() for p in model.parameters()) / 1e6,

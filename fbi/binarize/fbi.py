@@ -1,10 +1,11 @@
 """FBI-LLM binarization (Ma et al., 2024): ``W_eff = alpha * sign(W) + beta``.
 
-``alpha`` and ``beta`` are learnable and shaped ``(1, in_features)``: one pair per input
-column, so every column of the effective weight takes exactly two values. They start from
-the latent weight: ``beta`` is the column mean over output rows, ``alpha`` the mean absolute
-deviation from it. The latent weight stays in full precision and receives the gradient of
-``sign`` through a straight-through estimator with identity gradient.
+``alpha`` and ``beta`` are learnable. Their layout (``scheme.layout``) is ``column`` (the
+paper's: shaped ``(1, in)``, one pair per input column, so every column takes exactly two
+values), ``row`` (``(out, 1)``) or ``tensor`` (``(1, 1)``). They start from the latent weight:
+``beta`` is the mean over the group, ``alpha`` the mean absolute deviation from it. The latent
+weight stays in full precision and gets the gradient of ``sign`` through the identity
+straight-through estimator, so ``dW = alpha * dW_eff``.
 """
 
 from __future__ import annotations
@@ -13,45 +14,46 @@ import torch
 from torch import nn
 
 from fbi.binarize.fp import DenseLinear
+from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpack_signs
 
-
-class BinaryWeight(torch.autograd.Function):
-    """``alpha * sign(W) + beta`` with ``sign(0) = +1`` (two values per column, never three).
-
-    Backward: identity straight-through for W, so ``dW = alpha * dW_eff``; ``dalpha`` and
-    ``dbeta`` are the column sums of ``sign(W) * dW_eff`` and ``dW_eff``. Written out by hand
-    because the composed ops (``where`` on a bool mask above all) cost several times the
-    matmul on CPU when few tokens share the weights.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
-        # copysign maps -0.0 to -1; adding +0.0 first turns -0.0 into +0.0 (IEEE 754).
-        sign = torch.ones_like(weight).copysign_(weight + 0.0)
-        ctx.save_for_backward(sign, alpha)
-        return torch.addcmul(beta, alpha, sign)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        sign, alpha = ctx.saved_tensors
-        return grad * alpha, (grad * sign).sum(0, keepdim=True), grad.sum(0, keepdim=True)
+LAYOUT_DIM = {"column": (0,), "row": (1,), "tensor": (0, 1)}  # dims a scale is shared over
 
 
 class FBILinear(DenseLinear):
-    def __init__(self, in_features: int, out_features: int, init_std: float = 0.02) -> None:
-        super().__init__(in_features, out_features, init_std)
-        self.alpha = nn.Parameter(torch.empty(1, in_features))
-        self.beta = nn.Parameter(torch.empty(1, in_features))
-        self.reset_scales()
+    SCALES = ("alpha", "beta")
+
+    def _dims(self) -> tuple[int, ...]:
+        return LAYOUT_DIM[self.cfg.layout if self.cfg is not None else "column"]
+
+    def make_scales(self) -> None:
+        shape = [self.out_features, self.in_features]
+        for d in self._dims():
+            shape[d] = 1
+        self.alpha = nn.Parameter(torch.empty(shape))
+        self.beta = nn.Parameter(torch.empty(shape))
 
     @torch.no_grad()
     def reset_scales(self) -> None:
-        beta = self.weight.mean(dim=0, keepdim=True)
+        beta = self.weight.mean(dim=self._dims(), keepdim=True)
         self.beta.copy_(beta)
-        self.alpha.copy_((self.weight - beta).abs().mean(dim=0, keepdim=True))
+        self.alpha.copy_((self.weight - beta).abs().mean(dim=self._dims(), keepdim=True))
 
-    def effective_weight(self) -> torch.Tensor:
-        return BinaryWeight.apply(self.weight, self.alpha, self.beta)
+    def weight_params(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.alpha, self.beta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.effective_weight())
+    def weight_formula(self, weight, alpha, beta) -> torch.Tensor:
+        return torch.addcmul(beta, alpha, sign_ste(weight))
+
+    @torch.no_grad()
+    def pack(self) -> dict[str, torch.Tensor]:
+        return {
+            "signs": pack_signs(sign(self.weight)),
+            "shape": shape_tensor(self.weight.shape),
+            "alpha": self.alpha.detach().clone(),
+            "beta": self.beta.detach().clone(),
+        }
+
+    @staticmethod
+    def unpack(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        s = unpack_signs(packed["signs"], tuple(packed["shape"].tolist())).to(packed["alpha"].dtype)
+        return torch.addcmul(packed["beta"], packed["alpha"], s)

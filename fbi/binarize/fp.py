@@ -1,22 +1,92 @@
-"""Full precision: the baseline every scheme is compared against, and the layer the
-factory hands out for modules a scheme leaves unbinarized."""
+"""Full precision: the baseline every scheme is compared against, the layer the factory hands
+out for modules a scheme leaves unbinarized, and the interface every scheme layer keeps.
+
+A scheme is one layer class deriving from ``DenseLinear``. It overrides what differs:
+``weight_formula`` (the effective weight from its parameters, with its gradient estimator),
+``reset_scales`` (its extra parameters from the latent weight), ``pack``/``unpack`` (export),
+``quantize_input`` and ``QUANTIZES_ACTIVATIONS`` (schemes whose forward is not linear in x),
+and ``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from fbi.binarize.recompute import recomputed_linear
+
 
 class DenseLinear(nn.Linear):
     """``y = x W^T`` with W initialized from N(0, init_std^2), as in LLaMA/GPT-NeoX."""
 
-    def __init__(self, in_features: int, out_features: int, init_std: float = 0.02) -> None:
+    SCALES: tuple[str, ...] = ()
+    QUANTIZES_ACTIVATIONS = False
+
+    def __init__(self, in_features: int, out_features: int, init_std: float = 0.02, cfg=None) -> None:
         self.init_std = init_std
+        self.cfg = cfg
         super().__init__(in_features, out_features, bias=False)
+        self.make_scales()
+        self.reset_scales()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
+    def make_scales(self) -> None:
+        """Create the scheme's extra parameters (shapes only)."""
+
+    def reset_scales(self) -> None:
+        """Derive the scheme's extra parameters from the (random) latent weight."""
+
+    @torch.no_grad()
+    def init_from_dense(self, weight: torch.Tensor) -> None:
+        """Start from a pretrained dense (out, in) weight."""
+        self.weight.copy_(weight)
+        self.reset_scales()
+
+    def weight_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def weight_formula(self, weight: torch.Tensor) -> torch.Tensor:
+        """The effective (out, in) weight from ``weight_params()``, gradient estimator included."""
+        return weight
+
     def effective_weight(self) -> torch.Tensor:
         """The (out_features, in_features) weight the forward pass multiplies by."""
-        return self.weight
+        return self.weight_formula(*self.weight_params())
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self) is DenseLinear:
+            return nn.functional.linear(x, self.weight.to(x.dtype))
+        return recomputed_linear(self.weight_formula, self.quantize_input(x), *self.weight_params())
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (Hugging Face export)."""
+        if self.QUANTIZES_ACTIVATIONS:
+            raise NotImplementedError(
+                f"{type(self).__name__} quantizes its input activations: its forward is not "
+                "linear in x, so it cannot be folded into a dense nn.Linear; export it packed"
+            )
+        dense = nn.Linear(self.in_features, self.out_features, bias=False)
+        dense.weight.copy_(self.effective_weight())
+        return dense
+
+    @torch.no_grad()
+    def pack(self) -> dict[str, torch.Tensor]:
+        """Export tensors; ``unpack(pack())`` is bit-identical to ``effective_weight()``."""
+        return {"weight": self.weight.detach().clone()}
+
+    @staticmethod
+    def unpack(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        return packed["weight"]
+
+    def bits_per_weight(self) -> float:
+        """Storage of the packed export, scales included, per (out x in) weight."""
+        packed = self.pack()
+        packed.pop("shape", None)  # metadata, not per-weight storage
+        bits = sum(t.numel() * t.element_size() * 8 for t in packed.values())
+        return bits / (self.in_features * self.out_features)

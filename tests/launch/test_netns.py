@@ -51,6 +51,17 @@ def worker_pids(namespace: str) -> list[int]:
     return found
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a launcher started in its own session and every process under it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def output(tmp_path: Path) -> str:
     return (tmp_path / "out.txt").read_text()
 
@@ -63,6 +74,7 @@ def test_torchrun_across_two_namespaces_survives_a_killed_worker(nodes, override
                                  "optim.decay_steps=200"]),
         cwd=tmp_path, env=env(run, MAX_RESTARTS="2", RDZV_PORT="29411"),
         stdout=(tmp_path / "out.txt").open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,  # so that a failure can stop every process it started
     )
     try:
         deadline = time.monotonic() + 300
@@ -74,8 +86,7 @@ def test_torchrun_across_two_namespaces_survives_a_killed_worker(nodes, override
         os.kill(victims[0], signal.SIGKILL)
         proc.wait(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_group(proc)
     out = output(tmp_path)
     assert proc.returncode == 0, out[-5000:]
     assert "world 2" in out
@@ -94,10 +105,14 @@ def test_deepspeed_hostfile_across_two_namespaces(nodes, overrides, tmp_path):
             nodes.command(node, [str(REPO / "launch" / "deepspeed_hostfile.sh"), str(hostfile),
                                  *overrides, "max_steps=3", "zero=stage1"]),
             cwd=tmp_path, env=env(run, NODE_RANK=str(i), MASTER_PORT="29412"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for i, node in enumerate(NODES)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            stop_group(p)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
     assert "world 2" in outs[0] and "deepspeed launch" in outs[0]
     assert steps_logged(run) == [1, 2, 3]

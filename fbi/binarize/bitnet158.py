@@ -1,0 +1,40 @@
+"""BitNet b1.58 (Ma et al., 2024, arXiv 2402.17764): ternary weights
+``RoundClip(W / mean|W|, -1, 1) * mean|W|``, 8-bit absmax per-token activations, STE
+``w + (q(w) - w).detach()``. Packed 5 ternary digits per byte (1.6 bits per weight)."""
+
+from __future__ import annotations
+
+import torch
+
+from fbi.binarize.bitnet import absmax8
+from fbi.binarize.fp import DenseLinear
+from fbi.binarize.packing import pack_ternary, shape_tensor, straight_through, unpack_ternary
+
+
+def _gamma(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().mean().clamp(min=1e-5)
+
+
+class BitNet158Linear(DenseLinear):
+    QUANTIZES_ACTIVATIONS = True
+
+    def weight_formula(self, weight) -> torch.Tensor:
+        with torch.no_grad():
+            gamma = _gamma(weight)
+            q = (weight / gamma).round().clamp(-1, 1) * gamma
+        return straight_through(weight, q)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return absmax8(x)
+
+    @torch.no_grad()
+    def pack(self) -> dict[str, torch.Tensor]:
+        gamma = _gamma(self.weight)
+        t = (self.weight / gamma).round().clamp(-1, 1)
+        return {"trits": pack_ternary(t), "shape": shape_tensor(self.weight.shape),
+                "scale": gamma.reshape(1)}
+
+    @staticmethod
+    def unpack(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = unpack_ternary(packed["trits"], tuple(packed["shape"].tolist())).to(packed["scale"].dtype)
+        return t * packed["scale"]
