@@ -1,9 +1,15 @@
-"""Training-step time of the binary student against the same model in full precision.
+"""Every scheme against full precision: bits per weight, step time, memory kept for backward.
 
     python bench/binary_vs_fp.py [--model fbi_tiny] [--vocab 49152] [--seq-len 128] [--batch 4]
+                                 [--layer-tokens 4096] [--schemes fbi,bitnet,...]
 
-Both models are built and timed in one process, alternating steps (forward, backward, AdamW
-step) so that both see the same machine state; prints the median step times and their ratio.
+Part 1, the whole student: each scheme's model is built and timed in one process, alternating
+steps (forward, backward, AdamW step) so that all see the same machine state; prints median
+step times and their ratio to ``fp``. Part 2, one layer shape: a SwiGLU MLP 768 -> 2048 -> 768
+over ``--layer-tokens`` tokens, forward + backward, per scheme, and the official FBI-LLM
+formulation as autograd composes it (``alpha * (W + (sign(W) - W).detach()) + beta``, then a
+plain linear) as the baseline. "kept" is the memory autograd holds from forward to backward
+(distinct storages of saved tensors), in multiples of the MLP's weights.
 """
 
 from __future__ import annotations
@@ -15,12 +21,78 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fbi.config import compose  # noqa: E402
+from fbi.binarize import SCHEMES  # noqa: E402
+from fbi.binarize.fp import DenseLinear  # noqa: E402
+from fbi.config import SchemeConfig, compose  # noqa: E402
 from fbi.models import build_model  # noqa: E402
+
+
+class OfficialFBI(DenseLinear):
+    """FBI-LLM as usually written: composed STE, effective weight and sign kept for backward."""
+
+    def __init__(self, n_in: int, n_out: int, init_std: float = 0.02, cfg=None) -> None:
+        super().__init__(n_in, n_out, init_std)
+        self.alpha = nn.Parameter(self.weight.detach().abs().mean(0, keepdim=True))
+        self.beta = nn.Parameter(self.weight.detach().mean(0, keepdim=True))
+
+    def forward(self, x):
+        w = self.weight
+        binary = w + (torch.sign(w) - w).detach()
+        return nn.functional.linear(x, self.alpha * binary + self.beta)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, layer_cls, cfg, d: int = 768, f: int = 2048) -> None:
+        super().__init__()
+        self.gate = layer_cls(d, f, init_std=0.02, cfg=cfg)
+        self.up = layer_cls(d, f, init_std=0.02, cfg=cfg)
+        self.down = layer_cls(f, d, init_std=0.02, cfg=cfg)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def kept_bytes(fn, params) -> int:
+    """Bytes of distinct storages autograd saves during ``fn()``, parameters (and views of
+    them) excluded: they exist anyway."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return sum(seen.values())
+
+
+def timed(fn, steps: int, sync) -> float:
+    times = []
+    for step in range(steps + 2):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bits(model: nn.Module) -> float:
+    layers = [m for m in model.modules() if isinstance(m, DenseLinear) and type(m) is not DenseLinear]
+    if not layers:
+        return 16.0  # full precision exported in bf16
+    n = sum(m.weight.numel() for m in layers)
+    return sum(m.bits_per_weight() * m.weight.numel() for m in layers) / n
 
 
 def main() -> None:
@@ -29,36 +101,57 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layer-tokens", type=int, default=4096)
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
     args = parser.parse_args()
+    schemes = args.schemes.split(",")
     cfg = compose([f"model={args.model}", f"model.vocab_size={args.vocab}"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = {}
-    for scheme in ("fbi", "fp"):
-        torch.manual_seed(0)
-        model = build_model(cfg.model, scheme, cfg.scheme.binarize).to(device)
-        models[scheme] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
-    times = {k: [] for k in models}
-    for step in range(args.steps + 2):
-        for scheme, (model, opt) in models.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            logits = model(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                                     tokens[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step >= 2:  # first steps warm allocators and kernels
-                times[scheme].append(time.perf_counter() - start)
-    fbi, fp = (statistics.median(times[k]) for k in ("fbi", "fp"))
-    print(f"{args.model} vocab {args.vocab}, batch {args.batch} x {args.seq_len}, {device}: "
-          f"binary {fbi * 1e3:.1f} ms/step, full precision {fp * 1e3:.1f} ms/step, "
-          f"ratio {fbi / fp:.3f}")
+
+    def model_step(model, opt):
+        logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step_times, bit_counts = {}, {}
+    for _ in range(2):  # two interleaved rounds, best of both, to even out the shared machine
+        for scheme in ["fp"] + [s for s in schemes if s != "fp"]:
+            torch.manual_seed(0)
+            model = build_model(cfg.model, SchemeConfig(name=scheme), cfg.scheme.binarize).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            t = timed(lambda: model_step(model, opt), args.steps, sync)
+            step_times[scheme] = min(t, step_times.get(scheme, t))
+            bit_counts[scheme] = bits(model)
+    print(f"{args.model} vocab {args.vocab}, batch {args.batch} x {args.seq_len}, {device}")
+    print(f"{'scheme':<12}{'bits/weight':>12}{'ms/step':>10}{'vs fp':>8}")
+    for s, t in step_times.items():
+        print(f"{s:<12}{bit_counts[s]:>12.3f}{t * 1e3:>10.1f}{t / step_times['fp']:>8.2f}")
+
+    x = torch.randn(args.layer_tokens, 768, device=device)
+    rows = {}
+    for name in ["fp", "official_fbi"] + [s for s in schemes if s != "fp"]:
+        torch.manual_seed(0)
+        cls = OfficialFBI if name == "official_fbi" else SCHEMES[name]
+        mlp = SwiGLU(cls, SchemeConfig(name="fbi" if name == "official_fbi" else name)).to(device)
+        weight_bytes = sum(m.weight.numel() * m.weight.element_size()
+                           for m in (mlp.gate, mlp.up, mlp.down))
+        xr = x.clone().requires_grad_()
+
+        def fwd_bwd():
+            mlp(xr).sum().backward()
+
+        kept = kept_bytes(lambda: mlp(xr), list(mlp.parameters()))
+        rows[name] = (timed(fwd_bwd, args.steps, sync), kept / weight_bytes)
+    print(f"\nSwiGLU MLP 768/2048, {args.layer_tokens} tokens, forward + backward, {device}")
+    print("kept: saved for backward beyond fp's (x, activations), in multiples of the weights")
+    print(f"{'layer':<14}{'ms':>8}{'vs fp':>8}{'vs official':>13}{'kept':>8}")
+    for name, (t, kept) in rows.items():
+        print(f"{name:<14}{t * 1e3:>8.1f}{t / rows['fp'][0]:>8.2f}"
+              f"{t / rows['official_fbi'][0]:>13.2f}{kept - rows['fp'][1]:>8.2f}")
 
 
 if __name__ == "__main__":

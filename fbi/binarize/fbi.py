@@ -19,6 +19,37 @@ from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpac
 LAYOUT_DIM = {"column": (0,), "row": (1,), "tensor": (0, 1)}  # dims a scale is shared over
 
 
+class _FBILinearFunction(torch.autograd.Function):
+    """``x (alpha * sign(W) + beta)^T`` keeping only x and the parameters for backward: sign
+    and the effective weight are rebuilt there (one ``copysign`` + ``addcmul`` pass) instead of
+    held from forward to backward (composed autograd keeps 2x the weight: sign and W_eff).
+    Gradients written by hand: ``dW = alpha * G``, ``dalpha = sum(sign * G)``, ``dbeta = sum(G)``
+    over each scale's group, with ``G = grad^T x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, alpha, beta, dims):
+        ctx.dims = dims
+        ctx.save_for_backward(x, weight, alpha, beta)
+        return nn.functional.linear(x, _effective(weight, alpha, beta, x.dtype)[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, alpha, beta = ctx.saved_tensors
+        sgn, w_eff = _effective(weight, alpha, beta, x.dtype)
+        grad_x = grad @ w_eff if ctx.needs_input_grad[0] else None
+        del w_eff
+        g = (grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        d_alpha = (g * sgn).sum(ctx.dims, keepdim=True).to(alpha.dtype)
+        d_beta = g.sum(ctx.dims, keepdim=True).to(beta.dtype)
+        return grad_x, g.mul_(alpha.to(g.dtype)), d_alpha, d_beta, None
+
+
+def _effective(weight, alpha, beta, dtype):
+    """(sign(W), alpha * sign(W) + beta) in the compute dtype."""
+    sgn = torch.ones_like(weight, dtype=dtype).copysign_(weight + 0.0)
+    return sgn, torch.addcmul(beta.to(dtype), alpha.to(dtype), sgn)
+
+
 class FBILinear(DenseLinear):
     SCALES = ("alpha", "beta")
 
@@ -43,6 +74,10 @@ class FBILinear(DenseLinear):
 
     def weight_formula(self, weight, alpha, beta) -> torch.Tensor:
         return torch.addcmul(beta, alpha, sign_ste(weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        return _FBILinearFunction.apply(x, self.weight, self.alpha, self.beta, self._dims())
 
     @torch.no_grad()
     def pack(self) -> dict[str, torch.Tensor]:
