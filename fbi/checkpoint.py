@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from fbi import atomic
+from fbi.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,23 @@ def saved_world_size(run_dir: Path, tag: str) -> int:
 def needs_universal(run_dir: Path, tag: str, world_size: int, zero_stage: int) -> bool:
     """Partitioned optimizer state (ZeRO >= 1) saved by another number of ranks."""
     return zero_stage > 0 and saved_world_size(run_dir, tag) != world_size
+
+
+def refuse_stage3_world_size_change(run_dir: Path, tag: str, world_size: int,
+                                    zero_stage: int) -> None:
+    """DeepSpeed 0.19's universal checkpoint restores ZeRO-3 parameters on another world size
+    but not the optimizer's state as it was: measured on 2 -> 1 processes, the losses leave
+    the uninterrupted run's from the first update after the resume. Refuse rather than
+    continue another optimization silently."""
+    saved = saved_world_size(run_dir, tag)
+    if zero_stage == 3 and saved != world_size:
+        raise ConfigError(
+            f"resume: {checkpoints_dir(run_dir) / tag} was saved by {saved} processes under "
+            f"ZeRO-3, and this run has {world_size}; DeepSpeed cannot carry ZeRO-3's optimizer "
+            f"state across world sizes exactly. Resume on {saved} processes (then a later "
+            "checkpoint may be resumed elsewhere under zero=stage1 or stage2, which convert "
+            "exactly), or start a new run_dir"
+        )
 
 
 def make_universal(run_dir: Path, tag: str) -> None:

@@ -136,6 +136,9 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     grad_accum = cfg.grad_accum_steps(dist_info.world_size)
     ds_config = deepspeed_config(cfg, dist_info.world_size)
     resume_tag = resume_target(cfg, run_dir)
+    if resume_tag:
+        checkpoint.refuse_stage3_world_size_change(run_dir, resume_tag, dist_info.world_size,
+                                                   cfg.zero.stage)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
