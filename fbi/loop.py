@@ -49,17 +49,26 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     return metrics
 
 
-def evaluate(run: Run) -> dict:
-    """Validation perplexity of the student, and of the teacher when there is one."""
+def evaluate(run: Run, should_stop=None) -> dict | None:
+    """Validation perplexity of the student, and of the teacher when there is one; None when
+    ``should_stop`` (asked after every batch round on all ranks) ended it early."""
+    interrupted = []
+
+    def stop() -> bool:
+        if should_stop is not None and should_stop():
+            interrupted.append(True)
+        return bool(interrupted)
+
     run.engine.eval()
     args = (run.val_data, run.cfg.eval_batches, run.cfg.micro_batch_size,
-            run.dist.rank, run.dist.world_size, run.device)
+            run.dist.rank, run.dist.world_size, run.device, stop)
     result = {"val_ppl_student": perplexity(run.engine, *args)}
-    teacher_ppl = run.teacher.val_ppl(lambda logits_fn: perplexity(logits_fn, *args))
-    if teacher_ppl is not None:
-        result["val_ppl_teacher"] = teacher_ppl
+    if not interrupted:
+        teacher_ppl = run.teacher.val_ppl(lambda logits_fn: perplexity(logits_fn, *args))
+        if teacher_ppl is not None:
+            result["val_ppl_teacher"] = teacher_ppl
     run.engine.train()
-    return result
+    return None if interrupted else result
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -88,13 +97,15 @@ def train(cfg: TrainConfig) -> dict:
         if stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
             checkpoint.save(run.engine, run.run_dir, state, run.dist.rank,
                             run.dist.world_size, cfg.checkpoint_keep)
+    # The final checkpoint is written: a signal during evaluation only cuts evaluation short.
+    scores = None if stop else evaluate(run, lambda: preemption.agreed(run.dist.world_size))
     preemption.close()
-    if stop:  # preempted: no time for evaluation; resume=auto continues from the checkpoint
+    if scores is None:  # preempted: resume=auto continues from the checkpoint
         log.warning("stopped after step %d on %s", state["step"], preemption.received or
                     "another rank's signal")
         result = {"step": state["step"], "preempted": True}
     else:
-        result = {"step": state["step"], **evaluate(run)}
+        result = {"step": state["step"], **scores}
         monitor.write(result)
         log.info("validation after step %d: %s", state["step"],
                  "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))

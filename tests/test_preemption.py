@@ -22,3 +22,33 @@ def test_a_signal_sets_the_flag_and_close_restores_the_handler(sig):
     finally:
         flag.close()
     assert signal.getsignal(sig) is before
+
+
+def test_a_signal_during_evaluation_ends_it_at_the_next_round(tmp_path):
+    """The flag is checked inside evaluation too: a signal arriving while perplexity runs
+    stops it after the current round instead of finishing every batch."""
+    import numpy as np
+
+    from fbi.data.shards import Manifest, ShardWriter, TokenShards
+    from fbi.eval.perplexity import perplexity
+
+    writer = ShardWriter(tmp_path, "val", np.dtype(np.uint16), 10_000)
+    writer.write(np.arange(400) % 50)
+    Manifest("f", "test", 50, "uint16", {"val": writer.close()}).save(tmp_path)
+    data = TokenShards(tmp_path, "val", seq_len=8)
+    calls = []
+
+    def logits(inputs):
+        calls.append(len(inputs))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return torch.zeros(*inputs.shape, 50)
+
+    flag = PreemptionFlag(torch.device("cpu"))
+    try:
+        args = (data, 10, 2, 0, 1, torch.device("cpu"))
+        assert perplexity(logits, *args, should_stop=lambda: flag.agreed(1)) is None
+        assert len(calls) == 2  # of 10 batches: stopped right after the signalled round
+    finally:
+        flag.close()
+    assert perplexity(logits, *args) == pytest.approx(50.0)  # uniform logits: ppl = vocab

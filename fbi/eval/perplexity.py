@@ -21,8 +21,12 @@ def perplexity(
     rank: int,
     world_size: int,
     device: torch.device,
-) -> float:
+    should_stop: Callable[[], bool] | None = None,
+) -> float | None:
     """exp(mean next-token NLL) over the first ``batches * batch_size`` samples, in order.
+
+    ``should_stop`` is asked after every round (on every rank, so it may be a collective such
+    as an agreed preemption flag); when it says so, evaluation ends early and returns None.
 
     Batch ``j`` goes to rank ``j % world_size``. Every rank runs the same number of forward
     passes, because ZeRO-3 gathers parameters collectively; a rank with no batch left runs
@@ -40,6 +44,8 @@ def perplexity(
         mean_nll, tokens = mean_token_nll(logits_fn(batch[:, :-1]), batch[:, 1:])
         if real:
             nll_and_count += torch.stack([mean_nll.double() * tokens, tokens.double()])
+        if should_stop is not None and should_stop():
+            return None
     if world_size > 1:
         dist.all_reduce(nll_and_count)
     return math.exp((nll_and_count[0] / nll_and_count[1]).item())
