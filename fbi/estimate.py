@@ -54,7 +54,7 @@ class Estimate:
 def count_parameters(cfg: TrainConfig) -> tuple[int, int]:
     """(all, binarized) parameters of the student, built on the meta device."""
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.scheme, cfg.scheme.binarize)
+        model = build_model(cfg.model, cfg.scheme)
     total = sum(p.numel() for p in model.parameters())
     binary = sum(  # a scheme's layers derive from the dense one they replace
         m.weight.numel() for m in model.modules()
