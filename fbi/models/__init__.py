@@ -34,6 +34,8 @@ class Architecture:
     # state dicts, fbi names <-> transformers names (dense weights: fold a binary model first)
     to_hf_state_dict: Callable[[dict], dict]
     from_hf_state_dict: Callable[[dict], dict]
+    # bytes one block keeps for backward per token in 16-bit training (fbi.estimate)
+    activation_bytes: Callable[[Any], float]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -42,6 +44,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks=lambda m: m.model.layers, hf_class="LlamaForCausalLM",
         to_hf_config=llama.to_hf_config, from_hf_config=llama.from_hf_config,
         to_hf_state_dict=llama.to_hf_state_dict, from_hf_state_dict=llama.from_hf_state_dict,
+        activation_bytes=llama.activation_bytes,
     ),
     "mamba2": Architecture(
         config=Mamba2Config, build=mamba2.Mamba2LM,
@@ -49,6 +52,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks=lambda m: m.backbone.layers, hf_class="Mamba2ForCausalLM",
         to_hf_config=mamba2.to_hf_config, from_hf_config=mamba2.from_hf_config,
         to_hf_state_dict=mamba2.to_hf_state_dict, from_hf_state_dict=mamba2.from_hf_state_dict,
+        activation_bytes=mamba2.activation_bytes,
     ),
 }
 

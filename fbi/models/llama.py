@@ -141,6 +141,12 @@ class LlamaLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
+def activation_bytes(cfg: ModelConfig) -> float:
+    """Per token and block in 16-bit training with fused (flash) attention: 34 bytes per hidden
+    unit (Korthikanti et al., 2022, without the attention-score term)."""
+    return 34.0 * cfg.d_model
+
+
 def to_hf_config(cfg: ModelConfig):
     from transformers import LlamaConfig
 

@@ -118,6 +118,16 @@ class Mamba2LM(nn.Module):
         return self.lm_head(self.backbone.norm_f(x))
 
 
+def activation_bytes(cfg: Mamba2Config) -> float:
+    """Per token and block in 16-bit training with a fused scan (mamba-ssm), counting what
+    backward keeps: the block input and norm output (2 d), in_proj's output (2 di + 2 gn + h),
+    the conv output before and after SiLU (2 (di + 2 gn)), dt in fp32 (2 h), the scan output
+    and the gated product in fp32 (4 di) and out_proj's input (di); di = expand d, gn =
+    groups x state, h = heads. The PyTorch chunked scan keeps (Q x Q) scores per head on top."""
+    di, gn, h = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state, cfg.n_heads
+    return 2.0 * (2 * cfg.d_model + 9 * di + 6 * gn + 3 * h)
+
+
 def to_hf_config(cfg: Mamba2Config):
     from transformers import Mamba2Config as HFMamba2Config
 
