@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from fbi.checkpoint import COMPLETE, checkpoints_dir, complete_tags, needs_universal
+from fbi.checkpoint import (
+    COMPLETE, checkpoints_dir, complete_tags, needs_universal, resume_target,
+)
 from fbi.config import ConfigError, TrainConfig
-from fbi.run import resume_target
+
 
 
 def make(run_dir, step, complete=True, world_size=2):
@@ -31,7 +33,7 @@ def test_newest_complete_checkpoint_wins_and_cut_off_saves_are_ignored(tmp_path)
 def test_resume_true_without_checkpoint_is_refused(tmp_path):
     make(tmp_path, 4, complete=False)
     assert resume_target(TrainConfig(max_steps=10, resume="auto"), tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
         resume_target(TrainConfig(max_steps=10, resume="true"), tmp_path)
 
 
