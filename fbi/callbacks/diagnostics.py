@@ -69,7 +69,7 @@ class BinaryDiagnostics(Callback):
                     flips += int((positive != self.signs[id(m)]).sum())
                 self.signs[id(m)] = positive
             sums += [flips, sum(w.numel() for w in weights[group]),
-                     sum(float(w.abs().double().sum()) for w in weights[group])]
+                     sum(float(w.abs().sum(dtype=torch.float64)) for w in weights[group])]
             for scale in modules[0].SCALES:
                 v = torch.cat([_local(getattr(m, scale), self.rank, self.world_size).float()
                                for m in modules])
