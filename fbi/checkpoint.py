@@ -223,7 +223,8 @@ def _all_ok(ok: bool, world_size: int, device) -> bool:
 
 def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: int,
          keep_every: int | None = None) -> Path:
-    """``state`` holds at least ``step`` and ``consumed`` (global samples). A failed write
+    """``state`` holds ``step`` and ``consumed`` (global samples), and may hold more
+    (the callbacks' state): all of it lands in ``complete.json``. A failed write
     (disk full, unwritable folder) on any rank removes the partial folder and raises
     ``CheckpointError`` on every rank; earlier checkpoints are untouched."""
     tag = f"step_{state['step']:08d}"
@@ -370,4 +371,5 @@ def load(engine, run_dir: Path, tag: str, rank: int, world_size: int, universal:
     if meta["world_size"] == world_size:  # per-rank streams only map 1:1 on the same ranks
         _set_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=False))
     log.info("resumed from %s at step %d", root / tag, meta["step"])
-    return {"step": int(meta["step"]), "consumed": int(meta["consumed"])}
+    return {"step": int(meta["step"]), "consumed": int(meta["consumed"]),
+            "callbacks": meta.get("callbacks", {})}

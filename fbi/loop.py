@@ -102,10 +102,6 @@ def train(cfg: TrainConfig) -> dict:
 
 def train_run(run: Run) -> dict:
     cfg, rank, world = run.cfg, run.dist.rank, run.dist.world_size
-    state = {"step": 0, "consumed": 0}
-    if run.resume_tag:
-        state = checkpoint.load(run.engine, run.run_dir, run.resume_tag, rank, world,
-                                run.resume_universal)
     sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
     skips = SkippedBatches(run.run_dir, cfg.global_batch_size, run.dist.is_main)
     newest = lambda: (checkpoint.complete_tags(run.run_dir) or [None])[-1]  # noqa: E731
@@ -114,6 +110,15 @@ def train_run(run: Run) -> dict:
         SpikeDetector(cfg.guard, run.run_dir, skips, run.dist.is_main, lambda: bool(newest())),
         BinaryDiagnostics(run.engine.module, cfg.logging.diagnostics_every, rank, world),
     ]
+
+    def load(tag: str) -> dict:
+        saved = checkpoint.load(run.engine, run.run_dir, tag, rank, world,
+                                run.resume_universal and tag == run.resume_tag)
+        for callback in callbacks:
+            callback.load_state_dict(saved["callbacks"].get(type(callback).__name__, {}))
+        return {"step": saved["step"], "consumed": saved["consumed"]}
+
+    state = load(run.resume_tag) if run.resume_tag else {"step": 0, "consumed": 0}
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
                       cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg))
     preemption, stop = PreemptionFlag(run.device), False
@@ -133,17 +138,14 @@ def train_run(run: Run) -> dict:
         if control.halt:
             raise TrainingHalted(control.halt)
         if control.rewind:
-            tag = newest()
-            state = checkpoint.load(run.engine, run.run_dir, tag, rank, world,
-                                    run.resume_universal and tag == run.resume_tag)
-            for callback in callbacks:
-                callback.rewound(state)
+            state = load(newest())
             continue
         stop = preemption.agreed(world)
         due = stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps
         if due and control.save_allowed:
-            checkpoint.save(run.engine, run.run_dir, state, rank, world, cfg.checkpoint_keep,
-                            cfg.checkpoint_keep_every)
+            saved = {cb.__class__.__name__: cb.state_dict() for cb in callbacks}
+            checkpoint.save(run.engine, run.run_dir, {**state, "callbacks": saved}, rank, world,
+                            cfg.checkpoint_keep, cfg.checkpoint_keep_every)
     # The final checkpoint is written: a signal during evaluation only cuts evaluation short.
     scores = None
     if not stop and cfg.eval_batches:

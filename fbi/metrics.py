@@ -36,6 +36,20 @@ class StepTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
+def package_versions() -> dict[str, str]:
+    """The stack a run used, for its wandb config."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "transformers", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
 def logged_steps(run_dir: Path) -> tuple[int, set[int]]:
     """(last training step, steps validated) already in ``metrics.jsonl``."""
     path, last, validated = run_dir / "metrics.jsonl", 0, set()
@@ -72,7 +86,8 @@ class Monitor:
 
             self._wandb = wandb.init(
                 project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb,
-                config=config, name=run_dir.name, resume="allow",
+                config={**config, "versions": package_versions()}, name=run_dir.name,
+                resume="allow",
             )
         self._window_start = time.perf_counter()
         self._window_steps = 0

@@ -96,9 +96,9 @@ def plot(runs: list[dict], out: Path) -> None:
                       (val_ax, "validation perplexity (student)")):
         ax.set_title(title)
         ax.set_xlabel("step")
-    loss_ax.set_yscale("log")  # a blow-up and the slow descent after it on one plot
         if ax.lines:
             ax.legend()
+    loss_ax.set_yscale("log")  # a blow-up and the slow descent after it on one plot
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -136,23 +136,37 @@ def test_signal_kill_and_second_run_then_bitwise_equal_result(tmp_path, corpus, 
 
 
 @pytest.mark.slow
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, corpus,
-                                                                  small_tokenizer):
+def test_damaged_checkpoint_falls_back_and_spike_rewinds_replay_alike(tmp_path, corpus,
+                                                                      small_tokenizer):
+    """The newest checkpoint gets one flipped byte: the rerun sets it aside, resumes from the
+    previous one and ends with the same weights. The runs rewind on loss spikes (a z-score
+    threshold low enough to fire on noise): the same spikes, rewinds and skipped batches
+    after the resume, because the loss window travels in the checkpoint and the skipped
+    batches in skipped_batches.jsonl."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    common = args(run_dir, corpus, small_tokenizer, cache) + ["checkpoint_every=5",
-                                                              "checkpoint_keep=3"]
+    common = args(run_dir, corpus, small_tokenizer, cache, 12) + [
+        "checkpoint_every=3", "checkpoint_keep=5", "guard.spike_action=rewind",
+        "guard.spike_window=4", "guard.spike_z=0.1", "guard.max_rewinds=2"]
     assert finish(start(common))[0] == 0
-    final = weights(run_dir, STEPS)
-    model_file = run_dir / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt"
+    final = weights(run_dir, 12)
+    spikes = [json.loads(line) for line in (run_dir / "spikes.jsonl").read_text().splitlines()]
+    skipped = (run_dir / "skipped_batches.jsonl").read_text().splitlines()
+    assert 1 <= [s["action"] for s in spikes].count("rewind") == len(skipped) <= 2
+    window = json.loads((run_dir / "checkpoints" / "step_00000009" / "complete.json").read_text())
+    assert len(window["callbacks"]["SpikeDetector"]["losses"]) == 4
+
+    model_file = run_dir / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt"
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the hash tells
     model_file.write_bytes(bytes(data))
-
     code, err = finish(start(common))
     assert code == 0, err[-3000:]
-    assert "step_00000010 is damaged" in err and "resumed from" in err and "step_00000005" in err
-    assert (run_dir / "checkpoints" / "damaged_step_00000010").exists()
-    assert_bitwise(weights(run_dir, STEPS), final)  # steps 6-10 trained again, exactly
+    assert "step_00000012 is damaged" in err and "step_00000009 at step 9" in err
+    assert (run_dir / "checkpoints" / "damaged_step_00000012").exists()
+    assert_bitwise(weights(run_dir, 12), final)  # steps 10-12 trained again, exactly
+    again = [json.loads(line) for line in (run_dir / "spikes.jsonl").read_text().splitlines()]
+    assert again[len(spikes):] == [s for s in spikes if s["step"] > 9]
+    assert (run_dir / "skipped_batches.jsonl").read_text().splitlines() == skipped
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 Each callback sees the run, the state after the step (``step``, ``consumed``) and the step's
 metrics (which it may extend), and steers the loop through ``Control``: ask for a log row,
 forbid the checkpoint of this step, ask for a rewind to the newest checkpoint, or halt.
-Every callback is called on every rank at the same step, so it may use collectives.
+Every callback is called on every rank at the same step, so it may use collectives. What a
+callback needs to decide alike after a resume goes into the checkpoint (``state_dict``).
 """
 
 from __future__ import annotations
@@ -28,5 +29,10 @@ class Callback:
     def after_step(self, run, state: dict, metrics: dict, control: Control) -> None:
         """Called after every optimizer step, on every rank."""
 
-    def rewound(self, state: dict) -> None:
-        """The loop went back to the checkpoint at ``state``."""
+    def state_dict(self) -> dict:
+        """What must survive a resume (or a rewind) to decide the same: saved in the
+        checkpoint's ``complete.json``, so it is plain JSON."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to the state saved with the checkpoint just loaded."""

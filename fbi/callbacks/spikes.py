@@ -4,7 +4,8 @@ and OLMo-core's stability monitor do), logged to ``spikes.jsonl``; optionally a 
 With ``guard.spike_action=rewind`` the loop reloads the newest checkpoint and the spike's
 batch is skipped from then on. The skip is recorded in ``skipped_batches.jsonl`` (the data
 cursor of the batch), which every later start of the run reads, so a crash or resume after
-a rewind trains on the same data order.
+a rewind trains on the same data order; the window of recent losses travels in the
+checkpoint, so a resumed run flags the same spikes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ class SpikeDetector(Callback):
         self.path = run_dir / "spikes.jsonl"
         self.can_rewind = can_rewind  # () -> bool: is there a checkpoint to go back to
         self.losses: dict[int, float] = {}  # step -> loss, spikes left out
-        self.rewinds = 0
 
     def after_step(self, run, state, metrics, control: Control) -> None:
         step, loss = state["step"], metrics["loss"]
@@ -68,8 +68,9 @@ class SpikeDetector(Callback):
 
     def _spike(self, state, metrics, control, mean, std, z) -> None:
         step = state["step"]
-        rewind = (self.cfg.spike_action == "rewind" and self.rewinds < self.cfg.max_rewinds
-                  and self.can_rewind())
+        # Rewinds so far are the skipped batches: a count that survives resumes and rewinds.
+        rewind = (self.cfg.spike_action == "rewind"
+                  and len(self.skips.cursors) < self.cfg.max_rewinds and self.can_rewind())
         metrics["spike_z"] = z
         control.log = True
         record = {"step": step, "loss": metrics["loss"], "window_mean": mean,
@@ -83,10 +84,13 @@ class SpikeDetector(Callback):
                     "; rewinding to the newest checkpoint and skipping this batch" if rewind
                     else "")
         if rewind:
-            self.rewinds += 1
             started = state["consumed"] - self.skips.batch  # this step's first sample
             self.skips.add(started, step, f"loss spike z={z:.1f}")
             control.rewind, control.save_allowed = True, False
 
-    def rewound(self, state: dict) -> None:
-        self.losses = {s: v for s, v in self.losses.items() if s <= state["step"]}
+    def state_dict(self) -> dict:
+        recent = sorted(self.losses)[-self.cfg.spike_window:]
+        return {"losses": [[s, self.losses[s]] for s in recent]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = {int(s): float(v) for s, v in state.get("losses", [])}
