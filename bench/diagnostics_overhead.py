@@ -41,7 +41,7 @@ def main() -> None:
     cfg = ModelConfig(**{k: v for k, v in fields.items() if k != "defaults"},
                       vocab_size=args.vocab)
     torch.manual_seed(0)
-    model = build_model(cfg, SchemeConfig(name="fbi"), ["layers.*"])
+    model = build_model(cfg, SchemeConfig(name="fbi"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     diagnostics = BinaryDiagnostics(model, 1, 0, 1)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1))

@@ -214,6 +214,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _all_ok(ok: bool, world_size: int, device) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     if world_size > 1:
@@ -248,7 +256,7 @@ def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: i
         previous = complete_tags(run_dir)
         raise CheckpointError(
             f"checkpoint: writing {folder} failed ({error or 'on another rank'}); "
-            f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free there. The partial folder "
+            f"{_size(shutil.disk_usage(root).free)} free there. The partial folder "
             f"is removed and {previous[-1] if previous else 'no earlier checkpoint'} is "
             "intact: free space or fix the folder's permissions, then rerun the same command "
             "to resume"
@@ -308,8 +316,8 @@ def check_space(run_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(root).free
     if free < needed * 1.1:
         raise CheckpointError(
-            f"checkpoint: {root} has {free / 2**30:.2f} GiB free, and one checkpoint of this "
-            f"run takes about {needed / 2**30:.2f} GiB (written beside the previous one); "
+            f"checkpoint: {root} has {_size(free)} free, and one checkpoint of this "
+            f"run takes about {_size(needed)} (written beside the previous one); "
             "free space, move run_dir to a larger file system, or lower checkpoint_keep"
         )
 

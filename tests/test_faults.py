@@ -187,3 +187,28 @@ def test_non_finite_steps_are_skipped_then_the_run_halts_keeping_the_last_good_c
     saved = int(tags[0].split("_")[1])
     assert saved < skipped[-3] and saved not in skipped
     assert f"The newest checkpoint {tags[0]}" in err
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, corpus,
+                                                               small_tokenizer):
+    """The run directory on a 900 KiB file system: two checkpoints (~370 KiB each) fit, the
+    third does not. The failed save is removed, the previous checkpoint stays complete."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900K", "tmpfs", str(small)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        run_dir = small / "run"
+        code, err = finish(start(args(run_dir, corpus, small_tokenizer, tmp_path / "cache", 12)
+                                 + ["checkpoint_every=3", "eval_batches=0"]))
+        assert code == 3 and "Traceback" not in err
+        assert "writing" in err and "step_00000009 failed" in err and "free there" in err
+        assert "step_00000006 is intact" in err
+        tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert tags == ["step_00000003", "step_00000006"]
+        assert (run_dir / "checkpoints" / "step_00000006" / "complete.json").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

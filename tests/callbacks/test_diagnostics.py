@@ -12,7 +12,7 @@ from fbi.models import build_model
 def test_flip_share_near_zero_share_and_scale_statistics():
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layers=2, d_model=32, d_ff=64, n_heads=2, vocab_size=50),
-                        SchemeConfig(name="fbi"), ["layers.*"])
+                        SchemeConfig(name="fbi"))
     diag = BinaryDiagnostics(model, every=1, rank=0, world_size=1)
     first = diag.measure()
     assert "flip/q_proj" not in first  # nothing to compare with yet
