@@ -161,13 +161,11 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with build_context(cfg, ds_config):
         model = build_model(cfg.model, cfg.scheme)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log.info(
         "student %s/%s: %.1fM parameters, vocab %d, world %d, grad accum %d",
-        cfg.model.arch, cfg.scheme.name,
-        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
-        vocab, dist_info.world_size, grad_accum,
+        cfg.model.arch, cfg.scheme.name, n_params / 1e6, vocab, dist_info.world_size, grad_accum,
     )
-    n_params = sum(p.numel() for p in model.parameters())
     checkpoint.check_space(run_dir, checkpoint.bytes_needed(run_dir, n_params, cfg.precision))
     engine = initialize(model, cfg, ds_config)
     torch.manual_seed(cfg.seed + dist_info.rank)  # then per-rank streams (e.g. dropout)
