@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fbi import checkpoint
 from fbi.config import ConfigError, TrainConfig
 from fbi.distributed import detect
 from fbi.run_lock import RunLock
@@ -66,6 +67,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path:
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} is a file; choose a folder")
+    checkpoint.resume_candidates(cfg, run_dir)  # refuses resume=true without one, max_steps
     return run_dir
 
 
