@@ -342,12 +342,17 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fbi"
     sample_ids: bool = False  # write samples/rank<r>.jsonl: the sample ids of every step
+    # dense bf16 TFLOP/s of one device, for MFU; None: fbi.flops' table for known GPUs, no MFU
+    # elsewhere (CPUs)
+    peak_tflops: Optional[float] = None
     # Binary diagnostics every N steps (sign flips, weights near zero, scale statistics);
     # 0: off.
     diagnostics_every: int = 50
 
     def __post_init__(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be positive")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops",
+                 "must be positive, or null for the table's figure")
         _require(self.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0 (0: off)")
         _one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
 

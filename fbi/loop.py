@@ -19,6 +19,7 @@ from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
 from fbi.eval.perplexity import perplexity
+from fbi.flops import Utilization
 from fbi.metrics import Monitor, StepTimer
 from fbi.preemption import PreemptionFlag
 from fbi.run import Run, build_run
@@ -119,8 +120,11 @@ def train_run(run: Run) -> dict:
         return {"step": saved["step"], "consumed": saved["consumed"]}
 
     state = load(run.resume_tag) if run.resume_tag else {"step": 0, "consumed": 0}
+    utilization = Utilization.of(cfg.model, cfg.data.seq_len, getattr(run.teacher, "model", None),
+                                 world, run.device, cfg.logging.peak_tflops)
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
-                      cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg))
+                      cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg),
+                      utilization)
     preemption, stop = PreemptionFlag(run.device), False
     while state["step"] < cfg.max_steps and not stop:
         consumed = skips.cursor(state["consumed"])
