@@ -13,10 +13,12 @@ from fbi.config import TrainConfig
 from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
+from fbi.eval.blimp import blimp_accuracy, read_pairs
 from fbi.eval.perplexity import perplexity
 from fbi.metrics import Monitor
 from fbi.preemption import PreemptionFlag
 from fbi.run import Run, build_run
+from fbi.trained import document_start_id
 
 log = logging.getLogger("fbi")
 
@@ -49,9 +51,10 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     return metrics
 
 
-def evaluate(run: Run, should_stop=None) -> dict | None:
-    """Validation perplexity of the student, and of the teacher when there is one; None when
-    ``should_stop`` (asked after every batch round on all ranks) ended it early."""
+def evaluate(run: Run, should_stop=None, teacher: bool = True) -> dict | None:
+    """Validation perplexity of the student (and of the teacher, when there is one and
+    ``teacher``), BLiMP accuracy when ``eval_blimp`` names pairs; None when ``should_stop``
+    (asked after every batch round on all ranks) ended it early."""
     interrupted = []
 
     def stop() -> bool:
@@ -63,10 +66,16 @@ def evaluate(run: Run, should_stop=None) -> dict | None:
     args = (run.val_data, run.cfg.eval_batches, run.cfg.micro_batch_size,
             run.dist.rank, run.dist.world_size, run.device, stop)
     result = {"val_ppl_student": perplexity(run.engine, *args)}
-    if not interrupted:
+    if not interrupted and teacher:
         teacher_ppl = run.teacher.val_ppl(lambda logits_fn: perplexity(logits_fn, *args))
         if teacher_ppl is not None:
             result["val_ppl_teacher"] = teacher_ppl
+    if not interrupted and run.cfg.eval_blimp:
+        result["blimp_student"] = blimp_accuracy(
+            run.engine, run.tokenizer, document_start_id(run.cfg.data, run.tokenizer),
+            read_pairs(run.cfg.eval_blimp), run.cfg.micro_batch_size, run.device,
+            run.dist.rank, run.dist.world_size,
+        )["accuracy"]
     run.engine.train()
     return None if interrupted else result
 
@@ -94,6 +103,12 @@ def train(cfg: TrainConfig) -> dict:
         monitor.step(state["step"], metrics)
         monitor.samples(state["step"], micro_batches)
         stop = preemption.agreed(run.dist.world_size)
+        if not stop and cfg.eval_every and state["step"] % cfg.eval_every == 0 \
+                and state["step"] < cfg.max_steps:
+            scores = evaluate(run, lambda: preemption.agreed(run.dist.world_size), teacher=False)
+            stop = scores is None
+            if scores is not None:
+                monitor.write({"step": state["step"], **scores})
         if stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
             checkpoint.save(run.engine, run.run_dir, state, run.dist.rank,
                             run.dist.world_size, cfg.checkpoint_keep)

@@ -1,0 +1,70 @@
+"""Hugging Face export: a plain LlamaForCausalLM that computes what the fbi model computes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from fbi.export.hf import CannotFold, export_hf
+from fbi.generate import generate_ids
+from fbi.trained import load
+from test_packed import tiny_trained
+
+# Runs where fbi cannot be imported (no PYTHONPATH, outside the repository): only transformers.
+LOAD_WITHOUT_FBI = """
+import importlib.util, sys, torch
+assert importlib.util.find_spec("fbi") is None, "fbi is importable"
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = torch.tensor([[tok.eos_token_id] + tok(sys.argv[2], add_special_tokens=False).input_ids])
+with torch.no_grad():
+    logits = model(ids).logits
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+torch.save({"class": type(model).__name__, "ids": ids, "logits": logits, "greedy": greedy},
+           sys.argv[3])
+"""
+
+
+def test_tied_fbi_model_folds_into_llama(tmp_path, tokenizer_dir):
+    trained = tiny_trained("fbi", tokenizer_dir, tie=True)
+    export_hf(trained, tmp_path / "hf")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained.logits(ids))
+
+
+@pytest.mark.parametrize("scheme", ["bitnet", "bitnet158", "fbi_w1a1"])
+def test_schemes_that_quantize_activations_are_refused(tmp_path, tokenizer_dir, scheme):
+    with pytest.raises(CannotFold, match=f"scheme {scheme}: .* quantizes its input activations.*--format packed"):
+        export_hf(tiny_trained(scheme, tokenizer_dir), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_run_loads_in_transformers_without_fbi(tmp_path, zero3_run):
+    from fbi.cli import main
+
+    main(["export", str(zero3_run), "--format", "hf", "--out", str(tmp_path / "hf")])
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_FBI)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "hf"), "The history of the",
+                    str(tmp_path / "out.pt")], cwd=tmp_path, check=True, timeout=300,
+                   env={**env, "HF_HUB_OFFLINE": "1"})
+    hf = torch.load(tmp_path / "out.pt")
+    assert hf["class"] == "LlamaForCausalLM"
+    trained = load(zero3_run)
+    assert hf["ids"][0, 1:].tolist() == trained.tokenizer.encode(["The history of the"])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(hf["logits"], trained.logits(hf["ids"]))
+    ours = generate_ids(trained, hf["ids"][0].tolist(), 6, stop_at_eos=False)
+    assert ours[: len(hf["greedy"])] == hf["greedy"].tolist()
