@@ -9,6 +9,8 @@ a packed export or a Hugging Face checkpoint. Log-likelihoods are computed by
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -18,12 +20,18 @@ from fbi.eval.perplexity import strided_nll
 from fbi.generate import generate_ids
 from fbi.trained import load
 
+log = logging.getLogger(__name__)
+
 
 @register_model("fbi")
 class FbiLM(TemplateLM):
     def __init__(self, path: str, tag: str | None = None, batch_size: int | str = 8,
-                 device: str = "cpu", max_length: int | None = None, **_ignored) -> None:
+                 device: str | None = None, max_length: int | None = None, **_ignored) -> None:
         super().__init__()
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's command line asks for cuda:0 unless told otherwise
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            log.info("fbi lm-eval model on %s", device)
         self.trained = load(path, tag)
         self.trained.model.to(device)
         self._device = torch.device(device)
