@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fbi.export.hf import CannotFold, export_hf
+from fbi.export.packed import export_packed
 from fbi.generate import generate_ids
 from fbi.trained import load
 from test_packed import tiny_trained
@@ -31,9 +32,14 @@ torch.save({"class": type(model).__name__, "ids": ids, "logits": logits, "greedy
 """
 
 
-def test_tied_fbi_model_folds_into_llama(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("via_packed", [False, True])
+def test_tied_fbi_model_folds_into_llama(tmp_path, tokenizer_dir, via_packed):
     trained = tiny_trained("fbi", tokenizer_dir, tie=True)
-    export_hf(trained, tmp_path / "hf")
+    source = trained
+    if via_packed:  # a packed export converts too
+        export_packed(trained, tmp_path / "packed")
+        source = load(tmp_path / "packed")
+    export_hf(source, tmp_path / "hf")
     model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 20))
