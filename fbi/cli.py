@@ -59,7 +59,8 @@ def evaluate(args) -> dict:
         context = args.context or trained.max_length
         for path in args.text:
             result[f"ppl/{Path(path).name}"] = text_perplexity(
-                trained, read_text(path, args.format), context, args.stride or context, args.device)
+                trained, read_text(path, args.format), context, args.stride or context, args.device,
+                args.max_tokens)
     if args.val:
         from fbi.eval.perplexity import perplexity
         from fbi.trained import run_val_split
@@ -121,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--format", default="plain", help="plain | wikitext (lines joined by blank lines)")
     v.add_argument("--context", type=int, default=None, help="window length (default: the model's)")
     v.add_argument("--stride", type=int, default=None, help="window step (default: --context)")
+    v.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     v.add_argument("--val", type=Path, default=None, help="a run directory: its held-out split")
     v.add_argument("--val-batches", type=int, default=None, help="default: the run's eval_batches")
     v.add_argument("--blimp", nargs="*", default=[], help="jsonl files or folders of minimal pairs")

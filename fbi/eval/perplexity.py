@@ -103,10 +103,12 @@ def strided_nll(
     return nll, count
 
 
-def text_perplexity(trained, text: str, context: int, stride: int, device="cpu") -> dict:
-    """Perplexity of a ``fbi.trained.Trained`` model on ``text``, the document-start token
-    (the BOS or separator training put before each document) prepended."""
-    ids = torch.tensor([trained.start_id] + trained.tokenizer.encode([text])[0])
+def text_perplexity(trained, text: str, context: int, stride: int, device="cpu",
+                    max_tokens: int | None = None) -> dict:
+    """Perplexity of a ``fbi.trained.Trained`` model on ``text`` (its first ``max_tokens``
+    tokens when given), the document-start token (the BOS or separator training put before
+    each document) prepended."""
+    ids = torch.tensor([trained.start_id] + trained.tokenizer.encode([text])[0][:max_tokens])
     nll, count = strided_nll(trained.logits, ids, context, stride, device)
     return {"ppl": math.exp(nll / count), "nll": nll, "tokens": count,
             "context": context, "stride": stride}

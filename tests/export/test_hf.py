@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from fbi.export.hf import CannotFold, export_hf
 from fbi.export.packed import export_packed
 from fbi.generate import generate_ids
 from fbi.trained import load
+from fbi_testing import WIKITEXT
 from test_packed import tiny_trained
 
 # Runs where fbi cannot be imported (no PYTHONPATH, outside the repository): only transformers.
@@ -56,7 +58,7 @@ def test_schemes_that_quantize_activations_are_refused(tmp_path, tokenizer_dir, 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_zero3_run_loads_in_transformers_without_fbi(tmp_path, zero3_run):
+def test_zero3_run_loads_in_transformers_without_fbi(tmp_path, zero3_run, capsys):
     from fbi.cli import main
 
     main(["export", str(zero3_run), "--format", "hf", "--out", str(tmp_path / "hf")])
@@ -74,3 +76,13 @@ def test_zero3_run_loads_in_transformers_without_fbi(tmp_path, zero3_run):
         torch.testing.assert_close(hf["logits"], trained.logits(hf["ids"]))
     ours = generate_ids(trained, hf["ids"][0].tolist(), 6, stop_at_eos=False)
     assert ours[: len(hf["greedy"])] == hf["greedy"].tolist()
+
+    # the eval command measures the export (through transformers) as it measures the run
+    ppl = []
+    for model in (zero3_run, tmp_path / "hf"):
+        capsys.readouterr()
+        main(["eval", str(model), "--text", str(WIKITEXT / "test.txt"), "--format", "wikitext",
+              "--max-tokens", "300", "--stride", "16"])
+        ppl.append(json.loads(capsys.readouterr().out)["ppl/test.txt"])
+    assert ppl[0]["tokens"] == ppl[1]["tokens"] == 300
+    assert ppl[0]["ppl"] == pytest.approx(ppl[1]["ppl"], rel=1e-5)
