@@ -30,7 +30,9 @@ def _one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """LLaMA-style decoder. ``vocab_size`` is filled from the tokenizer at run time."""
+    """The LLaMA-style decoder (``model.arch=llama``). ``vocab_size`` is filled from the
+    tokenizer at run time. Each architecture has its own dataclass (see ``fbi.models``); the
+    ``model.arch`` field of the composed config chooses which one validates the group."""
 
     arch: str = "llama"
     n_layers: int = 4
@@ -45,7 +47,7 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        _one_of(self.arch, ("llama",), "model.arch")
+        _require(self.arch == "llama", "model.arch", f"{self.arch!r} is not the transformer's")
         for name in ("n_layers", "d_model", "d_ff", "n_heads"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
         _require(
@@ -67,17 +69,65 @@ class ModelConfig:
 
 
 @dataclass
+class Mamba2Config:
+    """A Mamba-2 language model (``model.arch=mamba2``; Dao & Gu, 2024): blocks of RMSNorm +
+    SSD mixer, no MLP, tied embeddings, as Bi-Mamba (Tang et al., 2024) binarizes it. The
+    mixer width is ``expand * d_model``, split into heads of ``head_dim``; B and C are shared
+    by ``n_groups`` groups of heads. Field names follow ``transformers.Mamba2Config``'s
+    meaning (see ``fbi.models.mamba2.to_hf_config``)."""
+
+    arch: str = "mamba2"
+    n_layers: int = 4
+    d_model: int = 256
+    vocab_size: Optional[int] = None
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256  # SSD chunk: quadratic inside, recurrent across chunks
+    conv_bias: bool = True
+    dt_min: float = 0.001  # initial time steps, log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_floor: float = 1e-4
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    # auto: mamba-ssm's fused kernels on a GPU when the package imports, else the PyTorch
+    # chunked scan | torch | mamba_ssm (refused where it cannot run)
+    scan: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.arch == "mamba2", "model.arch", f"{self.arch!r} is not Mamba-2's")
+        for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "head_dim",
+                     "n_groups", "chunk_size"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+        inner = self.expand * self.d_model
+        _require(inner % self.head_dim == 0, "model.head_dim",
+                 f"expand * d_model = {inner} is not divisible by {self.head_dim}; pick a divisor")
+        _require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
+                 f"{self.n_groups} must divide the {inner // self.head_dim} heads")
+        _require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
+        _one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
+
+    @property
+    def n_heads(self) -> int:
+        return self.expand * self.d_model // self.head_dim
+
+
+@dataclass
 class SchemeConfig:
     """Which linear layers are binarized, and how (one yaml per scheme in ``conf/scheme/``).
 
-    ``binarize`` holds fnmatch patterns over module names (``layers.0.self_attn.q_proj``);
-    the default covers every linear inside the transformer blocks, while embeddings, norms
-    and the output head stay in full precision, as in FBI-LLM. The other fields are options
-    of one scheme each and ignored by the others.
+    ``binarize`` holds fnmatch patterns over the model's module paths
+    (``model.layers.0.self_attn.q_proj``). None: the architecture's default (``fbi.models``):
+    every linear inside the transformer blocks (FBI-LLM), Mamba-2's in/out projections
+    (Bi-Mamba); embeddings, norms and the output head stay in full precision. The other
+    fields are options of one scheme each and ignored by the others.
     """
 
     name: str = "fbi"
-    binarize: list[str] = field(default_factory=lambda: ["layers.*"])
+    binarize: Optional[list[str]] = None
     layout: str = "column"  # fbi, fbi_w1a1: alpha/beta per column (paper) | row | tensor
     salient_fraction: float = 0.1  # pbllm: share of weights (largest |W|) kept at 8 bits
     hadamard_block: int = 128  # fbi_w1a1: rotation block (a power of two)
@@ -314,7 +364,8 @@ class DistributedConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # ModelConfig, Mamba2Config, ...: the dataclass of ``model.arch`` (fbi.models.ARCHITECTURES)
+    model: Any = field(default_factory=ModelConfig)
     scheme: SchemeConfig = field(default_factory=SchemeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -422,13 +473,28 @@ def validate(cfg: DictConfig) -> TrainConfig:
     raw.pop("experiment", None)
     if "resume" in raw:
         raw["resume"] = _bool_string(raw["resume"])
+    model = raw.pop("model", None) or {}
+    model_cfg = _structured(model_schema(model.get("arch", "llama")), model, "model: ")
+    cfg = _structured(TrainConfig, raw, "")
+    cfg.model = model_cfg
+    return cfg
+
+
+def model_schema(arch: str) -> type:
+    """The dataclass validating ``model.*`` for architecture ``arch``."""
+    from fbi.models import ARCHITECTURES
+
+    _one_of(arch, tuple(sorted(ARCHITECTURES)), "model.arch")
+    return ARCHITECTURES[arch].config
+
+
+def _structured(schema: type, values: dict, prefix: str):
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except ConfigError:
         raise
     except Exception as err:  # OmegaConf's own type/key errors: re-raise with the field
-        raise ConfigError(str(err).split("\n")[0] + "  (see conf/ and fbi/config.py)") from err
+        raise ConfigError(prefix + str(err).split("\n")[0] + "  (see conf/ and fbi/config.py)") from err
 
 
 
@@ -474,5 +540,10 @@ def compose(overrides: list[str]) -> TrainConfig:
 
 
 def register() -> None:
-    """Make the schemas known to Hydra so that YAML files are checked against them."""
-    ConfigStore.instance().store(name="schema", node=TrainConfig)
+    """Make the schemas known to Hydra so that YAML files are checked against them. The
+    ``model`` group stays an open mapping here: its schema depends on ``model.arch`` and is
+    applied by ``validate``."""
+    schema = OmegaConf.structured(TrainConfig)
+    schema.model = DictConfig({})
+    OmegaConf.set_struct(schema.model, False)  # model.vocab_size=N works for every arch
+    ConfigStore.instance().store(name="schema", node=schema)

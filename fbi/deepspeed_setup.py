@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 
 import torch
@@ -93,7 +93,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: str) -> lis
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_matrix = name.endswith(".weight") and p.dim() >= 2
+        # Under zero.Init a parameter is an empty shard; ds_shape is its real shape.
+        is_matrix = name.endswith(".weight") and len(getattr(p, "ds_shape", p.shape)) >= 2
         (decayed if decay == "all" or is_matrix else no_decay).append(p)
     groups = [
         {"params": decayed, "weight_decay": weight_decay},
@@ -103,12 +104,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: str) -> lis
 
 
 def activation_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Recompute each block in backward instead of keeping its activations."""
-    if cfg.zero.activation_checkpointing:
+    """Recompute each block (the architecture's ``blocks``) in backward instead of keeping its
+    activations: the block's forward is wrapped from outside, its module path unchanged."""
+    from fbi.models import architecture
+
+    if not cfg.zero.activation_checkpointing:
+        return
+    for block in architecture(cfg.model).blocks(model):
+        block.forward = _checkpointed(block)
+
+
+def _checkpointed(block: torch.nn.Module):
+    def forward(*args, **kwargs):
+        # Looked up at call time, so that the class's forward stays the one that runs.
+        run = type(block).forward.__get__(block)
+        if not torch.is_grad_enabled():
+            return run(*args, **kwargs)
         # Non-reentrant, so that ZeRO-3's parameter-gather hooks fire again on recompute.
-        model.checkpoint_layer = functools.partial(
-            torch.utils.checkpoint.checkpoint, use_reentrant=False
-        )
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def build_context(cfg: TrainConfig, ds_config: dict):
+    """Where the student is built: under ZeRO-3 inside ``zero.Init``, which partitions each
+    layer as soon as its ``__init__`` returns, so no rank ever holds the whole model."""
+    if cfg.zero.stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
 def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):

@@ -10,9 +10,10 @@ recipe is counted in seconds on any machine. Figures are per rank and in GiB:
   2020): stage 1 partitions the optimizer state, 2 also the gradients, 3 also the
   parameters; with bf16/fp16 the optimizer keeps an fp32 master copy beside Adam's two
   moments (12 bytes per parameter, 8 in fp32 training);
-- activations of a transformer block with fused (flash) attention: 34 bytes per token and
-  hidden unit in 16-bit (Korthikanti et al., 2022, without the attention-score term); with
-  activation checkpointing only each block's input is kept, plus one block recomputed;
+- activations of one block per token in 16-bit, from the architecture's registry entry
+  (``fbi.models``; a transformer block with fused attention keeps 34 bytes per hidden unit,
+  Korthikanti et al., 2022); with activation checkpointing only each block's input is kept,
+  plus one block recomputed;
 - the logits, the teacher's logits and the loss's gradient buffer: three fp32
   ``micro_batch x seq x vocab`` tensors;
 - an online teacher's weights in its dtype, whole on every rank unless ``teacher.zero3``.
@@ -34,7 +35,7 @@ import torch
 
 from fbi.binarize.fp import DenseLinear
 from fbi.config import ConfigError, TrainConfig, compose
-from fbi.models import build_model
+from fbi.models import architecture, build_model
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -54,7 +55,7 @@ class Estimate:
 def count_parameters(cfg: TrainConfig) -> tuple[int, int]:
     """(all, binarized) parameters of the student, built on the meta device."""
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.scheme, cfg.scheme.binarize)
+        model = build_model(cfg.model, cfg.scheme)
     total = sum(p.numel() for p in model.parameters())
     binary = sum(  # a scheme's layers derive from the dense one they replace
         m.weight.numel() for m in model.modules()
@@ -96,10 +97,11 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
     optim_width = 8 + (4 if width == 2 else 0)  # Adam moments (+ fp32 master copy)
     tokens = cfg.micro_batch_size * cfg.data.seq_len
     d, layers = cfg.model.d_model, cfg.model.n_layers
+    block = architecture(cfg.model).activation_bytes(cfg.model)
     if cfg.zero.activation_checkpointing:
-        activations = layers * tokens * d * width + 34 * tokens * d
+        activations = layers * tokens * d * width + tokens * block
     else:
-        activations = layers * 34 * tokens * d
+        activations = layers * tokens * block
     logit_tensors = 3 if cfg.teacher.kind != "none" else 2
     teacher_width = DTYPE_BYTES[cfg.teacher.dtype]
     parts = {

@@ -23,7 +23,7 @@ from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-from fbi.deepspeed_setup import Dist, deepspeed_config, initialize
+from fbi.deepspeed_setup import Dist, build_context, deepspeed_config, initialize
 from fbi.distill.teacher import TeacherSource, build_teacher, resolve_path
 from fbi.models import build_model
 
@@ -171,10 +171,12 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
         write_run_files(cfg, run_dir, ds_config, tokenizer)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, cfg.scheme, cfg.scheme.binarize)
+    with build_context(cfg, ds_config):
+        model = build_model(cfg.model, cfg.scheme)
     log.info(
         "student %s/%s: %.1fM parameters, vocab %d, world %d, grad accum %d",
-        cfg.model.arch, cfg.scheme.name, sum(p.numel() for p in model.parameters()) / 1e6,
+        cfg.model.arch, cfg.scheme.name,
+        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
         vocab, dist_info.world_size, grad_accum,
     )
     engine = initialize(model, cfg, ds_config)

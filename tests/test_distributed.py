@@ -136,15 +136,15 @@ def test_stage3_world_size_change_is_refused_before_any_work(tmp_path, base):
 
 
 def test_consolidated_stage3_checkpoint_loads_into_the_model(tmp_path, base):
-    from fbi.config import ModelConfig
     from fbi.consolidate import consolidate
-    from fbi.models import build_model
+    from fbi.models import architecture, build_model
 
     run = tmp_path / "run"
     run_train(base + [f"run_dir={run}", "zero=stage3", "max_steps=2"], nproc=2)
     state = consolidate(run)
     saved = OmegaConf.load(run / "config.yaml")
-    model = build_model(ModelConfig(**saved.model), saved.scheme.name, list(saved.scheme.binarize))
+    model = build_model(architecture(saved.model.arch).config(**saved.model), saved.scheme.name,
+                        saved.scheme.binarize)
     model.load_state_dict(state, strict=True)
     assert any(k.endswith(".alpha") for k in state)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,11 +1,135 @@
-"""Architectures. Each knows nothing of schemes beyond asking the factory for a linear."""
+"""Architectures: one registry entry each, everything the rest of fbi knows about a model.
 
-from fbi.binarize import linear_factory
-from fbi.config import ModelConfig, SchemeConfig
-from fbi.models.llama import LlamaLM
+An entry names the dataclass that validates ``model.*`` (chosen by ``model.arch``), the
+builder, the linears a scheme binarizes when ``scheme.binarize`` is left unset, the blocks
+that activation checkpointing wraps from outside, and the mapping to and from the
+``transformers`` class of the same architecture. Models know nothing of schemes beyond
+asking the linear factory for a layer by its real module path (``model.layers.0.mlp.up_proj``).
+Adding an architecture is its module, its dataclass in ``fbi.config`` and one entry here.
+"""
 
-ARCHITECTURES = {"llama": LlamaLM}
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from fbi.binarize import LinearFactory, linear_factory
+from fbi.binarize.fp import DenseLinear
+from fbi.config import Mamba2Config, ModelConfig, SchemeConfig
+from fbi.models import llama, mamba2
 
 
-def build_model(cfg: ModelConfig, scheme: "str | SchemeConfig", binarize: list[str]) -> LlamaLM:
-    return ARCHITECTURES[cfg.arch](cfg, linear_factory(scheme, binarize))
+@dataclass(frozen=True)
+class Architecture:
+    config: type  # the dataclass of ``model.*``
+    build: Callable[[Any, LinearFactory], nn.Module]  # (model config, factory) -> causal LM
+    binarize: tuple[str, ...]  # default fnmatch patterns over module paths
+    blocks: Callable[[nn.Module], nn.ModuleList]  # the repeated blocks, for checkpointing
+    hf_class: str  # the ``transformers`` causal-LM class with the same weights
+    to_hf_config: Callable[[Any], Any]  # model config -> transformers config
+    from_hf_config: Callable[[Any], Any]  # transformers config -> model config
+    # state dicts, fbi names <-> transformers names (dense weights: fold a binary model first)
+    to_hf_state_dict: Callable[[dict], dict]
+    from_hf_state_dict: Callable[[dict], dict]
+    # bytes one block keeps for backward per token in 16-bit training (fbi.estimate)
+    activation_bytes: Callable[[Any], float]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(
+        config=ModelConfig, build=llama.LlamaLM, binarize=("model.layers.*",),
+        blocks=lambda m: m.model.layers, hf_class="LlamaForCausalLM",
+        to_hf_config=llama.to_hf_config, from_hf_config=llama.from_hf_config,
+        to_hf_state_dict=llama.to_hf_state_dict, from_hf_state_dict=llama.from_hf_state_dict,
+        activation_bytes=llama.activation_bytes,
+    ),
+    "mamba2": Architecture(
+        config=Mamba2Config, build=mamba2.Mamba2LM,
+        binarize=("backbone.layers.*.mixer.in_proj", "backbone.layers.*.mixer.out_proj"),
+        blocks=lambda m: m.backbone.layers, hf_class="Mamba2ForCausalLM",
+        to_hf_config=mamba2.to_hf_config, from_hf_config=mamba2.from_hf_config,
+        to_hf_state_dict=mamba2.to_hf_state_dict, from_hf_state_dict=mamba2.from_hf_state_dict,
+        activation_bytes=mamba2.activation_bytes,
+    ),
+}
+
+
+def architecture(cfg_or_arch: Any) -> Architecture:
+    arch = cfg_or_arch if isinstance(cfg_or_arch, str) else cfg_or_arch.arch
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch: {arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def binarize_patterns(cfg: Any, scheme: "str | SchemeConfig",
+                      binarize: Sequence[str] | None = None) -> list[str]:
+    """The patterns in force: ``binarize``, else the scheme's, else the architecture's."""
+    if binarize is None and not isinstance(scheme, str):
+        binarize = scheme.binarize
+    return list(architecture(cfg).binarize if binarize is None else binarize)
+
+
+def build_model(cfg: Any, scheme: "str | SchemeConfig",
+                binarize: Sequence[str] | None = None) -> nn.Module:
+    """The causal LM of ``cfg.arch``: token ids (B, S) -> logits (B, S, vocab_size).
+
+    Built where the caller's context says: ``with torch.device("meta")`` to count, under
+    ``deepspeed.zero.Init`` to partition each layer as soon as it exists (fbi.deepspeed_setup).
+    """
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is unset: it is taken from the tokenizer")
+    return architecture(cfg).build(cfg, linear_factory(scheme, binarize_patterns(cfg, scheme, binarize)))
+
+
+def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every scheme layer folded into its dense weight (scales
+    dropped): what a plain dense model of the same architecture loads."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, DenseLinear)}
+    out = {}
+    for key, value in model.state_dict().items():
+        owner, _, param = key.rpartition(".")
+        if owner not in linears:
+            out[key] = value
+        elif param == "weight":
+            out[key] = linears[owner].fold().weight.detach()
+    return out
+
+
+def to_hf(model: nn.Module, cfg: Any):
+    """The ``transformers`` model computing what ``model`` computes (binary layers folded)."""
+    import transformers
+
+    arch = architecture(cfg)
+    hf = getattr(transformers, arch.hf_class)(arch.to_hf_config(cfg))
+    hf.load_state_dict(arch.to_hf_state_dict(folded_state_dict(model)), strict=True)
+    return hf.eval()
+
+
+def from_hf(hf_model, scheme: "str | SchemeConfig" = "fp",
+            binarize: Sequence[str] | None = None) -> tuple[Any, nn.Module]:
+    """(model config, fbi model) holding a ``transformers`` model's weights; a scheme's layers
+    start from the dense weights (``init_from_dense``: latent weight and scales)."""
+    arch = next((a for a in ARCHITECTURES.values() if a.hf_class == type(hf_model).__name__), None)
+    if arch is None:
+        known = ", ".join(a.hf_class for a in ARCHITECTURES.values())
+        raise ValueError(f"{type(hf_model).__name__} has no fbi architecture; known: {known}")
+    cfg = arch.from_hf_config(hf_model.config)
+    model = build_model(cfg, scheme, binarize)
+    state = arch.from_hf_state_dict(hf_model.state_dict())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, DenseLinear)}
+    scales = {f"{n}.{s}" for n, m in linears.items() for s in _extra_params(m)}
+    if set(missing) - scales or unexpected:
+        raise ValueError(f"weights do not match: missing {sorted(set(missing) - scales)}, "
+                         f"unexpected {sorted(unexpected)}")
+    for name, layer in linears.items():
+        layer.init_from_dense(state[f"{name}.weight"])
+    return cfg, model
+
+
+def _extra_params(layer: DenseLinear) -> list[str]:
+    return [n for n, _ in layer.named_parameters(recurse=False) if n != "weight"] + [
+        n for n, _ in layer.named_buffers(recurse=False)]

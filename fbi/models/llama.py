@@ -2,7 +2,7 @@
 
 Module and parameter names follow ``transformers``' ``LlamaForCausalLM`` so that a state
 dict moves between the two unchanged. The model knows nothing about binarization: every
-linear layer comes from the ``make_linear`` factory, keyed by its qualified name.
+linear layer comes from the ``make_linear`` factory, keyed by its module path in the model.
 """
 
 from __future__ import annotations
@@ -26,6 +26,20 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class Embedding(nn.Embedding):
+    """Token embeddings drawn from N(0, init_std^2) inside ``__init__``, where
+    ``deepspeed.zero.Init`` still sees the whole tensor (it partitions a module once its
+    ``__init__`` returns: an init applied afterwards would touch an empty shard)."""
+
+    def __init__(self, num_embeddings: int, dim: int, init_std: float) -> None:
+        self.init_std = init_std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # its draw kept: initial weights as in earlier fbi versions
+        nn.init.normal_(self.weight, std=self.init_std)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
@@ -82,7 +96,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, make_linear: LinearFactory) -> None:
         super().__init__()
-        prefix = f"layers.{index}"
+        prefix = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -98,8 +112,7 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, make_linear) for i in range(cfg.n_layers)
         )
@@ -111,15 +124,11 @@ class LlamaLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is unset: it is taken from the tokenizer")
         self.cfg = cfg
         self.model = Backbone(cfg, make_linear)
         self.lm_head = make_linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Set from outside (fbi.deepspeed_setup) when activation checkpointing is on.
-        self.checkpoint_layer = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -128,9 +137,48 @@ class LlamaLM(nn.Module):
             x.device, x.dtype,
         )
         for layer in self.model.layers:
-            if self.checkpoint_layer is not None and self.training:
-                x = self.checkpoint_layer(layer, x, cos, sin)
-            else:
-                x = layer(x, cos, sin)
+            x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
+
+
+def activation_bytes(cfg: ModelConfig) -> float:
+    """Per token and block in 16-bit training with fused (flash) attention: 34 bytes per hidden
+    unit (Korthikanti et al., 2022, without the attention-score term)."""
+    return 34.0 * cfg.d_model
+
+
+def to_hf_config(cfg: ModelConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std, attention_bias=False, mlp_bias=False,
+    )
+
+
+def from_hf_config(hf) -> ModelConfig:
+    rope = hf.rope_parameters or {}  # transformers 5 keeps rope_theta here
+    if rope.get("rope_type", "default") != "default" or hf.attention_bias or hf.mlp_bias \
+            or hf.hidden_act != "silu":
+        raise ValueError("this LLaMA config uses rope scaling, biases or another activation, "
+                         "which fbi's decoder does not implement")
+    theta = rope.get("rope_theta", 10000.0)
+    return ModelConfig(
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, d_ff=hf.intermediate_size,
+        n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
+        vocab_size=hf.vocab_size, rope_theta=theta, norm_eps=hf.rms_norm_eps,
+        init_std=hf.initializer_range, tie_embeddings=bool(hf.tie_word_embeddings),
+    )
+
+
+def to_hf_state_dict(state: dict) -> dict:
+    """fbi names are ``LlamaForCausalLM``'s: the mapping is the identity."""
+    return dict(state)
+
+
+def from_hf_state_dict(state: dict) -> dict:
+    return {k: v for k, v in state.items() if "rotary_emb" not in k}
 

@@ -247,7 +247,7 @@ def test_scales_are_not_decayed_under_matrices(name):
     from fbi.models import build_model
 
     model = build_model(ModelConfig(n_layers=1, d_model=32, d_ff=64, n_heads=2, vocab_size=50),
-                        SchemeConfig(name=name), ["layers.*"])
+                        SchemeConfig(name=name))
     decayed = {id(p) for p in param_groups(model, 0.1, "matrices")[0]["params"]}
     params = dict(model.named_parameters())
     scales = scale_parameter_names(model)

@@ -1,24 +1,32 @@
-"""Activation checkpointing recomputes blocks in backward: same loss, same gradients."""
+"""Activation checkpointing recomputes each architecture's blocks in backward, wrapped from
+outside: same loss, same gradients, same module paths."""
 
+import pytest
 import torch
 
-from fbi.config import ModelConfig, TrainConfig, ZeroConfig
+from fbi.config import Mamba2Config, ModelConfig, TrainConfig, ZeroConfig
 from fbi.deepspeed_setup import activation_checkpointing
-from fbi.models import build_model
-from fbi.models.llama import DecoderLayer
+from fbi.models import architecture, build_model
+
+CONFIGS = [ModelConfig(n_layers=2, d_model=32, d_ff=64, n_heads=4, vocab_size=50),
+           Mamba2Config(n_layers=2, d_model=32, d_state=8, head_dim=16, chunk_size=4, vocab_size=50)]
 
 
-def test_checkpointed_blocks_give_identical_gradients(monkeypatch):
-    cfg = ModelConfig(n_layers=2, d_model=32, d_ff=64, n_heads=4, vocab_size=50)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.arch)
+def test_checkpointed_blocks_give_identical_gradients(monkeypatch, cfg):
     ids = torch.randint(0, 50, (2, 16))
     grads = []
     for enabled in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg, "fbi", ["layers.*"])
-        activation_checkpointing(model, TrainConfig(max_steps=10, zero=ZeroConfig(activation_checkpointing=enabled)))
+        model = build_model(cfg, "fbi")
+        names = [n for n, _ in model.named_parameters()]
+        activation_checkpointing(model, TrainConfig(model=cfg, max_steps=10,
+                                                    zero=ZeroConfig(activation_checkpointing=enabled)))
+        assert [n for n, _ in model.named_parameters()] == names
         calls = []
-        forward = DecoderLayer.forward
-        monkeypatch.setattr(DecoderLayer, "forward", lambda *a: calls.append(1) or forward(*a))
+        block_cls = type(architecture(cfg).blocks(model)[0])
+        forward = block_cls.forward
+        monkeypatch.setattr(block_cls, "forward", lambda *a: calls.append(1) or forward(*a))
         model(ids).logsumexp(-1).mean().backward()
         monkeypatch.undo()
         assert len(calls) == (4 if enabled else 2)  # each block ran again in backward

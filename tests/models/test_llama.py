@@ -29,7 +29,7 @@ def test_fp_model_matches_transformers_llama(tie):
     hf = tiny_hf(tie)
     cfg = ModelConfig(n_layers=2, d_model=64, d_ff=112, n_heads=8, n_kv_heads=2,
                       vocab_size=97, tie_embeddings=tie)
-    ours = build_model(cfg, "fp", ["layers.*"]).eval()
+    ours = build_model(cfg, "fp").eval()
     missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
     assert not missing and all("rotary" in k for k in unexpected)
     ids = torch.randint(0, 97, (3, 33))
@@ -39,7 +39,7 @@ def test_fp_model_matches_transformers_llama(tie):
 
 def test_causal():
     cfg = ModelConfig(n_layers=2, d_model=32, d_ff=64, n_heads=4, vocab_size=50)
-    model = build_model(cfg, "fbi", ["layers.*"]).eval()
+    model = build_model(cfg, "fbi").eval()
     ids = torch.randint(0, 50, (1, 12))
     changed = ids.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % 50
@@ -50,7 +50,7 @@ def test_causal():
 
 def test_fbi_scheme_binarizes_blocks_only():
     cfg = ModelConfig(n_layers=2, d_model=32, d_ff=64, n_heads=4, vocab_size=50)
-    model = build_model(cfg, "fbi", ["layers.*"])
+    model = build_model(cfg, "fbi")
     binary = {n for n, m in model.named_modules() if isinstance(m, FBILinear)}
     assert len(binary) == 2 * 7
     assert all(n.startswith("model.layers.") for n in binary)

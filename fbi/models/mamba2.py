@@ -1,0 +1,166 @@
+"""Mamba-2 language model: embeddings, blocks of (RMSNorm -> SSD mixer) with residuals, final
+norm, output head (tied to the embeddings by default). No MLP, no attention.
+
+Module and parameter names follow ``transformers``' ``Mamba2ForCausalLM`` (``backbone.layers.N
+.mixer.in_proj`` ...), so a state dict moves between the two unchanged. Only ``in_proj`` and
+``out_proj`` come from the linear factory; the convolution, ``dt_bias``, ``A_log``, ``D`` and
+the norms are the architecture's own full-precision parameters (Bi-Mamba keeps them so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fbi.binarize import LinearFactory
+from fbi.config import Mamba2Config
+from fbi.models.llama import Embedding, RMSNorm
+from fbi.models.ssd import mamba_ssm_kernel, scan
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of ``y * silu(z)`` over groups of ``group_size`` channels (one per B/C group)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
+        g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return self.weight * g.to(y.dtype)
+
+
+class Mixer(nn.Module):
+    """in_proj -> (z | x, B, C | dt); causal depthwise conv + SiLU on (x, B, C); the SSD scan;
+    gated norm with z; out_proj."""
+
+    def __init__(self, cfg: Mamba2Config, prefix: str, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner = cfg.expand * cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.bc_dim = cfg.n_groups * cfg.d_state
+        self.conv_dim = self.d_inner + 2 * self.bc_dim
+        self.in_proj = make_linear(f"{prefix}.in_proj", cfg.d_model,
+                                   self.d_inner + self.conv_dim + self.n_heads, cfg.init_std)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
+                                padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        # Time steps start log-uniform in [dt_min, dt_max]; dt_bias holds softplus^-1 of them.
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A_h = -h, one decay rate per head.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.n_groups, cfg.norm_eps)
+        # Residual-branch outputs scaled by 1/sqrt(layers) (GPT-2; Mamba's prenorm rescale).
+        self.out_proj = make_linear(f"{prefix}.out_proj", self.d_inner, cfg.d_model,
+                                    cfg.init_std / math.sqrt(cfg.n_layers))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        b, length, _ = u.shape
+        z, xbc, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))
+        x, Bm, Cm = xbc.split([self.d_inner, self.bc_dim, self.bc_dim], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        y = scan(
+            x.unflatten(-1, (self.n_heads, self.cfg.head_dim)), dt, -torch.exp(self.A_log.float()),
+            Bm.unflatten(-1, (self.cfg.n_groups, self.cfg.d_state)),
+            Cm.unflatten(-1, (self.cfg.n_groups, self.cfg.d_state)), self.D,
+            self.cfg.chunk_size, self.cfg.scan,
+        )
+        return self.out_proj(self.norm(y.flatten(-2), z).to(u.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Mamba2Config, index: int, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mixer(cfg, f"backbone.layers.{index}.mixer", make_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+class Backbone(nn.Module):
+    """``Mamba2Model`` in transformers' naming."""
+
+    def __init__(self, cfg: Mamba2Config, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.embeddings = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg, i, make_linear) for i in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Mamba2LM(nn.Module):
+    """Causal LM: token ids (B, S) -> next-token logits (B, S, vocab_size)."""
+
+    def __init__(self, cfg: Mamba2Config, make_linear: LinearFactory) -> None:
+        super().__init__()
+        if cfg.scan == "mamba_ssm" and mamba_ssm_kernel() is None:
+            raise ValueError("model.scan=mamba_ssm: the mamba-ssm package does not import here; "
+                             "install it (CUDA machines), or use model.scan=auto")
+        self.cfg = cfg
+        self.backbone = Backbone(cfg, make_linear)
+        self.lm_head = make_linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.embeddings(input_ids)
+        for layer in self.backbone.layers:
+            x = layer(x)
+        return self.lm_head(self.backbone.norm_f(x))
+
+
+def activation_bytes(cfg: Mamba2Config) -> float:
+    """Per token and block in 16-bit training with a fused scan (mamba-ssm), counting what
+    backward keeps: the block input and norm output (2 d), in_proj's output (2 di + 2 gn + h),
+    the conv output before and after SiLU (2 (di + 2 gn)), dt in fp32 (2 h), the scan output
+    and the gated product in fp32 (4 di) and out_proj's input (di); di = expand d, gn =
+    groups x state, h = heads. The PyTorch chunked scan keeps (Q x Q) scores per head on top."""
+    di, gn, h = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state, cfg.n_heads
+    return 2.0 * (2 * cfg.d_model + 9 * di + 6 * gn + 3 * h)
+
+
+def to_hf_config(cfg: Mamba2Config):
+    from transformers import Mamba2Config as HFMamba2Config
+
+    return HFMamba2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_heads=cfg.n_heads, head_dim=cfg.head_dim, state_size=cfg.d_state, expand=cfg.expand,
+        n_groups=cfg.n_groups, conv_kernel=cfg.d_conv, chunk_size=cfg.chunk_size,
+        use_bias=False, use_conv_bias=cfg.conv_bias, hidden_act="silu",
+        layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
+        time_step_min=cfg.dt_min, time_step_max=cfg.dt_max, time_step_floor=cfg.dt_floor,
+        time_step_limit=(0.0, float("inf")), residual_in_fp32=False,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def from_hf_config(hf) -> Mamba2Config:
+    if hf.use_bias or hf.hidden_act != "silu" or tuple(hf.time_step_limit) != (0.0, float("inf")):
+        raise ValueError("this Mamba-2 config uses projection biases, another activation or a "
+                         "time-step limit, which fbi's Mamba-2 does not implement")
+    return Mamba2Config(
+        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, vocab_size=hf.vocab_size,
+        d_state=hf.state_size, d_conv=hf.conv_kernel, expand=hf.expand, head_dim=hf.head_dim,
+        n_groups=hf.n_groups, chunk_size=hf.chunk_size, conv_bias=hf.use_conv_bias,
+        dt_min=hf.time_step_min, dt_max=hf.time_step_max, dt_floor=hf.time_step_floor,
+        norm_eps=hf.layer_norm_epsilon, init_std=hf.initializer_range,
+        tie_embeddings=bool(hf.tie_word_embeddings),
+    )
+
+
+def to_hf_state_dict(state: dict) -> dict:
+    """fbi names are ``Mamba2ForCausalLM``'s: the mapping is the identity."""
+    return dict(state)
+
+
+def from_hf_state_dict(state: dict) -> dict:
+    return dict(state)
