@@ -41,7 +41,7 @@ def main() -> None:
                        "max_steps=1", f"model.vocab_size={args.vocab}"])
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.scheme, cfg.scheme.binarize)
-        _, s = packed_tensors(model, DTYPES[args.fp_dtype])
+        _, _, s = packed_tensors(model, DTYPES[args.fp_dtype])
         mb = 1e6
         print(f"| {scheme} | {s['bits_per_binarized_weight']:.3f} | "
               f"{s['binarized_bytes'] / mb:.1f} MB vs {s['binarized_bf16_bytes'] / mb:.1f} MB "

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from fbi.config import DataConfig, ModelConfig, SchemeConfig
+from fbi.config import DataConfig, SchemeConfig
 from fbi.data.tokenizer import Tokenizer, load_tokenizer
 
 PACKED_CONFIG = "fbi_packed.json"
@@ -29,7 +29,7 @@ class Trained:
     start_id: int  # the token before a document: what conditions a text's first token
     max_length: int  # context the model was trained on (or its config allows)
     source: str
-    model_cfg: ModelConfig | None = None  # fbi models only
+    model_cfg: object | None = None  # fbi models only: the architecture's config dataclass
     scheme_cfg: SchemeConfig | None = None
 
 
@@ -58,10 +58,11 @@ def run_tokenizer(run_dir: Path) -> Tokenizer:
     return tokenizer
 
 
-def run_configs(run_dir: Path) -> tuple[ModelConfig, SchemeConfig, DataConfig]:
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    return (ModelConfig(**saved["model"]), SchemeConfig(**saved["scheme"]),
-            DataConfig(**saved["data"]))
+def run_config(run_dir: Path):
+    """The run's resolved ``TrainConfig`` (``config.yaml``), its model of any architecture."""
+    from fbi.config import validate
+
+    return validate(OmegaConf.load(run_dir / "config.yaml"))
 
 
 def load_run(run_dir: Path, tag: str | None = None) -> Trained:
@@ -70,12 +71,12 @@ def load_run(run_dir: Path, tag: str | None = None) -> Trained:
     from fbi.models import build_model
 
     run_dir = Path(run_dir)
-    model_cfg, scheme_cfg, data_cfg = run_configs(run_dir)
-    model = build_model(model_cfg, scheme_cfg, scheme_cfg.binarize)
+    cfg = run_config(run_dir)
+    model = build_model(cfg.model, cfg.scheme)
     model.load_state_dict(consolidate(run_dir, tag), strict=True)
     tokenizer = run_tokenizer(run_dir)
-    return Trained(model.eval(), model, tokenizer, document_start_id(data_cfg, tokenizer),
-                   data_cfg.seq_len, str(run_dir), model_cfg, scheme_cfg)
+    return Trained(model.eval(), model, tokenizer, document_start_id(cfg.data, tokenizer),
+                   cfg.data.seq_len, str(run_dir), cfg.model, cfg.scheme)
 
 
 def load_hf(directory: Path) -> Trained:
@@ -108,13 +109,10 @@ def load(path: str | Path, tag: str | None = None) -> Trained:
 def run_val_split(run_dir: Path):
     """(the run's held-out token shards, its TrainConfig): the split and batch settings its
     in-training evaluation used, so that a perplexity measured later is the same number."""
-    from fbi.config import TrainConfig
     from fbi.data.prepare import ensure_shards
     from fbi.data.shards import TokenShards
 
     run_dir = Path(run_dir)
-    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                            OmegaConf.load(run_dir / "config.yaml"))
-    cfg = OmegaConf.to_object(saved)
+    cfg = run_config(run_dir)
     shards = ensure_shards(cfg.data, run_tokenizer(run_dir), Path(cfg.cache_dir).expanduser())
     return TokenShards(shards, "val", cfg.data.seq_len, cfg.data.verify_checksums), cfg

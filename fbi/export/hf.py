@@ -2,7 +2,9 @@
 
 Each scheme layer is folded into a dense weight (its effective weight, so the function is the
 same); schemes that quantize activations cannot be folded, and are refused with the reason.
-The fbi LLaMA's module names are ``LlamaForCausalLM``'s, so the state dict moves unchanged.
+Config and names go through the architecture's mapping in ``fbi.models.ARCHITECTURES``.
+Layers loaded from a packed export fold too (``UnpackedLinear``), which is why this folds
+itself rather than using ``fbi.models.folded_state_dict`` (trained layers only).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import torch
 
 from fbi.export.packed import DTYPES, save_tokenizer, scheme_layers
 from fbi.trained import Trained
-
-WEIGHTS = "model.safetensors"
 
 
 class CannotFold(ValueError):
@@ -37,42 +37,27 @@ def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]
     return state
 
 
-def llama_config(trained: Trained) -> dict:
-    """``LlamaConfig`` fields for an fbi LLaMA (``fbi.models.llama``)."""
-    cfg, tok = trained.model_cfg, trained.tokenizer
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": cfg.d_model // cfg.n_heads, "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": trained.max_length,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-    }
-
-
 def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
-    """Write a ``LlamaForCausalLM`` checkpoint (config.json, model.safetensors, tokenizer)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    """Write the architecture's ``transformers`` checkpoint (``LlamaForCausalLM``,
+    ``Mamba2ForCausalLM``: the mapping of ``fbi.models.ARCHITECTURES``) with the tokenizer."""
+    import transformers
+
+    from fbi.models import architecture
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: got {dtype!r}; choose one of {', '.join(DTYPES)}")
     if trained.model_cfg is None:
         raise ValueError(f"{trained.source}: not an fbi model (a run directory or a packed export)")
-    state = folded_state(trained.model, trained.scheme_cfg.name)
-    if trained.model_cfg.tie_embeddings:
-        state.pop("lm_head.weight")  # transformers ties it back from the embedding
+    arch = architecture(trained.model_cfg)
+    state = arch.to_hf_state_dict(folded_state(trained.model, trained.scheme_cfg.name))
+    config = arch.to_hf_config(trained.model_cfg)
+    config.bos_token_id, config.eos_token_id = trained.tokenizer.bos_id, trained.tokenizer.eos_id
+    if hasattr(config, "max_position_embeddings"):  # attention models: the trained context
+        config.max_position_embeddings = trained.max_length
+    hf = getattr(transformers, arch.hf_class)(config)
+    hf.load_state_dict(state, strict=True)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**llama_config(trained), dtype=dtype)
-    config.save_pretrained(out)
-    save_file({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()},
-              str(out / WEIGHTS), metadata={"format": "pt"})
+    hf.to(DTYPES[dtype]).save_pretrained(out)
     if save_tokenizer(trained.tokenizer, out) == "tokenizer.model":
         from transformers import LlamaTokenizer
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fbi.binarize.fp import DenseLinear
-from fbi.config import ModelConfig, SchemeConfig
+from fbi.config import SchemeConfig, model_schema
 from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from fbi.trained import PACKED_CONFIG, Trained
 
@@ -39,17 +39,24 @@ def scheme_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (DenseLinear, UnpackedLinear)) and type(m) is not DenseLinear}
 
 
-def dense_state(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """Parameters outside scheme layers; a tied output head is stored once (as the embedding)."""
+def dense_state(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(parameters outside scheme layers, ties): a tensor shared under several names (a tied
+    output head) is stored once, ``ties`` mapping each other name to the stored one."""
     prefixes = tuple(f"{n}." for n in skip)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+    state, ties, seen = {}, {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key.startswith(prefixes):
+            continue
+        if id(value) in seen:
+            ties[key] = seen[id(value)]
+        else:
+            seen[id(value)] = key
+            state[key] = value.detach()
+    return state, ties
 
 
 def packed_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32):
-    """(tensors to write, sizes): the export of ``model`` without writing it."""
+    """(tensors to write, ties, sizes): the export of ``model`` without writing it."""
     layers = scheme_layers(model)
     tensors, packed_bytes, n_binary = {}, 0, 0
     for name, layer in layers.items():
@@ -58,8 +65,9 @@ def packed_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32):
             if key != "shape":  # metadata, not storage per weight
                 packed_bytes += t.numel() * t.element_size()
         n_binary += layer.in_features * layer.out_features
-    for key, t in dense_state(model, set(layers)).items():
-        tensors[key] = t.detach().to(fp_dtype).contiguous()
+    dense, ties = dense_state(model, set(layers))
+    for key, t in dense.items():
+        tensors[key] = t.to(fp_dtype).contiguous()
     n_params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
     n_latent_scales = sum(p.numel() for layer in layers.values() for p in layer.parameters())
     sizes = {
@@ -71,7 +79,7 @@ def packed_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32):
         # the same model in bf16: every parameter, the scheme layers as dense (out x in) weights
         "bf16_bytes": 2 * (n_params - n_latent_scales + n_binary),
     }
-    return tensors, sizes
+    return tensors, ties, sizes
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> str:
@@ -95,13 +103,14 @@ def export_packed(trained: Trained, out: Path, fp_dtype: str = "float32") -> dic
         raise ValueError(f"--fp-dtype: got {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, sizes = packed_tensors(trained.model, DTYPES[fp_dtype])
+    tensors, ties, sizes = packed_tensors(trained.model, DTYPES[fp_dtype])
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     config = {
         "format": FORMAT, "version": VERSION,
         "model": dataclasses.asdict(trained.model_cfg),
         "scheme": dataclasses.asdict(trained.scheme_cfg),
         "packed_layers": sorted(scheme_layers(trained.model)),
+        "ties": ties,
         "fp_dtype": fp_dtype,
         "tokenizer": save_tokenizer(trained.tokenizer, out),
         "tokenizer_fingerprint": trained.tokenizer.fingerprint,
@@ -150,20 +159,24 @@ def load_packed(directory: Path) -> Trained:
             f"{directory / PACKED_CONFIG}: format {config.get('format')} version "
             f"{config.get('version')}; this fbi reads {FORMAT} version {VERSION}"
         )
-    model_cfg, scheme_cfg = ModelConfig(**config["model"]), SchemeConfig(**config["scheme"])
+    model_cfg = model_schema(config["model"]["arch"])(**config["model"])
+    scheme_cfg = SchemeConfig(**config["scheme"])
     tensors = load_file(str(directory / WEIGHTS))
     with torch.device("meta"):
-        model = build_model(model_cfg, scheme_cfg, scheme_cfg.binarize)
+        model = build_model(model_cfg, scheme_cfg)
     for name in config["packed_layers"]:
         prefix = f"{name}."
         packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
         model.set_submodule(name, UnpackedLinear(model.get_submodule(name), packed))
     tensors = {k: v.float() for k, v in tensors.items()}
-    if model_cfg.tie_embeddings:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    for name, stored in config["ties"].items():
+        tensors[name] = tensors[stored]
     model.load_state_dict(tensors, strict=True, assign=True)
-    if model_cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, stored in config["ties"].items():  # assign=True gave each name its own tensor
+        owner, _, attr = name.rpartition(".")
+        stored_owner, _, stored_attr = stored.rpartition(".")
+        setattr(model.get_submodule(owner), attr,
+                getattr(model.get_submodule(stored_owner), stored_attr))
     tokenizer = load_tokenizer(str(directory / config["tokenizer"]))
     if tokenizer.fingerprint != config["tokenizer_fingerprint"]:
         raise ValueError(f"{directory}: the tokenizer saved there is not the model's (fingerprint)")

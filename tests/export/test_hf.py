@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from fbi.export.hf import CannotFold, export_hf
 from fbi.export.packed import export_packed
@@ -34,16 +34,17 @@ torch.save({"class": type(model).__name__, "ids": ids, "logits": logits, "greedy
 """
 
 
-@pytest.mark.parametrize("via_packed", [False, True])
-def test_tied_fbi_model_folds_into_llama(tmp_path, tokenizer_dir, via_packed):
-    trained = tiny_trained("fbi", tokenizer_dir, tie=True)
+@pytest.mark.parametrize("arch,via_packed", [("llama", False), ("llama", True), ("mamba2", True)])
+def test_tied_fbi_model_folds_into_transformers(tmp_path, tokenizer_dir, arch, via_packed):
+    trained = tiny_trained("fbi", tokenizer_dir, tie=True, arch=arch)
     source = trained
     if via_packed:  # a packed export converts too
         export_packed(trained, tmp_path / "packed")
         source = load(tmp_path / "packed")
     export_hf(source, tmp_path / "hf")
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "mamba2": "Mamba2ForCausalLM"}[arch]
+    assert model.lm_head.weight is model.get_input_embeddings().weight
     ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, trained.logits(ids))
