@@ -14,8 +14,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fbi.config import check_experiment, register, validate
-from fbi.distributed import detect
+from fbi.callbacks import TrainingHalted
+from fbi.checkpoint import CheckpointError
+from fbi.config import ConfigError, check_experiment, register, validate
+from fbi.distributed import LaunchError, detect
 from fbi.loop import train
 
 register()
@@ -35,9 +37,17 @@ def main(cfg: DictConfig) -> None:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     hydra_cfg = HydraConfig.get()
-    check_experiment(Path(__file__).parent / "conf", dict(hydra_cfg.runtime.choices),
-                     list(hydra_cfg.overrides.task))
-    train(validate(cfg))
+    try:
+        check_experiment(Path(__file__).parent / "conf", dict(hydra_cfg.runtime.choices),
+                         list(hydra_cfg.overrides.task))
+        train(validate(cfg))
+    except (ConfigError, LaunchError, CheckpointError, TrainingHalted) as err:
+        # A refusal or a halt explains itself; its traceback only with FBI_DEBUG=1.
+        if os.environ.get("FBI_DEBUG"):
+            raise
+        logging.getLogger("fbi").error("%s", err)
+        logging.shutdown()
+        os._exit(2 if isinstance(err, (ConfigError, LaunchError)) else 3)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""Checkpoints: DeepSpeed's sharded state plus what an exact resume needs.
+"""Checkpoint policy, in one place: which checkpoint a run resumes from, saving, retention,
+the conversion for another world size, and the space a save needs.
 
 Layout: ``<run_dir>/checkpoints/step_00000100/`` holds DeepSpeed's files, one
-``rng_rank<r>.pt`` per rank, and ``complete.json``, written by rank 0 after every rank has
-finished. A folder without ``complete.json`` was cut off mid-write and is never resumed
-from, so a crash at any moment leaves the previous checkpoint usable.
+``rng_rank<r>.pt`` per rank, and ``complete.json``, written last by rank 0 once every rank
+has finished. ``complete.json`` lists every file with its size and sha256, so a folder cut
+off mid-write (no ``complete.json``), truncated or with a damaged file later is never
+resumed from: the resume falls back to the previous complete checkpoint and says so, and the
+damaged folder is renamed ``damaged_step_...`` (kept for inspection, never deleted by us).
+The hashes are computed and checked by all ranks together, each over its share of the files
+(the checkpoint folder is on a file system every rank sees, as DeepSpeed requires).
 
 The data cursor is the number of global samples consumed, so the data side of a resume does
 not depend on the world size. Under ZeRO 1-3 the optimizer state is partitioned by rank; a
@@ -13,6 +18,7 @@ resume on another world size converts the checkpoint once into DeepSpeed's unive
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -24,27 +30,172 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from fbi import atomic
-from fbi.config import ConfigError
+from fbi.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
 UNIVERSAL_INFO = "universal_checkpoint_info"
+DAMAGED_PREFIX = "damaged_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or none can be read; the message says what to do."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def step_of(tag: str) -> int:
+    return int(tag.split("_")[-1])
+
+
 def complete_tags(run_dir: Path) -> list[str]:
-    """Complete checkpoint folders, oldest first."""
+    """Folders that hold ``complete.json``, oldest first (not yet checked for damage)."""
     root = checkpoints_dir(run_dir)
     if not root.exists():
         return []
     return sorted(p.name for p in root.glob("step_*") if (p / COMPLETE).exists())
 
+
+def read_meta(run_dir: Path, tag: str) -> dict:
+    return json.loads((checkpoints_dir(run_dir) / tag / COMPLETE).read_text())
+
+
+# --- which checkpoint to resume from ------------------------------------------------------
+
+def resume_candidates(cfg: TrainConfig, run_dir: Path) -> list[str]:
+    """Complete checkpoints a resume may use, newest first; refuses contradictions with
+    ``resume`` and checkpoints of another student. Reads files only: safe before anything
+    is written and before the process group exists."""
+    tags = complete_tags(run_dir)
+    if cfg.resume == "false" and tags:
+        raise ConfigError(
+            f"resume: {run_dir} already holds checkpoints ({tags[-1]}); pass resume=auto to "
+            "continue that run, or choose another run_dir"
+        )
+    if cfg.resume == "true" and not tags:
+        raise ConfigError(
+            f"resume: resume=true but {checkpoints_dir(run_dir)} has no complete "
+            "checkpoint; check run_dir, or pass resume=auto to start fresh"
+        )
+    if not tags or cfg.resume == "false":
+        return []
+    check_same_student(cfg, run_dir)
+    try:
+        newest_step = int(read_meta(run_dir, tags[-1])["step"])
+    except (ValueError, KeyError):
+        newest_step = step_of(tags[-1])
+    if newest_step > cfg.max_steps:
+        raise ConfigError(
+            f"max_steps: {cfg.max_steps} is below the step {newest_step} of the newest "
+            f"checkpoint in {run_dir}; pass max_steps >= {newest_step} to continue that run, "
+            "or choose another run_dir"
+        )
+    return tags[::-1]
+
+
+def resume_target(cfg: TrainConfig, run_dir: Path) -> str | None:
+    """The newest complete checkpoint by name (damage is checked by ``choose_resume``)."""
+    tags = resume_candidates(cfg, run_dir)
+    return tags[0] if tags else None
+
+
+def check_same_student(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume checkpoints of another model or scheme (before anything is written)."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.exists():
+        return
+    saved = OmegaConf.load(saved_file)
+    for group in ("model", "scheme"):
+        ours = OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group)))
+        theirs = OmegaConf.to_container(saved[group])
+        if group == "model" and ours.get("vocab_size") is None:
+            theirs["vocab_size"] = None  # filled from the tokenizer at run time
+        if ours != theirs:
+            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ConfigError(
+                f"{group}: {run_dir} holds checkpoints of another {group} "
+                + ", ".join(f"{group}.{k}={theirs.get(k)} (now {ours.get(k)})" for k in differ)
+                + f"; choose another run_dir for this {group}, or resume that run with its "
+                "own config"
+            )
+
+
+def _my_share(files: list[str], rank: int, world_size: int) -> list[str]:
+    return files[rank::world_size]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(run_dir: Path, tag: str, rank: int, world_size: int) -> str | None:
+    """Why ``tag`` cannot be resumed from, or None when every listed file is intact.
+
+    A collective: every rank checks sizes, and the sha256 of its share of the files."""
+    folder = checkpoints_dir(run_dir) / tag
+    problem = None
+    try:
+        files = read_meta(run_dir, tag).get("files")
+    except (OSError, ValueError) as err:
+        problem, files = f"{COMPLETE} unreadable ({err})", None
+    if files:  # checkpoints written before files were listed carry no list: trusted
+        for name in sorted(files):
+            path = folder / name
+            if not path.exists():
+                problem = f"{name} is missing"
+                break
+            if path.stat().st_size != files[name]["size"]:
+                problem = (f"{name} has {path.stat().st_size} bytes, "
+                           f"{files[name]['size']} were written")
+                break
+        else:
+            for name in _my_share(sorted(files), rank, world_size):
+                if _sha256(folder / name) != files[name]["sha256"]:
+                    problem = f"{name} does not match its sha256 (damaged after writing)"
+                    break
+    if world_size > 1:
+        problems = [None] * world_size
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    return problem
+
+
+def choose_resume(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> str | None:
+    """The newest undamaged complete checkpoint; damaged newer ones are set aside (renamed
+    ``damaged_<tag>``) with a warning. A collective."""
+    for tag in resume_candidates(cfg, run_dir):
+        problem = damage(run_dir, tag, rank, world_size)
+        if problem is None:
+            return tag
+        aside = checkpoints_dir(run_dir) / f"{DAMAGED_PREFIX}{tag}"
+        log.warning("checkpoint %s is damaged: %s; set aside as %s, trying the previous one",
+                    tag, problem, aside.name)
+        if world_size > 1:
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(aside, ignore_errors=True)
+            (checkpoints_dir(run_dir) / tag).rename(aside)
+        if world_size > 1:
+            dist.barrier()
+    if cfg.resume == "true":
+        raise CheckpointError(
+            f"resume: resume=true but every checkpoint in {checkpoints_dir(run_dir)} is "
+            "damaged (set aside as damaged_*); pass resume=auto to start afresh"
+        )
+    return None
+
+
+# --- saving -------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
     return {
@@ -63,30 +214,118 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: int) -> Path:
-    """``state`` holds at least ``step`` and ``consumed`` (global samples)."""
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _all_ok(ok: bool, world_size: int, device) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    if world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: int,
+         keep_every: int | None = None) -> Path:
+    """``state`` holds ``step`` and ``consumed`` (global samples), and may hold more
+    (the callbacks' state): all of it lands in ``complete.json``. A failed write
+    (disk full, unwritable folder) on any rank removes the partial folder and raises
+    ``CheckpointError`` on every rank; earlier checkpoints are untouched."""
     tag = f"step_{state['step']:08d}"
     root = checkpoints_dir(run_dir)
     folder = root / tag
     if rank == 0 and folder.exists():  # a cut-off attempt at this very step
         shutil.rmtree(folder)
-    dist.barrier()
+    if world_size > 1:
+        dist.barrier()
     # The universal-checkpoint marker lets ds_to_universal convert this checkpoint later.
     client_state = {**state, UNIVERSAL_INFO: {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
-    dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        error = f"rank {rank}: {str(err).splitlines()[0]}"
+    if not _all_ok(error is None, world_size, engine.device):
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        previous = complete_tags(run_dir)
+        raise CheckpointError(
+            f"checkpoint: writing {folder} failed ({error or 'on another rank'}); "
+            f"{_size(shutil.disk_usage(root).free)} free there. The partial folder "
+            f"is removed and {previous[-1] if previous else 'no earlier checkpoint'} is "
+            "intact: free space or fix the folder's permissions, then rerun the same command "
+            "to resume"
+        )
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    mine = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+            for name in _my_share(files, rank, world_size)}
+    shares = [mine]
+    if world_size > 1:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, mine)
     if rank == 0:
-        atomic.write_json(folder / COMPLETE, {**state, "world_size": world_size})
-        for old in complete_tags(run_dir)[:-keep]:
-            shutil.rmtree(root / old, ignore_errors=True)
+        listed = {name: entry for share in shares for name, entry in share.items()}
+        atomic.write_json(folder / COMPLETE, {**state, "world_size": world_size, "files": listed})
+        retain(run_dir, keep, keep_every)
         log.info("checkpoint %s", folder)
-    dist.barrier()
+    if world_size > 1:
+        dist.barrier()
     return folder
 
 
+def retain(run_dir: Path, keep: int, keep_every: int | None) -> None:
+    """Keep the newest ``keep`` complete checkpoints and every ``keep_every``-th step; delete
+    the others and the cut-off folders older than the newest complete one.
+
+    ``complete.json`` goes first, so a kill in the middle of a deletion leaves an incomplete
+    folder (never picked, removed next time), never a complete-looking one with files gone."""
+    root = checkpoints_dir(run_dir)
+    tags = complete_tags(run_dir)
+    if not tags:
+        return
+    kept = set(tags[-keep:]) | {t for t in tags if keep_every and step_of(t) % keep_every == 0}
+    newest = step_of(tags[-1])
+    for folder in root.glob("step_*"):
+        complete = (folder / COMPLETE).exists()
+        if (complete and folder.name not in kept) or (not complete and step_of(folder.name) < newest):
+            (folder / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def bytes_needed(run_dir: Path, n_params: int, precision: str) -> int:
+    """Space one more checkpoint takes: the newest one's size when there is one, else model
+    weights plus Adam's two fp32 moments (plus the fp32 master copy in bf16/fp16)."""
+    tags = complete_tags(run_dir)
+    if tags:
+        return sum(p.stat().st_size for p in (checkpoints_dir(run_dir) / tags[-1]).rglob("*")
+                   if p.is_file())
+    per_param = 4 + 8 if precision == "fp32" else 2 + 12
+    return n_params * per_param
+
+
+def check_space(run_dir: Path, needed: int) -> None:
+    """Refuse to start when the next checkpoint cannot be written: the previous one stays on
+    disk while a new one is written, so a full save must fit in the free space."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < needed * 1.1:
+        raise CheckpointError(
+            f"checkpoint: {root} has {_size(free)} free, and one checkpoint of this "
+            f"run takes about {_size(needed)} (written beside the previous one); "
+            "free space, move run_dir to a larger file system, or lower checkpoint_keep"
+        )
+
+
+# --- world-size changes and loading -------------------------------------------------------
+
 def saved_world_size(run_dir: Path, tag: str) -> int:
-    return int(json.loads((checkpoints_dir(run_dir) / tag / COMPLETE).read_text())["world_size"])
+    return int(read_meta(run_dir, tag)["world_size"])
 
 
 def needs_universal(run_dir: Path, tag: str, world_size: int, zero_stage: int) -> bool:
@@ -124,20 +363,21 @@ def make_universal(run_dir: Path, tag: str) -> None:
          "--input_folder", str(folder), "--output_folder", str(target)],
         check=True, capture_output=True,
     )
-    atomic.write_json(target / COMPLETE, json.loads((folder / COMPLETE).read_text()))
+    atomic.write_json(target / COMPLETE, read_meta(run_dir, tag))
 
 
 def load(engine, run_dir: Path, tag: str, rank: int, world_size: int, universal: bool) -> dict:
     """Restore model, optimizer, scheduler and (on the same world size) RNG; return state."""
     root = checkpoints_dir(run_dir)
-    meta = json.loads((root / tag / COMPLETE).read_text())
+    meta = read_meta(run_dir, tag)
     load_dir, load_tag = (root / tag, "universal") if universal else (root, tag)
     path, _ = engine.load_checkpoint(
         str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
     if meta["world_size"] == world_size:  # per-rank streams only map 1:1 on the same ranks
         _set_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=False))
     log.info("resumed from %s at step %d", root / tag, meta["step"])
-    return {"step": int(meta["step"]), "consumed": int(meta["consumed"])}
+    return {"step": int(meta["step"]), "consumed": int(meta["consumed"]),
+            "callbacks": meta.get("callbacks", {})}

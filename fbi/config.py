@@ -320,6 +320,8 @@ class OptimConfig:
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "optim.grad_clip",
+                 f"got {self.grad_clip}; choose a positive norm, or 0 to clip nothing")
 
 
 @dataclass
@@ -340,10 +342,38 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fbi"
     sample_ids: bool = False  # write samples/rank<r>.jsonl: the sample ids of every step
+    # Binary diagnostics every N steps (sign flips, weights near zero, scale statistics);
+    # 0: off.
+    diagnostics_every: int = 50
 
     def __post_init__(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be positive")
+        _require(self.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0 (0: off)")
         _one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
+
+
+@dataclass
+class GuardConfig:
+    """What the loop does about non-finite steps and loss spikes (fbi/callbacks/)."""
+
+    # An update whose loss or gradient norm is not finite is skipped; this many in a row stop
+    # the run (the newest checkpoint, written before them, is kept).
+    max_nonfinite_steps: int = 5
+    # A spike: a loss more than spike_z standard deviations above the mean of the previous
+    # spike_window finite losses (checked once half the window is filled).
+    spike_window: int = 50
+    spike_z: float = 6.0
+    # off | log (spikes.jsonl and the console) | rewind (also reload the newest checkpoint
+    # and skip the spike's batch, recorded in skipped_batches.jsonl), at most max_rewinds times.
+    spike_action: str = "log"
+    max_rewinds: int = 5
+
+    def __post_init__(self) -> None:
+        _require(self.max_nonfinite_steps > 0, "guard.max_nonfinite_steps", "must be positive")
+        _require(self.spike_window >= 4, "guard.spike_window", "must be >= 4")
+        _require(self.spike_z > 0, "guard.spike_z", "must be positive")
+        _one_of(self.spike_action, ("off", "log", "rewind"), "guard.spike_action")
+        _require(self.max_rewinds >= 0, "guard.max_rewinds", "must be >= 0")
 
 
 @dataclass
@@ -375,6 +405,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     run_dir: str = "runs/default"
     cache_dir: str = "~/.cache/fbi"
@@ -390,7 +421,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | true | false
     checkpoint_every: int = 50
     checkpoint_keep: int = 2  # newest complete checkpoints kept; older ones are deleted
-    eval_batches: int = 16  # validation batches of micro_batch_size for perplexity
+    checkpoint_keep_every: Optional[int] = None  # also keep every N-th step's checkpoint
+    eval_batches: int = 16  # validation batches of micro_batch_size for perplexity; 0: none
     eval_every: int = 0  # also evaluate every N steps (student only); 0: after the last step only
     # BLiMP-style minimal pairs (jsonl files or folders, e.g. data/blimp): the student's
     # accuracy at every evaluation, computed by the code behind ``python -m fbi eval --blimp``.
@@ -414,6 +446,8 @@ class TrainConfig:
         _one_of(self.resume, ("auto", "true", "false"), "resume")
         _require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
         _require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
+        _require(self.checkpoint_keep_every is None or self.checkpoint_keep_every > 0,
+                 "checkpoint_keep_every", "must be positive (or null)")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
         for path in self.eval_blimp:

@@ -1,4 +1,5 @@
-"""The training loop. Everything it calls is assembled in ``fbi.run``."""
+"""The training loop. Everything it calls is assembled in ``fbi.run``; what happens after a
+step besides the update (non-finite and spike guards, diagnostics) is a callback."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import logging
 import torch
 import torch.distributed as dist
 
-from fbi import checkpoint
+from fbi import checkpoint, preflight
+from fbi.callbacks import Control, TrainingHalted
+from fbi.callbacks.diagnostics import BinaryDiagnostics
+from fbi.callbacks.nonfinite import NonFiniteGuard, nonfinite_update, update_skipped
+from fbi.callbacks.spikes import SkippedBatches, SpikeDetector
 from fbi.config import TrainConfig
 from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
 from fbi.eval.blimp import blimp_accuracy, read_pairs
 from fbi.eval.perplexity import perplexity
-from fbi.metrics import Monitor
+from fbi.metrics import Monitor, StepTimer
 from fbi.preemption import PreemptionFlag
 from fbi.run import Run, build_run
 from fbi.trained import document_start_id
@@ -29,26 +34,35 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     names = ["loss", "ce"] if run.teacher.kind == "none" else ["loss", "distill", "ce"]
     totals = torch.zeros(len(names), device=run.device)  # NCCL reduces device tensors only
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in engine.step
-    for ids in micro_batches:
-        batch = torch.from_numpy(run.train_data.batch(ids)).to(run.device)
-        inputs, labels = batch[:, :-1], batch[:, 1:]
-        targets = run.teacher.targets(ids, inputs)  # dense logits, sparse targets or None
-        out = distillation_loss(
-            engine(inputs), targets, labels,
-            temperature=cfg.distill.temperature, ce_weight=cfg.distill.ce_weight,
-        )
-        engine.backward(out.loss)
-        engine.step()
+    timer, skipped_before, grad_norm, dropped = StepTimer(run.device), engine.skipped_steps, None, False
+    for i, ids in enumerate(micro_batches):
+        with timer("time_data_s"):
+            batch = torch.from_numpy(run.train_data.batch(ids)).to(run.device)
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+        with timer("time_teacher_s"):
+            targets = run.teacher.targets(ids, inputs)  # dense logits, sparse targets or None
+        with timer("time_forward_backward_s"):
+            out = distillation_loss(
+                engine(inputs), targets, labels,
+                temperature=cfg.distill.temperature, ce_weight=cfg.distill.ce_weight,
+            )
+            engine.backward(out.loss)
         totals += torch.stack([getattr(out, n).detach().float() for n in names])
-    totals /= run.grad_accum
-    if run.dist.world_size > 1:
-        dist.all_reduce(totals)
-        totals /= run.dist.world_size
+        if i == len(micro_batches) - 1:  # the update comes next: decide whether it may
+            totals /= run.grad_accum
+            if run.dist.world_size > 1:
+                dist.all_reduce(totals)
+                totals /= run.dist.world_size
+            grad_norm, dropped = nonfinite_update(engine, totals)
+        with timer("time_optimizer_s"), update_skipped(engine, dropped):
+            engine.step()
     metrics = {**dict(zip(names, totals.tolist())), "lr": lr}
-    grad_norm = engine.get_global_grad_norm()  # DeepSpeed reports it under ZeRO and bf16/fp16
+    if grad_norm is None:  # DeepSpeed's optimizer computed it
+        grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
-    return metrics
+    metrics["skipped"] = dropped or engine.skipped_steps > skipped_before
+    return {**metrics, **timer.seconds}
 
 
 def evaluate(run: Run, should_stop=None, teacher: bool = True) -> dict | None:
@@ -81,49 +95,87 @@ def evaluate(run: Run, should_stop=None, teacher: bool = True) -> dict | None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = build_run(cfg, init_distributed(cfg.distributed))
-    cfg = run.cfg
-    state = {"step": 0, "consumed": 0}
-    if run.resume_tag:
-        state = checkpoint.load(run.engine, run.run_dir, run.resume_tag, run.dist.rank,
-                                run.dist.world_size, run.resume_universal)
+    lock = preflight.start(cfg)  # refusals that only read, then the run directory's lock
+    try:
+        run = build_run(cfg, init_distributed(cfg.distributed))
+    except BaseException:
+        if lock is not None:
+            lock.release(refused=True)
+        raise
+    try:
+        return train_run(run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_run(run: Run) -> dict:
+    cfg, rank, world = run.cfg, run.dist.rank, run.dist.world_size
     sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
+    skips = SkippedBatches(run.run_dir, cfg.global_batch_size, run.dist.is_main)
+    newest = lambda: (checkpoint.complete_tags(run.run_dir) or [None])[-1]  # noqa: E731
+    callbacks = [
+        NonFiniteGuard(cfg.guard.max_nonfinite_steps, newest),
+        SpikeDetector(cfg.guard, run.run_dir, skips, run.dist.is_main, lambda: bool(newest())),
+        BinaryDiagnostics(run.engine.module, cfg.logging.diagnostics_every, rank, world),
+    ]
+
+    def load(tag: str) -> dict:
+        saved = checkpoint.load(run.engine, run.run_dir, tag, rank, world,
+                                run.resume_universal and tag == run.resume_tag)
+        for callback in callbacks:
+            callback.load_state_dict(saved["callbacks"].get(type(callback).__name__, {}))
+        return {"step": saved["step"], "consumed": saved["consumed"]}
+
+    state = load(run.resume_tag) if run.resume_tag else {"step": 0, "consumed": 0}
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
-                      cfg.global_batch_size * cfg.data.seq_len, run.dist.rank,
-                      dataclasses.asdict(cfg))
+                      cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg))
     preemption, stop = PreemptionFlag(run.device), False
     while state["step"] < cfg.max_steps and not stop:
+        consumed = skips.cursor(state["consumed"])
         micro_batches = [
-            sampler.micro_batch_ids(state["consumed"], cfg.micro_batch_size, accum,
-                                    run.dist.rank, run.dist.world_size)
+            sampler.micro_batch_ids(consumed, cfg.micro_batch_size, accum, rank, world)
             for accum in range(run.grad_accum)
         ]
         metrics = train_step(run, micro_batches)
-        state = {"step": state["step"] + 1, "consumed": state["consumed"] + cfg.global_batch_size}
-        monitor.step(state["step"], metrics)
+        state = {"step": state["step"] + 1, "consumed": consumed + cfg.global_batch_size}
+        control = Control()
+        for callback in callbacks:
+            callback.after_step(run, state, metrics, control)
+        monitor.step(state["step"], metrics, force=control.log)
         monitor.samples(state["step"], micro_batches)
-        stop = preemption.agreed(run.dist.world_size)
-        if not stop and cfg.eval_every and state["step"] % cfg.eval_every == 0 \
-                and state["step"] < cfg.max_steps:
-            scores = evaluate(run, lambda: preemption.agreed(run.dist.world_size), teacher=False)
+        if control.halt:
+            raise TrainingHalted(control.halt)
+        if control.rewind:
+            state = load(newest())
+            continue
+        stop = preemption.agreed(world)
+        if not stop and cfg.eval_every and cfg.eval_batches \
+                and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.max_steps:
+            scores = evaluate(run, lambda: preemption.agreed(world), teacher=False)
             stop = scores is None
             if scores is not None:
                 monitor.write({"step": state["step"], **scores})
-        if stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps:
-            checkpoint.save(run.engine, run.run_dir, state, run.dist.rank,
-                            run.dist.world_size, cfg.checkpoint_keep)
+        due = stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps
+        if due and control.save_allowed:
+            saved = {cb.__class__.__name__: cb.state_dict() for cb in callbacks}
+            checkpoint.save(run.engine, run.run_dir, {**state, "callbacks": saved}, rank, world,
+                            cfg.checkpoint_keep, cfg.checkpoint_keep_every)
     # The final checkpoint is written: a signal during evaluation only cuts evaluation short.
-    scores = None if stop else evaluate(run, lambda: preemption.agreed(run.dist.world_size))
+    scores = None
+    if not stop and cfg.eval_batches:
+        scores = evaluate(run, lambda: preemption.agreed(world))
     preemption.close()
-    if scores is None:  # preempted: resume=auto continues from the checkpoint
+    if stop or (scores is None and cfg.eval_batches):  # resume=auto continues from the checkpoint
         log.warning("stopped after step %d on %s", state["step"], preemption.received or
                     "another rank's signal")
         result = {"step": state["step"], "preempted": True}
     else:
-        result = {"step": state["step"], **scores}
-        monitor.write(result)
-        log.info("validation after step %d: %s", state["step"],
-                 "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))
+        result = {"step": state["step"], **(scores or {})}
+        if scores:
+            monitor.validation(result)
+            log.info("validation after step %d: %s", state["step"],
+                     "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))
     monitor.close()
     dist.destroy_process_group()  # without it ZeRO-3 runs sometimes abort at exit
     return result

@@ -1,15 +1,69 @@
-"""Metrics: console progress, ``metrics.jsonl`` and (when enabled) wandb, on rank 0."""
+"""Metrics: console progress, ``metrics.jsonl`` and (when enabled) wandb, on rank 0.
+
+After a resume the steps between the checkpoint and the last logged step are trained
+again; their rows (and a validation of a step already validated) carry ``"replayed": true``,
+so a reader keeps the first row of each step, or the last, as it needs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from pathlib import Path
 
+import torch
+
 from fbi.config import LoggingConfig
 
 log = logging.getLogger("fbi")
+
+
+class StepTimer:
+    """Seconds per phase of one step (data, teacher, forward_backward, optimizer). On a GPU
+    each phase ends with a synchronize, so that the time lands in the phase that caused it."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def package_versions() -> dict[str, str]:
+    """The stack a run used, for its wandb config."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "transformers", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def logged_steps(run_dir: Path) -> tuple[int, set[int]]:
+    """(last training step, steps validated) already in ``metrics.jsonl``."""
+    path, last, validated = run_dir / "metrics.jsonl", 0, set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut off by a kill
+                continue
+            if "loss" in row:
+                last = max(last, row["step"])
+            if any(k.startswith("val_ppl") for k in row):
+                validated.add(row["step"])
+    return last, validated
 
 
 class Monitor:
@@ -20,6 +74,7 @@ class Monitor:
         is_main = rank == 0
         self.cfg, self.max_steps, self.tokens_per_step = cfg, max_steps, tokens_per_step
         self.is_main = is_main
+        self.logged_until, self.validated = logged_steps(run_dir) if is_main else (0, set())
         self._jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
         self._samples = None
         if cfg.sample_ids:  # data provenance: which samples each rank trained on, per step
@@ -31,17 +86,18 @@ class Monitor:
 
             self._wandb = wandb.init(
                 project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb,
-                config=config, name=run_dir.name, resume="allow",
+                config={**config, "versions": package_versions()}, name=run_dir.name,
+                resume="allow",
             )
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._started = time.perf_counter()
         self._steps_done = 0
 
-    def step(self, step: int, metrics: dict) -> None:
+    def step(self, step: int, metrics: dict, force: bool = False) -> None:
         self._window_steps += 1
         self._steps_done += 1
-        if step % self.cfg.log_every and step != self.max_steps:
+        if step % self.cfg.log_every and step != self.max_steps and not force:
             return
         now = time.perf_counter()
         step_time = (now - self._window_start) / self._window_steps
@@ -50,15 +106,19 @@ class Monitor:
             "tokens_per_s": self.tokens_per_step / step_time,
             "step_time_s": step_time,
         }
+        if step <= self.logged_until:
+            record["replayed"] = True
         eta = (now - self._started) / self._steps_done * (self.max_steps - step)
         self.write(record)
+        self.logged_until = max(self.logged_until, step)
         if self.is_main:
             losses = "  ".join(
                 f"{k} {metrics[k]:.4f}" for k in ("loss", "distill", "ce") if k in metrics
             )
             log.info(
-                "step %d/%d  %s  lr %.2e  %.0f tok/s  ETA %s", step, self.max_steps, losses,
+                "step %d/%d  %s  lr %.2e  %.0f tok/s  ETA %s%s", step, self.max_steps, losses,
                 metrics["lr"], record["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)),
+                "  (update skipped: non-finite)" if metrics.get("skipped") else "",
             )
         self._window_start, self._window_steps = time.perf_counter(), 0
 
@@ -66,6 +126,12 @@ class Monitor:
         if self._samples is not None:
             self._samples.write(json.dumps({"step": step, "ids": micro_batches}) + "\n")
             self._samples.flush()
+
+    def validation(self, record: dict) -> None:
+        if record["step"] in self.validated:
+            record = {**record, "replayed": True}
+        self.validated.add(record["step"])
+        self.write(record)
 
     def write(self, record: dict) -> None:
         if not self.is_main:

@@ -1,9 +1,11 @@
-"""Stop for preemption at a step boundary that every rank agrees on.
+"""Stop for preemption or by hand at a step boundary that every rank agrees on.
 
-SIGUSR1 (what launch/slurm/train.sbatch forwards before the time limit) and SIGTERM (what
-SLURM and torchrun send on preemption or cancellation) only set a flag. After each step the
-flags are all-reduced (max), so a signal that reached some ranks stops all of them after
-the same step; the loop then writes a checkpoint and returns, and ``resume=auto`` continues.
+SIGUSR1 (what launch/slurm/train.sbatch forwards before the time limit), SIGTERM (what
+SLURM and torchrun send on preemption or cancellation) and SIGINT (Ctrl-C) only set a flag.
+After each step the flags are all-reduced (max), so a signal that reached some ranks stops
+all of them after the same step; the loop then writes a checkpoint and returns normally
+(exit 0), and ``resume=auto`` continues. A second SIGINT gives up waiting for the step
+boundary and interrupts at once, as Ctrl-C usually does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionFlag:
@@ -25,6 +27,8 @@ class PreemptionFlag:
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def agreed(self, world_size: int) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from fbi import checkpoint
+from fbi import atomic, checkpoint
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
@@ -56,42 +56,27 @@ def on_rank0_first(dist_info: Dist, fn, *args):
     return fn(*args)
 
 
-def resume_target(cfg: TrainConfig, run_dir: Path) -> str | None:
-    tags = checkpoint.complete_tags(run_dir)
-    if cfg.resume == "false" and tags:
-        raise ConfigError(
-            f"resume: {run_dir} already holds checkpoints ({tags[-1]}); pass resume=auto to "
-            "continue that run, or choose another run_dir"
-        )
-    if cfg.resume == "true" and not tags:
-        raise FileNotFoundError(
-            f"resume: resume=true but {checkpoint.checkpoints_dir(run_dir)} has no complete "
-            "checkpoint; check run_dir, or pass resume=auto to start fresh"
-        )
-    if tags and cfg.resume != "false":
-        check_same_student(cfg, run_dir)
-        return tags[-1]
-    return None
-
-
-def check_same_student(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume checkpoints of another model or scheme (before anything is written)."""
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.exists():
-        return
-    saved = OmegaConf.load(saved_file)
-    for group in ("model", "scheme"):
-        ours = OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group)))
-        theirs = OmegaConf.to_container(saved[group])
-        if group == "model" and ours.get("vocab_size") is None:
-            theirs["vocab_size"] = None  # filled from the tokenizer at run time
-        if ours != theirs:
-            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+def check_same_vocabulary(run_dir: Path, tokenizer: Tokenizer, vocab: int) -> None:
+    """A resumed run keeps its vocabulary: refuse before the run files are rewritten."""
+    saved_tok = run_dir / "tokenizer.json"
+    saved_cfg = run_dir / "config.yaml"
+    if saved_tok.exists():
+        theirs = json.loads(saved_tok.read_text())
+        if theirs["fingerprint"] != tokenizer.fingerprint:
             raise ConfigError(
-                f"{group}: {run_dir} holds checkpoints of another {group} "
-                + ", ".join(f"{group}.{k}={theirs.get(k)} (now {ours.get(k)})" for k in differ)
-                + f"; choose another run_dir for this {group}, or resume that run with its "
-                "own config"
+                f"tokenizer: {run_dir} was trained with the tokenizer {theirs['source']} "
+                f"({theirs['vocab_size']} tokens, fingerprint {theirs['fingerprint']}), this run "
+                f"has {tokenizer.source} ({tokenizer.vocab_size} tokens, "
+                f"{tokenizer.fingerprint}); resume with the run's own teacher/tokenizer, or "
+                "choose another run_dir"
+            )
+    if saved_cfg.exists():
+        saved = OmegaConf.load(saved_cfg).model.get("vocab_size")
+        if saved is not None and saved != vocab:
+            raise ConfigError(
+                f"model.vocab_size: the checkpoints in {run_dir} have a {saved}-token "
+                f"vocabulary, this run {vocab}; resume with the run's own teacher/tokenizer, "
+                "or choose another run_dir"
             )
 
 
@@ -118,11 +103,11 @@ def student_tokenizer(cfg: TrainConfig, teacher_path: Path | None, run_dir: Path
 
 
 def write_run_files(cfg: TrainConfig, run_dir: Path, ds_config: dict, tokenizer: Tokenizer):
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-    (run_dir / "tokenizer.json").write_text(json.dumps(
-        {"source": tokenizer.source, "fingerprint": tokenizer.fingerprint,
-         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}, indent=1))
+    atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic.write_json(run_dir / "ds_config.json", ds_config)
+    atomic.write_json(run_dir / "tokenizer.json", {
+        "source": tokenizer.source, "fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id})
 
 
 def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
@@ -135,7 +120,8 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     cache = Path(cfg.cache_dir).expanduser().resolve()
     grad_accum = cfg.grad_accum_steps(dist_info.world_size)
     ds_config = deepspeed_config(cfg, dist_info.world_size)
-    resume_tag = resume_target(cfg, run_dir)
+    # The newest checkpoint whose files are intact (damaged newer ones are set aside).
+    resume_tag = checkpoint.choose_resume(cfg, run_dir, dist_info.rank, dist_info.world_size)
     if resume_tag:
         checkpoint.refuse_stage3_world_size_change(run_dir, resume_tag, dist_info.world_size,
                                                    cfg.zero.stage)
@@ -167,18 +153,20 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
             "leave it unset (null)"
         )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if resume_tag:
+        check_same_vocabulary(run_dir, tokenizer, vocab)
     if dist_info.is_main:
         write_run_files(cfg, run_dir, ds_config, tokenizer)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with build_context(cfg, ds_config):
         model = build_model(cfg.model, cfg.scheme)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log.info(
         "student %s/%s: %.1fM parameters, vocab %d, world %d, grad accum %d",
-        cfg.model.arch, cfg.scheme.name,
-        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
-        vocab, dist_info.world_size, grad_accum,
+        cfg.model.arch, cfg.scheme.name, n_params / 1e6, vocab, dist_info.world_size, grad_accum,
     )
+    checkpoint.check_space(run_dir, checkpoint.bytes_needed(run_dir, n_params, cfg.precision))
     engine = initialize(model, cfg, ds_config)
     torch.manual_seed(cfg.seed + dist_info.rank)  # then per-rank streams (e.g. dropout)
     return Run(cfg, dist_info, run_dir, device, tokenizer, train_data, val_data, engine,

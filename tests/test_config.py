@@ -8,7 +8,7 @@ import pytest
 from fbi.config import CONF_DIR, ConfigError, check_experiment, compose
 from fbi.deepspeed_setup import deepspeed_config, lr_lambda, param_groups
 from fbi.models import build_model
-from fbi.run import check_same_student
+from fbi.checkpoint import check_same_student
 
 # FBI-LLM (Ma et al., 2024), Table 1: optimizer steps and sequences of 2048 tokens per step.
 PAPER = {"fbi_130m": (600_075, 1024), "fbi_1p3b": (533_430, 1152), "fbi_7b": (320_040, 1920)}

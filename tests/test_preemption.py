@@ -1,4 +1,4 @@
-"""fbi.preemption: SIGUSR1/SIGTERM set the flag; nothing else does; handlers are restored."""
+"""fbi.preemption: SIGUSR1/SIGTERM/SIGINT set the flag; nothing else does; handlers are restored."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from fbi.preemption import PreemptionFlag
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_sets_the_flag_and_close_restores_the_handler(sig):
     before = signal.getsignal(sig)
     flag = PreemptionFlag(torch.device("cpu"))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fbi.config import ConfigError
+
 MANIFEST = "manifest.json"
 
 
@@ -54,9 +56,15 @@ class Manifest:
 
     @staticmethod
     def load(directory: Path) -> "Manifest":
-        raw = json.loads((directory / MANIFEST).read_text())
-        raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
-        return Manifest(**raw)
+        try:
+            raw = json.loads((directory / MANIFEST).read_text())
+            raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
+            return Manifest(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ConfigError(
+                f"data.shards_dir: {directory / MANIFEST} is not a shard manifest ({err!r}); "
+                "delete the folder to tokenize again, or point data.shards_dir at the shards"
+            ) from None
 
 
 class ShardWriter:

@@ -1,7 +1,8 @@
 """Mamba-2: the chunked SSD scan against the step-by-step recurrence, the model against
 transformers' Mamba2ForCausalLM (its PyTorch path), binarization through the scheme seam,
-and the paper sizes' parameter counts. No GPU here: mamba-ssm's kernels (model.scan=auto on
-CUDA) are not exercised, only the refusal when they are asked for and cannot run."""
+and the paper sizes' parameter counts. mamba-ssm's kernels (model.scan=auto on CUDA) are
+compared with the chunked scan only on a GPU with mamba-ssm installed (skipped on CPU, where
+the refusal to use them is tested instead)."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from fbi.binarize import SCHEMES
 from fbi.binarize.fp import DenseLinear
 from fbi.config import Mamba2Config, SchemeConfig, compose
 from fbi.models import build_model, from_hf, to_hf
-from fbi.models.ssd import chunked_scan, mamba_ssm_kernel, sequential_scan
+from fbi.models.ssd import chunked_scan, mamba_ssm_kernel, mamba_ssm_scan, sequential_scan
 
 
 def scan_inputs(length=13, heads=4, groups=2, p=3, n=5, dtype=torch.float64):
@@ -110,3 +111,12 @@ def test_asking_for_mamba_ssm_without_it_is_refused():
     cfg = Mamba2Config(n_layers=1, d_model=32, d_state=8, head_dim=16, vocab_size=40, scan="mamba_ssm")
     with pytest.raises(ValueError, match="model.scan=mamba_ssm"):
         build_model(cfg, "fbi")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or mamba_ssm_kernel() is None,
+                    reason="needs a GPU with mamba-ssm (requirements-mamba.txt)")
+def test_mamba_ssm_kernels_equal_the_chunked_scan():
+    inputs = [t.detach().float().cuda().requires_grad_() for t in scan_inputs(length=100, p=16, n=16)]
+    ours = chunked_scan(*inputs, chunk_size=32)
+    theirs = mamba_ssm_scan(*inputs, chunk_size=32)
+    torch.testing.assert_close(theirs, ours, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,80 @@
+"""Refusals that need only the configuration and the file system: run before the process
+group, the teacher, the shards or any run file, so a wrong setting fails in seconds and
+leaves nothing behind. Then rank 0 takes the run directory's lock (fbi.run_lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fbi import checkpoint
+from fbi.config import ConfigError, TrainConfig
+from fbi.distributed import detect
+from fbi.run_lock import RunLock
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    on_cpu = cfg.distributed.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and cfg.precision == "fp16":
+        raise ConfigError(
+            "precision: fp16 needs a GPU (DeepSpeed's CPU path has no fp16 optimizer); this "
+            "process trains on the CPU: use precision=fp32 (or bf16)"
+        )
+
+
+def check_teacher(cfg: TrainConfig) -> None:
+    """The teacher folder is a Hugging Face causal LM whose context covers data.seq_len."""
+    if cfg.teacher.kind == "none":
+        return
+    path = Path(cfg.teacher.path).expanduser()
+    config_file = path / "config.json"
+    if not config_file.exists():
+        if cfg.teacher.gguf is not None and cfg.teacher.gguf.requirement:
+            return  # built from the GGUF on first use
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ConfigError(
+            f"teacher.path: {path} {what}; point teacher.path at a local Hugging Face "
+            "checkpoint folder (save_pretrained), or use teacher=none"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ConfigError(f"teacher.path: {config_file} is not valid JSON ({err})") from None
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise ConfigError(
+            f"teacher.path: {path} holds {', '.join(archs) or 'a model of no declared architecture'}"
+            ", not a causal language model (…ForCausalLM); point it at a causal LM checkpoint"
+        )
+    context = config.get("max_position_embeddings")
+    if context is not None and cfg.data.seq_len > context:
+        raise ConfigError(
+            f"data.seq_len: {cfg.data.seq_len} is beyond the teacher's context "
+            f"(max_position_embeddings={context} in {config_file}); choose data.seq_len <= "
+            f"{context}"
+        )
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Path:
+    """Every refusal that reads only; returns the run directory."""
+    cfg.grad_accum_steps(world_size)
+    check_precision(cfg)
+    check_teacher(cfg)
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file; choose a folder")
+    tags = checkpoint.resume_candidates(cfg, run_dir)
+    if tags:
+        checkpoint.refuse_stage3_world_size_change(run_dir, tags[0], world_size, cfg.zero.stage)
+    return run_dir
+
+
+def start(cfg: TrainConfig) -> RunLock | None:
+    """Preflight on every rank (each refuses alike); rank 0 then locks the run directory."""
+    env = detect(os.environ)
+    run_dir = preflight(cfg, env.world_size)
+    return RunLock(run_dir) if env.rank == 0 else None

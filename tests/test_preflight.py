@@ -1,0 +1,69 @@
+"""Bad input is refused before any work, naming the field, the value and the fix, and leaves
+nothing behind (fbi.preflight; train.py prints it as one paragraph, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fbi.config import ConfigError, compose
+from fbi.preflight import preflight
+
+from fbi_testing import REPO, run_train
+
+
+def tiny(run_dir, *more):
+    return ["experiment=none", f"run_dir={run_dir}", "max_steps=4", "teacher=none", *more]
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["global_batch_size=6", "micro_batch_size=4"], 1, "global_batch_size: 6 sequences"),
+    (["global_batch_size=8", "micro_batch_size=4"], 3, "on 3 processes"),
+    (["precision=fp16", "distributed.device=cpu"], 1, "precision: fp16 needs a GPU"),
+    (["resume=true"], 1, "resume: resume=true but"),
+    (["teacher=hf", "teacher.path=/nonexistent/teacher"], 1,
+     "teacher.path: /nonexistent/teacher does not exist"),
+])
+def test_refused_before_anything_is_created(tmp_path, overrides, world, message):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        preflight(compose(tiny(run_dir, *overrides)), world)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.grad_clip=-1", "optim.grad_clip: got -1.0"),
+    ("optim.lr=-1", "optim.lr: must be positive"),
+    ("distill.temperature=0", "distill.temperature: must be positive"),
+    ("distill.ce_weight=1.5", "distill.ce_weight: must be in"),
+    ("micro_batch_size=0", "micro_batch_size: must be positive"),
+    ("zero.stage=4", "zero.stage: got 4"),
+    ("guard.spike_action=panic", "guard.spike_action: got 'panic'"),
+])
+def test_wrong_values_name_the_field(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(tiny(tmp_path / "run", override))
+
+
+def test_teacher_that_is_not_a_causal_lm_or_too_short_is_refused(tmp_path, teacher_dir):
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ConfigError, match="BertModel, not a causal language model"):
+        preflight(compose(tiny(tmp_path / "r", "teacher=hf", f"teacher.path={encoder}")), 1)
+    context = json.loads((teacher_dir / "config.json").read_text())["max_position_embeddings"]
+    cfg = compose(tiny(tmp_path / "r", "teacher=hf", f"teacher.path={teacher_dir}",
+                       f"data.seq_len={context + 1}"))
+    with pytest.raises(ConfigError, match=f"data.seq_len: {context + 1} is beyond the teacher"):
+        preflight(cfg, 1)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_train_py_prints_one_paragraph_and_exits_2(tmp_path):
+    proc = run_train(tiny(tmp_path / "r", "teacher=hf", f"teacher.path={tmp_path}/none"),
+                     REPO, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "teacher.path:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
