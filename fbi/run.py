@@ -56,10 +56,10 @@ def on_rank0_first(dist_info: Dist, fn, *args):
     return fn(*args)
 
 
-def check_same_vocabulary(run_dir: Path, tokenizer: Tokenizer, vocab: int) -> None:
-    """A resumed run keeps its vocabulary: refuse before the run files are rewritten."""
+def check_same_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
+    """A resumed run keeps its tokenizer: refuse before shards are built or the run files
+    are rewritten."""
     saved_tok = run_dir / "tokenizer.json"
-    saved_cfg = run_dir / "config.yaml"
     if saved_tok.exists():
         theirs = json.loads(saved_tok.read_text())
         if theirs["fingerprint"] != tokenizer.fingerprint:
@@ -70,6 +70,11 @@ def check_same_vocabulary(run_dir: Path, tokenizer: Tokenizer, vocab: int) -> No
                 f"{tokenizer.fingerprint}); resume with the run's own teacher/tokenizer, or "
                 "choose another run_dir"
             )
+
+
+def check_same_vocabulary(run_dir: Path, vocab: int) -> None:
+    """The student's vocabulary (the teacher's, which may pad the tokenizer's) as saved."""
+    saved_cfg = run_dir / "config.yaml"
     if saved_cfg.exists():
         saved = OmegaConf.load(saved_cfg).model.get("vocab_size")
         if saved is not None and saved != vocab:
@@ -131,6 +136,8 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
 
     teacher_path = on_rank0_first(dist_info, resolve_path, cfg.teacher)
     tokenizer = on_rank0_first(dist_info, student_tokenizer, cfg, teacher_path, run_dir, cache)
+    if resume_tag:
+        check_same_tokenizer(run_dir, tokenizer)
     shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
     train_data = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
     val_data = TokenShards(shards, "val", cfg.data.seq_len, cfg.data.verify_checksums)
@@ -154,7 +161,7 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
         )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if resume_tag:
-        check_same_vocabulary(run_dir, tokenizer, vocab)
+        check_same_vocabulary(run_dir, vocab)
     if dist_info.is_main:
         write_run_files(cfg, run_dir, ds_config, tokenizer)
 
