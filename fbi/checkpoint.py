@@ -333,23 +333,6 @@ def needs_universal(run_dir: Path, tag: str, world_size: int, zero_stage: int) -
     return zero_stage > 0 and saved_world_size(run_dir, tag) != world_size
 
 
-def refuse_stage3_world_size_change(run_dir: Path, tag: str, world_size: int,
-                                    zero_stage: int) -> None:
-    """DeepSpeed 0.19's universal checkpoint restores ZeRO-3 parameters on another world size
-    but not the optimizer's state as it was: measured on 2 -> 1 processes, the losses leave
-    the uninterrupted run's from the first update after the resume. Refuse rather than
-    continue another optimization silently."""
-    saved = saved_world_size(run_dir, tag)
-    if zero_stage == 3 and saved != world_size:
-        raise ConfigError(
-            f"resume: {checkpoints_dir(run_dir) / tag} was saved by {saved} processes under "
-            f"ZeRO-3, and this run has {world_size}; DeepSpeed cannot carry ZeRO-3's optimizer "
-            f"state across world sizes exactly. Resume on {saved} processes (then a later "
-            "checkpoint may be resumed elsewhere under zero=stage1 or stage2, which convert "
-            "exactly), or start a new run_dir"
-        )
-
-
 def make_universal(run_dir: Path, tag: str) -> None:
     """Convert ``tag`` into DeepSpeed's world-size-free format, once (rank 0 only)."""
     folder = checkpoints_dir(run_dir) / tag
@@ -366,16 +349,35 @@ def make_universal(run_dir: Path, tag: str) -> None:
     atomic.write_json(target / COMPLETE, read_meta(run_dir, tag))
 
 
+def _repair_universal_optimizer(optimizer, own_hyperparameters: list[dict]) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader, which made a resume on
+    another world size leave the uninterrupted run from its first update:
+    - it gives every parameter group the first group's hyperparameters, so the groups that
+      are not decayed would be; each group gets its own back (the learning rate stays the
+      checkpoint's: it is the scheduler's position);
+    - it gives all parameter groups one shared step tensor, which Adam then advances once per
+      group per step, skewing the bias correction; each gets its own copy."""
+    for group, hyper in zip(optimizer.param_groups, own_hyperparameters):
+        group.update(hyper)
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def load(engine, run_dir: Path, tag: str, rank: int, world_size: int, universal: bool) -> dict:
     """Restore model, optimizer, scheduler and (on the same world size) RNG; return state."""
     root = checkpoints_dir(run_dir)
     meta = read_meta(run_dir, tag)
     load_dir, load_tag = (root / tag, "universal") if universal else (root, tag)
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+           for g in engine.optimizer.param_groups]
     path, _ = engine.load_checkpoint(
         str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+    if universal:
+        _repair_universal_optimizer(engine.optimizer, own)
     if meta["world_size"] == world_size:  # per-rank streams only map 1:1 on the same ranks
         _set_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=False))
     log.info("resumed from %s at step %d", root / tag, meta["step"])

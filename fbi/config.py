@@ -342,12 +342,17 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fbi"
     sample_ids: bool = False  # write samples/rank<r>.jsonl: the sample ids of every step
+    # dense bf16 TFLOP/s of one device, for MFU; None: fbi.flops' table for known GPUs, no MFU
+    # elsewhere (CPUs)
+    peak_tflops: Optional[float] = None
     # Binary diagnostics every N steps (sign flips, weights near zero, scale statistics);
     # 0: off.
     diagnostics_every: int = 50
 
     def __post_init__(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "must be positive")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops",
+                 "must be positive, or null for the table's figure")
         _require(self.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0 (0: off)")
         _one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
 
@@ -423,6 +428,10 @@ class TrainConfig:
     checkpoint_keep: int = 2  # newest complete checkpoints kept; older ones are deleted
     checkpoint_keep_every: Optional[int] = None  # also keep every N-th step's checkpoint
     eval_batches: int = 16  # validation batches of micro_batch_size for perplexity; 0: none
+    eval_every: int = 0  # also evaluate every N steps (student only); 0: after the last step only
+    # BLiMP-style minimal pairs (jsonl files or folders, e.g. data/blimp): the student's
+    # accuracy at every evaluation, computed by the code behind ``python -m fbi eval --blimp``.
+    eval_blimp: list[str] = field(default_factory=list)
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
@@ -445,6 +454,11 @@ class TrainConfig:
         _require(self.checkpoint_keep_every is None or self.checkpoint_keep_every > 0,
                  "checkpoint_keep_every", "must be positive (or null)")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
+        for path in self.eval_blimp:
+            _require(Path(path).expanduser().exists(), "eval_blimp",
+                     f"{path} does not exist; name jsonl files or folders of minimal pairs "
+                     "(e.g. data/blimp), or eval_blimp=[] for none")
         _require(
             self.zero.grad_dtype == "model" or self.precision == "fp32" or self.zero.stage > 0,
             "zero.grad_dtype",

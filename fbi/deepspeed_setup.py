@@ -147,3 +147,11 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     return engine
+
+
+def held_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank keeps, elements of the whole module): ZeRO-3 keeps a shard
+    (``ds_tensor``) of each parameter, the other stages all of it."""
+    params = list(module.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)

@@ -18,10 +18,13 @@ from fbi.config import TrainConfig
 from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.distill.loss import distillation_loss
+from fbi.eval.blimp import blimp_accuracy, read_pairs
 from fbi.eval.perplexity import perplexity
+from fbi.flops import Utilization
 from fbi.metrics import Monitor, StepTimer
 from fbi.preemption import PreemptionFlag
 from fbi.run import Run, build_run
+from fbi.trained import document_start_id
 
 log = logging.getLogger("fbi")
 
@@ -63,9 +66,10 @@ def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     return {**metrics, **timer.seconds}
 
 
-def evaluate(run: Run, should_stop=None) -> dict | None:
-    """Validation perplexity of the student, and of the teacher when there is one; None when
-    ``should_stop`` (asked after every batch round on all ranks) ended it early."""
+def evaluate(run: Run, should_stop=None, teacher: bool = True) -> dict | None:
+    """Validation perplexity of the student (and of the teacher, when there is one and
+    ``teacher``), BLiMP accuracy when ``eval_blimp`` names pairs; None when ``should_stop``
+    (asked after every batch round on all ranks) ended it early."""
     interrupted = []
 
     def stop() -> bool:
@@ -77,10 +81,16 @@ def evaluate(run: Run, should_stop=None) -> dict | None:
     args = (run.val_data, run.cfg.eval_batches, run.cfg.micro_batch_size,
             run.dist.rank, run.dist.world_size, run.device, stop)
     result = {"val_ppl_student": perplexity(run.engine, *args)}
-    if not interrupted:
+    if not interrupted and teacher:
         teacher_ppl = run.teacher.val_ppl(lambda logits_fn: perplexity(logits_fn, *args))
         if teacher_ppl is not None:
             result["val_ppl_teacher"] = teacher_ppl
+    if not interrupted and run.cfg.eval_blimp:
+        result["blimp_student"] = blimp_accuracy(
+            run.engine, run.tokenizer, document_start_id(run.cfg.data, run.tokenizer),
+            read_pairs(run.cfg.eval_blimp), run.cfg.micro_batch_size, run.device,
+            run.dist.rank, run.dist.world_size,
+        )["accuracy"]
     run.engine.train()
     return None if interrupted else result
 
@@ -119,8 +129,11 @@ def train_run(run: Run) -> dict:
         return {"step": saved["step"], "consumed": saved["consumed"]}
 
     state = load(run.resume_tag) if run.resume_tag else {"step": 0, "consumed": 0}
+    utilization = Utilization.of(cfg.model, cfg.data.seq_len, getattr(run.teacher, "model", None),
+                                 world, run.device, cfg.logging.peak_tflops)
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
-                      cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg))
+                      cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg),
+                      utilization)
     preemption, stop = PreemptionFlag(run.device), False
     while state["step"] < cfg.max_steps and not stop:
         consumed = skips.cursor(state["consumed"])
@@ -141,6 +154,12 @@ def train_run(run: Run) -> dict:
             state = load(newest())
             continue
         stop = preemption.agreed(world)
+        if not stop and cfg.eval_every and cfg.eval_batches \
+                and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.max_steps:
+            scores = evaluate(run, lambda: preemption.agreed(world), teacher=False)
+            stop = scores is None
+            if scores is not None:
+                monitor.write({"step": state["step"], **scores})
         due = stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps
         if due and control.save_allowed:
             saved = {cb.__class__.__name__: cb.state_dict() for cb in callbacks}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fbi.config import LoggingConfig
+from fbi.flops import Utilization
 
 log = logging.getLogger("fbi")
 
@@ -69,10 +70,11 @@ def logged_steps(run_dir: Path) -> tuple[int, set[int]]:
 class Monitor:
     def __init__(
         self, run_dir: Path, cfg: LoggingConfig, max_steps: int, tokens_per_step: int,
-        rank: int, config: dict,
+        rank: int, config: dict, utilization: Utilization | None = None,
     ) -> None:
         is_main = rank == 0
         self.cfg, self.max_steps, self.tokens_per_step = cfg, max_steps, tokens_per_step
+        self.utilization = utilization
         self.is_main = is_main
         self.logged_until, self.validated = logged_steps(run_dir) if is_main else (0, set())
         self._jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
@@ -106,6 +108,8 @@ class Monitor:
             "tokens_per_s": self.tokens_per_step / step_time,
             "step_time_s": step_time,
         }
+        if self.utilization is not None:
+            record.update(self.utilization.metrics(record["tokens_per_s"]))
         if step <= self.logged_until:
             record["replayed"] = True
         eta = (now - self._started) / self._steps_done * (self.max_steps - step)
@@ -116,8 +120,10 @@ class Monitor:
                 f"{k} {metrics[k]:.4f}" for k in ("loss", "distill", "ce") if k in metrics
             )
             log.info(
-                "step %d/%d  %s  lr %.2e  %.0f tok/s  ETA %s%s", step, self.max_steps, losses,
-                metrics["lr"], record["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)),
+                "step %d/%d  %s  lr %.2e  %.0f tok/s%s  ETA %s%s", step, self.max_steps, losses,
+                metrics["lr"], record["tokens_per_s"],
+                f"  MFU {record['mfu']:.1%}" if "mfu" in record else "",
+                time.strftime("%H:%M:%S", time.gmtime(eta)),
                 "  (update skipped: non-finite)" if metrics.get("skipped") else "",
             )
         self._window_start, self._window_steps = time.perf_counter(), 0

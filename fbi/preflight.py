@@ -67,9 +67,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path:
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} is a file; choose a folder")
-    tags = checkpoint.resume_candidates(cfg, run_dir)
-    if tags:
-        checkpoint.refuse_stage3_world_size_change(run_dir, tags[0], world_size, cfg.zero.stage)
+    checkpoint.resume_candidates(cfg, run_dir)  # refuses resume=true without one, max_steps
     return run_dir
 
 

@@ -23,7 +23,8 @@ from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-from fbi.deepspeed_setup import Dist, build_context, deepspeed_config, initialize
+from fbi.deepspeed_setup import (Dist, build_context, deepspeed_config, held_parameters,
+                                  initialize)
 from fbi.distill.teacher import TeacherSource, build_teacher, resolve_path
 from fbi.models import build_model
 
@@ -127,9 +128,6 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     ds_config = deepspeed_config(cfg, dist_info.world_size)
     # The newest checkpoint whose files are intact (damaged newer ones are set aside).
     resume_tag = checkpoint.choose_resume(cfg, run_dir, dist_info.rank, dist_info.world_size)
-    if resume_tag:
-        checkpoint.refuse_stage3_world_size_change(run_dir, resume_tag, dist_info.world_size,
-                                                   cfg.zero.stage)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -175,6 +173,10 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     )
     checkpoint.check_space(run_dir, checkpoint.bytes_needed(run_dir, n_params, cfg.precision))
     engine = initialize(model, cfg, ds_config)
+    shares = {"student": engine.module, "teacher": getattr(teacher, "model", None)}
+    log.info("rank 0 holds %s", ", ".join(
+        "%d of %d %s parameters" % (*held_parameters(m), name)
+        for name, m in shares.items() if m is not None))
     torch.manual_seed(cfg.seed + dist_info.rank)  # then per-rank streams (e.g. dropout)
     return Run(cfg, dist_info, run_dir, device, tokenizer, train_data, val_data, engine,
                teacher, grad_accum, resume_tag, universal)

@@ -6,7 +6,9 @@ installed libraries; nothing comes from a hub or from outside the clone.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +83,14 @@ def run_train(overrides: list[str], cwd: Path = REPO, nproc: int = 1, timeout: i
         )
     return proc
 
+
+def read_steps(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl that log a training step."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+
+def held_by_rank0(log: str, module: str = "student") -> tuple[int, int]:
+    """(elements rank 0 keeps, elements in all) of ``module``, from train.py's start-up log."""
+    held, total = re.search(rf"(\d+) of (\d+) {module} parameters", log).groups()
+    return int(held), int(total)

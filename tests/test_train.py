@@ -30,7 +30,8 @@ def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
     args = common(tmp_path / "a", corpus, teacher_dir, cache) + ["optim.decay_steps=24"]
     run_train(args + ["max_steps=12", "checkpoint_every=6"], REPO)
     run_train(args + ["max_steps=24", "checkpoint_every=6", "resume=true"], REPO)
-    straight = common(tmp_path / "b", corpus, teacher_dir, cache) + ["optim.decay_steps=24"]
+    straight = common(tmp_path / "b", corpus, teacher_dir, cache) + [
+        "optim.decay_steps=24", "logging.peak_tflops=0.001"]  # a CPU has no table peak
     run_train(straight + ["max_steps=24", "checkpoint_every=100"], REPO)
 
     resumed = [m for m in read_metrics(tmp_path / "a") if "loss" in m]
@@ -50,6 +51,32 @@ def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
     assert (run / "checkpoints" / "step_00000024" / "complete.json").exists()
+    assert "mfu" not in resumed[0]  # no peak known for a CPU: no MFU
+    check_mfu(reference, run, teacher_dir, seq_len=32)
+
+
+def check_mfu(rows: list[dict], run: Path, teacher_dir: Path, seq_len: int) -> None:
+    """MFU logged = tokens/s x FLOPs per token / peak, with the FLOPs counted here from the
+    student's and the teacher's shapes: 2 per weight of each product and 4 d seq per layer
+    for attention, forward; the student's training 3x that."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    def forward_flops(layers, d, kv, ff, vocab):
+        return 2 * (layers * (d * (d + 2 * kv) + d * d + 3 * d * ff) + d * vocab) \
+            + 4 * layers * d * seq_len
+
+    m = OmegaConf.load(run / "config.yaml").model
+    kv = (m.n_kv_heads or m.n_heads) * m.d_model // m.n_heads
+    student = 3 * forward_flops(m.n_layers, m.d_model, kv, m.d_ff, m.vocab_size)
+    t = AutoConfig.from_pretrained(teacher_dir)
+    kv = t.num_key_value_heads * t.hidden_size // t.num_attention_heads
+    teacher = forward_flops(t.num_hidden_layers, t.hidden_size, kv, t.intermediate_size,
+                            t.vocab_size)
+    for row in rows:
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * student / 1e9, rel=1e-9)
+        assert row["mfu_teacher"] == pytest.approx(row["tokens_per_s"] * teacher / 1e9, rel=1e-9)
+        assert row["tflops_per_device"] == pytest.approx(row["mfu"] * 1e-3, rel=1e-9)
 
 
 @pytest.mark.slow

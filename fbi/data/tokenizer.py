@@ -25,6 +25,8 @@ class Tokenizer(Protocol):
 
     def encode(self, texts: list[str]) -> list[list[int]]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` as a single vocabulary entry, or None."""
 
@@ -58,6 +60,13 @@ class HFTokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._tok(texts, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def save(self, directory: Path) -> None:
+        """A ``transformers`` tokenizer folder (``AutoTokenizer.from_pretrained`` reads it)."""
+        self._tok.save_pretrained(directory)
+
     def token_id(self, token: str) -> int | None:
         return self._vocab.get(token)
 
@@ -77,6 +86,9 @@ class SentencePieceTokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
 
     def token_id(self, token: str) -> int | None:
         piece = self._sp.piece_to_id(token)

@@ -1,8 +1,10 @@
-"""Perplexity on the held-out split, for the student and the teacher alike."""
+"""Perplexity: on the held-out split (during training, for the student and the teacher
+alike) and on local text files in strided windows (after training, any model)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -49,3 +51,64 @@ def perplexity(
     if world_size > 1:
         dist.all_reduce(nll_and_count)
     return math.exp((nll_and_count[0] / nll_and_count[1]).item())
+
+
+def read_text(path: Path, text_format: str = "plain") -> str:
+    """A local text file as the field evaluates it. ``wikitext``: the lines of the WikiText
+    release joined by blank lines, as ``"\\n\\n".join(dataset["text"])`` does over the
+    Hugging Face dataset's rows (one row per line, newline kept), the usual evaluation of
+    GPTQ, FBI-LLM and others; ``plain``: the file as it is."""
+    if text_format not in TEXT_FORMATS:
+        raise ValueError(f"--format: got {text_format!r}; choose one of {', '.join(TEXT_FORMATS)}")
+    text = Path(path).read_text(encoding="utf-8")
+    if text_format == "wikitext":
+        return "\n\n".join(text.splitlines(keepends=True))
+    return text
+
+
+TEXT_FORMATS = ("plain", "wikitext")
+
+
+@torch.no_grad()
+def strided_nll(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,
+    context: int,
+    stride: int,
+    device: torch.device | str = "cpu",
+) -> tuple[float, int]:
+    """(summed NLL, tokens scored) of a 1-D token sequence, in windows of ``context`` tokens
+    moved by ``stride``: each window scores only the tokens no earlier window scored, given
+    up to ``context - 1`` tokens before them (stride = context: disjoint windows, as the
+    papers do; a smaller stride gives each token more context, as in ``transformers``'
+    perplexity guide). Every token but the first is scored exactly once when stride <=
+    context - 1; with disjoint windows each window's first token is not scored."""
+    if not 0 < stride <= context:
+        raise ValueError(f"--stride: got {stride}; choose 0 < stride <= --context ({context})")
+    n = ids.numel()
+    if n < 2:
+        raise ValueError("the text has fewer than 2 tokens: nothing to score")
+    nll, count, scored_to = 0.0, 0, 1  # the first token has no prefix
+    for begin in range(0, max(n - 1, 1), stride):
+        end = min(begin + context, n)
+        window = ids[begin:end].to(device)
+        first = max(scored_to, begin + 1)  # the first target scored in this window
+        logits = logits_fn(window[None, :-1])[0, first - begin - 1:].double()
+        targets = window[first - begin:]
+        nll -= torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().item()
+        count += targets.numel()
+        scored_to = end
+        if end == n:
+            break
+    return nll, count
+
+
+def text_perplexity(trained, text: str, context: int, stride: int, device="cpu",
+                    max_tokens: int | None = None) -> dict:
+    """Perplexity of a ``fbi.trained.Trained`` model on ``text`` (its first ``max_tokens``
+    tokens when given), the document-start token (the BOS or separator training put before
+    each document) prepended."""
+    ids = torch.tensor([trained.start_id] + trained.tokenizer.encode([text])[0][:max_tokens])
+    nll, count = strided_nll(trained.logits, ids, context, stride, device)
+    return {"ppl": math.exp(nll / count), "nll": nll, "tokens": count,
+            "context": context, "stride": stride}

@@ -36,6 +36,8 @@ class Architecture:
     from_hf_state_dict: Callable[[dict], dict]
     # bytes one block keeps for backward per token in 16-bit training (fbi.estimate)
     activation_bytes: Callable[[Any], float]
+    # training FLOPs per token at a sequence length (fbi.flops: MFU)
+    flops_per_token: Callable[[Any, int], float]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -44,7 +46,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks=lambda m: m.model.layers, hf_class="LlamaForCausalLM",
         to_hf_config=llama.to_hf_config, from_hf_config=llama.from_hf_config,
         to_hf_state_dict=llama.to_hf_state_dict, from_hf_state_dict=llama.from_hf_state_dict,
-        activation_bytes=llama.activation_bytes,
+        activation_bytes=llama.activation_bytes, flops_per_token=llama.flops_per_token,
     ),
     "mamba2": Architecture(
         config=Mamba2Config, build=mamba2.Mamba2LM,
@@ -52,7 +54,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         blocks=lambda m: m.backbone.layers, hf_class="Mamba2ForCausalLM",
         to_hf_config=mamba2.to_hf_config, from_hf_config=mamba2.from_hf_config,
         to_hf_state_dict=mamba2.to_hf_state_dict, from_hf_state_dict=mamba2.from_hf_state_dict,
-        activation_bytes=mamba2.activation_bytes,
+        activation_bytes=mamba2.activation_bytes, flops_per_token=mamba2.flops_per_token,
     ),
 }
 

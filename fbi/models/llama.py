@@ -147,6 +147,15 @@ def activation_bytes(cfg: ModelConfig) -> float:
     return 34.0 * cfg.d_model
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight of the attention, MLP and output-head products,
+    plus attention's scores and weighted sum (12 n_layers d_model seq_len, the causal mask not
+    discounted: PaLM's convention, as torchtitan and OLMo-core count)."""
+    d, kv = cfg.d_model, (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
+    per_layer = d * (d + 2 * kv) + d * d + 3 * d * cfg.d_ff
+    return 6.0 * (cfg.n_layers * per_layer + d * cfg.vocab_size) + 12.0 * cfg.n_layers * d * seq_len
+
+
 def to_hf_config(cfg: ModelConfig):
     from transformers import LlamaConfig
 

@@ -128,6 +128,19 @@ def activation_bytes(cfg: Mamba2Config) -> float:
     return 2.0 * (2 * cfg.d_model + 9 * di + 6 * gn + 3 * h)
 
 
+def flops_per_token(cfg: Mamba2Config, seq_len: int) -> float:
+    """Training FLOPs per token (3 x forward): 6 per weight of in_proj, out_proj and the
+    output head; the depthwise convolution; and the chunked scan per head (chunk Q, state N,
+    head dim P): scores C B^T over the chunk (2 Q N), their product with x (2 Q P), the chunk
+    states (2 N P) and their read-out (2 N P). ``seq_len`` does not enter: the work per token
+    is fixed by the chunk, not the context."""
+    di, gn, h = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state, cfg.n_heads
+    q, n, p = cfg.chunk_size, cfg.d_state, cfg.head_dim
+    proj = cfg.d_model * (2 * di + 2 * gn + h) + di * cfg.d_model
+    mixing = 2 * (di + 2 * gn) * cfg.d_conv + h * (2 * q * n + 2 * q * p + 4 * n * p)
+    return 6.0 * (cfg.n_layers * proj + cfg.d_model * cfg.vocab_size) + 3.0 * cfg.n_layers * mixing
+
+
 def to_hf_config(cfg: Mamba2Config):
     from transformers import Mamba2Config as HFMamba2Config
 

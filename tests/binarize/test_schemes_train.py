@@ -24,15 +24,9 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, corpus, teacher_dir) -> list[str]:
-    return [
-        f"cache_dir={tmp_path_factory.mktemp('cache')}", "teacher=hf", f"teacher.path={teacher_dir}",
-        "teacher.dtype=float32", "data=files", f"data.files=[{corpus}/*.txt]", "data.seq_len=32",
-        "data.val_fraction=0.05", "model.n_layers=2", "model.d_model=64", "model.d_ff=128",
-        "model.n_heads=4", "global_batch_size=8", "micro_batch_size=4", "logging.log_every=1",
-        "eval_batches=2", "optim.lr=1e-2", "optim.warmup_steps=1", "optim.decay_steps=8",
-        "distill.ce_weight=0.0", "max_steps=8",
-    ]
+def base(tiny_run) -> list[str]:
+    return tiny_run + ["optim.lr=1e-2", "optim.warmup_steps=1", "optim.decay_steps=8",
+                       "distill.ce_weight=0.0", "max_steps=8"]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

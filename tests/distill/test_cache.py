@@ -23,16 +23,9 @@ WRITER = REPO / "fbi" / "distill" / "cache_writer.py"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, corpus, teacher_dir) -> list[str]:
-    cache = tmp_path_factory.mktemp("cache")
-    return [
-        f"cache_dir={cache}", "teacher=cache", f"teacher.path={teacher_dir}",
-        "teacher.dtype=float32", "data=files", f"data.files=[{corpus}/*.txt]", "data.seq_len=32",
-        "data.val_fraction=0.05", "model.n_layers=2", "model.d_model=64", "model.d_ff=128",
-        "model.n_heads=4", "global_batch_size=8", "micro_batch_size=4", "logging.log_every=1",
-        "eval_batches=2", "optim.lr=3e-3", "optim.warmup_steps=2", "teacher.cache.k=8",
-        "teacher.cache.part_samples=8", "teacher.cache.value_dtype=float32",
-    ]
+def base(tiny_run) -> list[str]:
+    return tiny_run + ["teacher=cache", "teacher.cache.k=8", "teacher.cache.part_samples=8",
+                       "teacher.cache.value_dtype=float32"]
 
 
 def write(base, directory: Path, *extra, nproc=1) -> subprocess.CompletedProcess:

@@ -1,0 +1,3 @@
+from fbi.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""An lm-evaluation-harness model: ``--model fbi --model_args path=RUN_DIR_OR_EXPORT``.
+
+Importing this module registers ``fbi`` with lm-eval (0.4.x discovers no plugins by itself,
+so ``python -m fbi lm-eval ...`` imports it, then runs lm-eval's own command line). ``path``
+is anything ``fbi.trained.load`` reads: a run directory (newest checkpoint, any ZeRO stage),
+a packed export or a Hugging Face checkpoint. Log-likelihoods are computed by
+``fbi.eval.likelihood``, the code behind ``python -m fbi eval``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from fbi.eval.likelihood import continuation_logprobs
+from fbi.eval.perplexity import strided_nll
+from fbi.generate import generate_ids
+from fbi.trained import load
+
+log = logging.getLogger(__name__)
+
+
+@register_model("fbi")
+class FbiLM(TemplateLM):
+    def __init__(self, path: str, tag: str | None = None, batch_size: int | str = 8,
+                 device: str | None = None, max_length: int | None = None, **_ignored) -> None:
+        super().__init__()
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's command line asks for cuda:0 unless told otherwise
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            log.info("fbi lm-eval model on %s", device)
+        self.trained = load(path, tag)
+        self.trained.model.to(device)
+        self._device = torch.device(device)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_length = int(max_length or self.trained.max_length)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.trained.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.trained.start_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.trained.tokenizer.source
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.trained.tokenizer.encode([string])[0]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        # Keep the last max_length + 1 tokens (lm-eval's left truncation): the model sees
+        # max_length of them and scores the continuation's.
+        sequences = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
+        n_scored = [min(len(cont), len(seq) - 1) for (_, _, cont), seq in zip(requests, sequences)]
+        logprobs, greedy = continuation_logprobs(self.trained.logits, sequences, n_scored,
+                                                 self.batch_size, self._device)
+        return list(zip(logprobs, greedy))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Summed log-probability of whole texts, in disjoint windows of max_length tokens
+        (the first token conditioned on the document-start token)."""
+        out = []
+        for (text,) in (req.args for req in requests):
+            ids = torch.tensor([self.prefix_token_id] + self.tok_encode(text))
+            nll, _ = strided_nll(self.trained.logits, ids, self.max_length + 1,
+                                 self.max_length, self._device)
+            out.append(-nll)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, with ``do_sample`` and ``temperature``) continuations, cut at
+        the first ``until`` string."""
+        out = []
+        for context, gen_kwargs in (req.args for req in requests):
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
+            new = generate_ids(
+                self.trained, [self.prefix_token_id] + self.tok_encode(context),
+                int(gen_kwargs.get("max_gen_toks", 256)), temperature=temperature,
+                device=self._device,
+            )
+            text = self.trained.tokenizer.decode([t for t in new if t != self.eot_token_id])
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out

@@ -1,0 +1,1 @@
+"""Export: the packed 1-bit format (``packed``) and Hugging Face checkpoints (``hf``)."""

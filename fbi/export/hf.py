@@ -1,0 +1,67 @@
+"""A standard ``transformers`` checkpoint of an fbi model: no fbi code needed to load it.
+
+Each scheme layer is folded into a dense weight (its effective weight, so the function is the
+same); schemes that quantize activations cannot be folded, and are refused with the reason.
+Config and names go through the architecture's mapping in ``fbi.models.ARCHITECTURES``.
+Layers loaded from a packed export fold too (``UnpackedLinear``), which is why this folds
+itself rather than using ``fbi.models.folded_state_dict`` (trained layers only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fbi.export.packed import DTYPES, save_tokenizer, scheme_layers
+from fbi.trained import Trained
+
+
+class CannotFold(ValueError):
+    """The scheme's forward is not a dense linear map of its input."""
+
+
+def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict())
+    for name, layer in scheme_layers(model).items():
+        if layer.QUANTIZES_ACTIVATIONS:
+            raise CannotFold(
+                f"scheme {scheme}: {type(layer).__name__} quantizes its input activations, so "
+                "its layers are not dense linear maps and a transformers checkpoint cannot "
+                "compute the same function; export it with --format packed instead"
+            )
+        for key in [k for k in state if k.startswith(f"{name}.")]:
+            del state[key]
+        state[f"{name}.weight"] = layer.fold().weight
+    return state
+
+
+def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
+    """Write the architecture's ``transformers`` checkpoint (``LlamaForCausalLM``,
+    ``Mamba2ForCausalLM``: the mapping of ``fbi.models.ARCHITECTURES``) with the tokenizer."""
+    import transformers
+
+    from fbi.models import architecture
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: got {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if trained.model_cfg is None:
+        raise ValueError(f"{trained.source}: not an fbi model (a run directory or a packed export)")
+    arch = architecture(trained.model_cfg)
+    state = arch.to_hf_state_dict(folded_state(trained.model, trained.scheme_cfg.name))
+    config = arch.to_hf_config(trained.model_cfg)
+    config.bos_token_id, config.eos_token_id = trained.tokenizer.bos_id, trained.tokenizer.eos_id
+    if hasattr(config, "max_position_embeddings"):  # attention models: the trained context
+        config.max_position_embeddings = trained.max_length
+    hf = getattr(transformers, arch.hf_class)(config)
+    hf.load_state_dict(state, strict=True)
+    out = Path(out)
+    hf.to(DTYPES[dtype]).save_pretrained(out)
+    if save_tokenizer(trained.tokenizer, out) == "tokenizer.model":
+        from transformers import LlamaTokenizer
+
+        LlamaTokenizer.from_pretrained(out, add_bos_token=False).save_pretrained(out)
+    (out / "fbi_export.json").write_text(json.dumps(
+        {"source": trained.source, "scheme": trained.scheme_cfg.name}, indent=1))
+    return out
