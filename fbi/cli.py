@@ -1,4 +1,4 @@
-"""The user's verbs after training: ``python -m fbi export|eval|generate|lm-eval ...``
+"""The user's verbs after training: ``python -m fbi export|eval|generate|lm-eval|report``
 (also the ``fbi`` console script of ``pip install .``).
 
     python -m fbi export runs/demo --format packed --out exports/demo-packed
@@ -7,6 +7,7 @@
     python -m fbi eval runs/demo --blimp data/blimp
     python -m fbi generate runs/demo --prompt "To be, or not to be"
     python -m fbi lm-eval --model fbi --model_args path=runs/demo --tasks ... --include_path DIR
+    python -m fbi report runs/a runs/b --out report.png
 
 MODEL (export, eval, generate) is a run directory (its newest complete checkpoint, any ZeRO
 stage and world size; ``--tag`` picks another), a packed export, or a Hugging Face
@@ -140,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("lm-eval", help="lm-eval's own command line with --model fbi registered",
                      add_help=False)
+    verbs.add_parser("report", help="summary and plots of run directories (fbi.report)",
+                     add_help=False)
     return p
 
 
@@ -149,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     if argv[:1] == ["lm-eval"]:
         return lm_eval(argv[1:])
+    if argv[:1] == ["report"]:
+        from fbi.report import main as report
+
+        return report(argv[1:])
     args = parser().parse_args(argv)
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON result

@@ -126,9 +126,10 @@ def test_signal_kill_and_second_run_then_bitwise_equal_result(tmp_path, corpus, 
     flips = [r for r in ours if "flip/q_proj" in r and not r.get("replayed")]
     assert flips and all(0 <= r["flip/q_proj"] <= 1 for r in flips)
 
-    from fbi.report import load, main, summary
+    from fbi.cli import main
+    from fbi.report import load, summary
 
-    main([str(ref_dir), str(run_dir), "--out", str(tmp_path / "report.png")])
+    main(["report", str(ref_dir), str(run_dir), "--out", str(tmp_path / "report.png")])
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     faulty = load(run_dir)
     assert [r["loss"] for r in faulty["train"]] == [theirs[s]["loss"] for s in sorted(theirs)]
