@@ -18,7 +18,6 @@ resume on another world size converts the checkpoint once into DeepSpeed's unive
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -34,6 +33,7 @@ from omegaconf import OmegaConf
 
 from fbi import atomic
 from fbi.config import ConfigError, TrainConfig
+from fbi.data.shards import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,6 @@ def _my_share(files: list[str], rank: int, world_size: int) -> list[str]:
     return files[rank::world_size]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def damage(run_dir: Path, tag: str, rank: int, world_size: int) -> str | None:
     """Why ``tag`` cannot be resumed from, or None when every listed file is intact.
 
@@ -160,7 +152,7 @@ def damage(run_dir: Path, tag: str, rank: int, world_size: int) -> str | None:
                 break
         else:
             for name in _my_share(sorted(files), rank, world_size):
-                if _sha256(folder / name) != files[name]["sha256"]:
+                if sha256_file(folder / name) != files[name]["sha256"]:
                     problem = f"{name} does not match its sha256 (damaged after writing)"
                     break
     if world_size > 1:
@@ -262,7 +254,7 @@ def save(engine, run_dir: Path, state: dict, rank: int, world_size: int, keep: i
             "to resume"
         )
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    mine = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    mine = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
             for name in _my_share(files, rank, world_size)}
     shares = [mine]
     if world_size > 1:
