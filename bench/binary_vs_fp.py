@@ -26,9 +26,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fbi.binarize import SCHEMES  # noqa: E402
+from fbi.binarize import SCHEMES, scheme_config  # noqa: E402
 from fbi.binarize.fp import DenseLinear  # noqa: E402
-from fbi.config import SchemeConfig, compose  # noqa: E402
+from fbi.config import compose  # noqa: E402
 from fbi.models import build_model  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def main() -> None:
     for _ in range(2):  # two interleaved rounds, best of both, to even out the shared machine
         for scheme in ["fp"] + [s for s in schemes if s != "fp"]:
             torch.manual_seed(0)
-            model = build_model(cfg.model, SchemeConfig(name=scheme), cfg.scheme.binarize).to(device)
+            model = build_model(cfg.model, scheme_config(scheme), cfg.scheme.binarize).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             t = timed(lambda: model_step(model, opt), args.steps, sync)
             step_times[scheme] = min(t, step_times.get(scheme, t))
@@ -136,7 +136,7 @@ def main() -> None:
     for name in ["fp", "official_fbi"] + [s for s in schemes if s != "fp"]:
         torch.manual_seed(0)
         cls = OfficialFBI if name == "official_fbi" else SCHEMES[name]
-        mlp = SwiGLU(cls, SchemeConfig(name="fbi" if name == "official_fbi" else name)).to(device)
+        mlp = SwiGLU(cls, scheme_config("fbi" if name == "official_fbi" else name)).to(device)
         weight_bytes = sum(m.weight.numel() * m.weight.element_size()
                            for m in (mlp.gate, mlp.up, mlp.down))
         xr = x.clone().requires_grad_()

@@ -7,6 +7,7 @@ here. ``validate(cfg)`` turns the composed DictConfig into these objects and rai
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,13 +20,13 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and how to fix it."""
 
 
-def _require(ok: bool, field_name: str, message: str) -> None:
+def require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field_name}: {message}")
 
 
-def _one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
-    _require(value in choices, field_name, f"got {value!r}; choose one of {', '.join(choices)}")
+def one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
+    require(value in choices, field_name, f"got {value!r}; choose one of {', '.join(choices)}")
 
 
 @dataclass
@@ -47,21 +48,21 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.arch == "llama", "model.arch", f"{self.arch!r} is not the transformer's")
+        require(self.arch == "llama", "model.arch", f"{self.arch!r} is not the transformer's")
         for name in ("n_layers", "d_model", "d_ff", "n_heads"):
-            _require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
-        _require(
+            require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+        require(
             self.d_model % self.n_heads == 0,
             "model.d_model",
             f"{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple",
         )
-        _require(
+        require(
             (self.d_model // self.n_heads) % 2 == 0,
             "model.n_heads",
             f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings",
         )
         kv = self.n_kv_heads or self.n_heads
-        _require(
+        require(
             self.n_heads % kv == 0,
             "model.n_kv_heads",
             f"{kv} must divide model.n_heads={self.n_heads} (grouped-query attention)",
@@ -98,17 +99,17 @@ class Mamba2Config:
     scan: str = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.arch == "mamba2", "model.arch", f"{self.arch!r} is not Mamba-2's")
+        require(self.arch == "mamba2", "model.arch", f"{self.arch!r} is not Mamba-2's")
         for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "head_dim",
                      "n_groups", "chunk_size"):
-            _require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+            require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
         inner = self.expand * self.d_model
-        _require(inner % self.head_dim == 0, "model.head_dim",
+        require(inner % self.head_dim == 0, "model.head_dim",
                  f"expand * d_model = {inner} is not divisible by {self.head_dim}; pick a divisor")
-        _require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
+        require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
                  f"{self.n_groups} must divide the {inner // self.head_dim} heads")
-        _require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
-        _one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
+        require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
+        one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
 
     @property
     def n_heads(self) -> int:
@@ -117,33 +118,23 @@ class Mamba2Config:
 
 @dataclass
 class SchemeConfig:
-    """Which linear layers are binarized, and how (one yaml per scheme in ``conf/scheme/``).
+    """Which linear layers are binarized (one yaml per scheme in ``conf/scheme/``).
 
     ``binarize`` holds fnmatch patterns over the model's module paths
     (``model.layers.0.self_attn.q_proj``). None: the architecture's default (``fbi.models``):
     every linear inside the transformer blocks (FBI-LLM), Mamba-2's in/out projections
-    (Bi-Mamba); embeddings, norms and the output head stay in full precision. The other
-    fields are options of one scheme each and ignored by the others.
+    (Bi-Mamba); embeddings, norms and the output head stay in full precision. A scheme with
+    options of its own subclasses this in its module (``fbi.binarize.fbi.FBIConfig``), and
+    ``validate`` checks ``scheme.*`` against the subclass of ``scheme.name``.
     """
 
     name: str = "fbi"
     binarize: Optional[list[str]] = None
-    layout: str = "column"  # fbi, fbi_w1a1: alpha/beta per column (paper) | row | tensor
-    salient_fraction: float = 0.1  # pbllm: share of weights (largest |W|) kept at 8 bits
-    hadamard_block: int = 128  # fbi_w1a1: rotation block (a power of two)
-    trust: float = 1.0  # fbi_w1a1: activation gradient passes where |Hx - q| <= trust * scale
 
     def __post_init__(self) -> None:
         from fbi.binarize import SCHEMES
 
-        _one_of(self.name, tuple(sorted(SCHEMES)), "scheme.name")
-        _one_of(self.layout, ("column", "row", "tensor"), "scheme.layout")
-        _require(0.0 <= self.salient_fraction <= 1.0, "scheme.salient_fraction",
-                 f"got {self.salient_fraction}; choose a share in [0, 1]")
-        block = self.hadamard_block
-        _require(block > 0 and block & (block - 1) == 0, "scheme.hadamard_block",
-                 f"got {block}; choose a power of two such as 128")
-        _require(self.trust > 0, "scheme.trust", f"got {self.trust}; choose a positive factor")
+        one_of(self.name, tuple(sorted(SCHEMES)), "scheme.name")
 
 
 @dataclass
@@ -172,14 +163,14 @@ class CacheConfig:
     max_parts: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _one_of(self.mode, ("topk", "sampled"), "teacher.cache.mode")
-        _one_of(self.value_dtype, ("float16", "bfloat16", "float32"), "teacher.cache.value_dtype")
-        _one_of(self.order, ("trainer", "sequential"), "teacher.cache.order")
-        _require(self.k > 0, "teacher.cache.k", "must be a positive integer")
-        _require(0 < self.draws < 2**16, "teacher.cache.draws", "must be in [1, 65535]")
-        _require(self.part_samples > 0, "teacher.cache.part_samples", "must be positive")
-        _require(self.wait_s >= 0, "teacher.cache.wait_s", "must be >= 0")
-        _require(self.max_parts is None or self.max_parts >= 0, "teacher.cache.max_parts",
+        one_of(self.mode, ("topk", "sampled"), "teacher.cache.mode")
+        one_of(self.value_dtype, ("float16", "bfloat16", "float32"), "teacher.cache.value_dtype")
+        one_of(self.order, ("trainer", "sequential"), "teacher.cache.order")
+        require(self.k > 0, "teacher.cache.k", "must be a positive integer")
+        require(0 < self.draws < 2**16, "teacher.cache.draws", "must be in [1, 65535]")
+        require(self.part_samples > 0, "teacher.cache.part_samples", "must be positive")
+        require(self.wait_s >= 0, "teacher.cache.wait_s", "must be >= 0")
+        require(self.max_parts is None or self.max_parts >= 0, "teacher.cache.max_parts",
                  "must be >= 0 or null")
 
 
@@ -201,16 +192,16 @@ class TeacherConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, ("none", "hf", "cache"), "teacher.kind")
-        _one_of(self.dtype, ("float32", "bfloat16", "float16"), "teacher.dtype")
+        one_of(self.kind, ("none", "hf", "cache"), "teacher.kind")
+        one_of(self.dtype, ("float32", "bfloat16", "float16"), "teacher.dtype")
         if self.kind in ("hf", "cache"):
-            _require(
+            require(
                 bool(self.path),
                 "teacher.path",
                 f"teacher={self.kind} needs a local Hugging Face checkpoint directory: "
                 "teacher.path=/path/to/model",
             )
-        _require(not self.zero3 or self.kind == "hf", "teacher.zero3",
+        require(not self.zero3 or self.kind == "hf", "teacher.zero3",
                  "partitions the online teacher: it needs teacher.kind=hf")
 
 
@@ -249,16 +240,16 @@ class DataConfig:
     verify_checksums: bool = True
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             bool(self.corpus) or bool(self.files) or bool(self.shards_dir),
             "data",
             "name a source: data.corpus=shakespeare, data.files=[...], or data.shards_dir=...",
         )
-        _require(
+        require(
             0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)"
         )
-        _require(self.seq_len > 0, "data.seq_len", "must be a positive integer")
-        _require(self.shard_tokens > 0, "data.shard_tokens", "must be a positive integer")
+        require(self.seq_len > 0, "data.seq_len", "must be a positive integer")
+        require(self.shard_tokens > 0, "data.shard_tokens", "must be a positive integer")
 
 
 @dataclass
@@ -278,14 +269,14 @@ class ZeroConfig:
     grad_dtype: str = "model"
 
     def __post_init__(self) -> None:
-        _require(self.stage in (0, 1, 2, 3), "zero.stage", f"got {self.stage}; use 0, 1, 2 or 3")
-        _one_of(self.grad_dtype, ("model", "fp32"), "zero.grad_dtype")
-        _require(
+        require(self.stage in (0, 1, 2, 3), "zero.stage", f"got {self.stage}; use 0, 1, 2 or 3")
+        one_of(self.grad_dtype, ("model", "fp32"), "zero.grad_dtype")
+        require(
             not self.offload_params or self.stage == 3,
             "zero.offload_params",
             "parameter offload needs zero.stage=3",
         )
-        _require(
+        require(
             not self.offload_optimizer or self.stage >= 1,
             "zero.offload_optimizer",
             "optimizer offload needs zero.stage >= 1",
@@ -314,13 +305,13 @@ class OptimConfig:
     impl: str = "auto"  # auto | torch | deepspeed
 
     def __post_init__(self) -> None:
-        _one_of(self.impl, ("auto", "torch", "deepspeed"), "optim.impl")
-        _one_of(self.decay, ("matrices", "all"), "optim.decay")
-        _require(self.lr > 0, "optim.lr", "must be positive")
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
-        _require(self.grad_clip >= 0, "optim.grad_clip",
+        one_of(self.impl, ("auto", "torch", "deepspeed"), "optim.impl")
+        one_of(self.decay, ("matrices", "all"), "optim.decay")
+        require(self.lr > 0, "optim.lr", "must be positive")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        require(self.grad_clip >= 0, "optim.grad_clip",
                  f"got {self.grad_clip}; choose a positive norm, or 0 to clip nothing")
 
 
@@ -332,8 +323,8 @@ class DistillConfig:
     ce_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.temperature > 0, "distill.temperature", "must be positive")
-        _require(0.0 <= self.ce_weight <= 1.0, "distill.ce_weight", "must be in [0, 1]")
+        require(self.temperature > 0, "distill.temperature", "must be positive")
+        require(0.0 <= self.ce_weight <= 1.0, "distill.ce_weight", "must be in [0, 1]")
 
 
 @dataclass
@@ -350,11 +341,11 @@ class LoggingConfig:
     diagnostics_every: int = 50
 
     def __post_init__(self) -> None:
-        _require(self.log_every > 0, "logging.log_every", "must be positive")
-        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops",
+        require(self.log_every > 0, "logging.log_every", "must be positive")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops",
                  "must be positive, or null for the table's figure")
-        _require(self.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0 (0: off)")
-        _one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
+        require(self.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0 (0: off)")
+        one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
 
 
 @dataclass
@@ -374,11 +365,11 @@ class GuardConfig:
     max_rewinds: int = 5
 
     def __post_init__(self) -> None:
-        _require(self.max_nonfinite_steps > 0, "guard.max_nonfinite_steps", "must be positive")
-        _require(self.spike_window >= 4, "guard.spike_window", "must be >= 4")
-        _require(self.spike_z > 0, "guard.spike_z", "must be positive")
-        _one_of(self.spike_action, ("off", "log", "rewind"), "guard.spike_action")
-        _require(self.max_rewinds >= 0, "guard.max_rewinds", "must be >= 0")
+        require(self.max_nonfinite_steps > 0, "guard.max_nonfinite_steps", "must be positive")
+        require(self.spike_window >= 4, "guard.spike_window", "must be >= 4")
+        require(self.spike_z > 0, "guard.spike_z", "must be positive")
+        one_of(self.spike_action, ("off", "log", "rewind"), "guard.spike_action")
+        require(self.max_rewinds >= 0, "guard.max_rewinds", "must be >= 0")
 
 
 @dataclass
@@ -392,16 +383,17 @@ class DistributedConfig:
     timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        _one_of(self.device, ("auto", "cuda", "cpu"), "distributed.device")
-        _require(self.rendezvous_timeout_s > 0, "distributed.rendezvous_timeout_s", "must be positive")
-        _require(self.timeout_s > 0, "distributed.timeout_s", "must be positive")
+        one_of(self.device, ("auto", "cuda", "cpu"), "distributed.device")
+        require(self.rendezvous_timeout_s > 0, "distributed.rendezvous_timeout_s", "must be positive")
+        require(self.timeout_s > 0, "distributed.timeout_s", "must be positive")
 
 
 @dataclass
 class TrainConfig:
     # ModelConfig, Mamba2Config, ...: the dataclass of ``model.arch`` (fbi.models.ARCHITECTURES)
     model: Any = field(default_factory=ModelConfig)
-    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    # SchemeConfig or the subclass of ``scheme.name`` (fbi.binarize.SCHEMES)
+    scheme: Any = field(default_factory=SchemeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -435,31 +427,31 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
-        _require(self.global_batch_size > 0, "global_batch_size", "must be positive")
-        _require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
-        _require(
+        require(self.global_batch_size > 0, "global_batch_size", "must be positive")
+        require(self.micro_batch_size > 0, "micro_batch_size", "must be positive")
+        require(
             self.train_tokens is not None or self.max_steps is not None, "max_steps",
             "the run has no length: set max_steps=N, or train_tokens=T for a schedule "
             "over a token budget (or choose an experiment=...)",
         )
-        _require(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
+        require(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
                  "must be positive (or null)")
         if self.max_steps is None:
             self.max_steps = self.schedule_steps()
-        _require(self.max_steps > 0, "max_steps", "must be positive")
-        _one_of(self.precision, ("fp32", "bf16", "fp16"), "precision")
-        _one_of(self.resume, ("auto", "true", "false"), "resume")
-        _require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
-        _require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
-        _require(self.checkpoint_keep_every is None or self.checkpoint_keep_every > 0,
+        require(self.max_steps > 0, "max_steps", "must be positive")
+        one_of(self.precision, ("fp32", "bf16", "fp16"), "precision")
+        one_of(self.resume, ("auto", "true", "false"), "resume")
+        require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
+        require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
+        require(self.checkpoint_keep_every is None or self.checkpoint_keep_every > 0,
                  "checkpoint_keep_every", "must be positive (or null)")
-        _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
-        _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
+        require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
         for path in self.eval_blimp:
-            _require(Path(path).expanduser().exists(), "eval_blimp",
+            require(Path(path).expanduser().exists(), "eval_blimp",
                      f"{path} does not exist; name jsonl files or folders of minimal pairs "
                      "(e.g. data/blimp), or eval_blimp=[] for none")
-        _require(
+        require(
             self.zero.grad_dtype == "model" or self.precision == "fp32" or self.zero.stage > 0,
             "zero.grad_dtype",
             "fp32 gradients of a bf16/fp16 model need ZeRO stage 1-3 in DeepSpeed 0.19 (stage 0 "
@@ -513,9 +505,15 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if "resume" in raw:
         raw["resume"] = _bool_string(raw["resume"])
     model = raw.pop("model", None) or {}
-    model_cfg = _structured(model_schema(model.get("arch", "llama")), model, "model: ")
+    arch = model.get("arch", "llama")
+    model_cfg = _structured(_known(model_schema(arch), model, "model", f"model.arch={arch}"),
+                            model, "model: ")
+    scheme = raw.pop("scheme", None) or {}
+    name = scheme.get("name", "fbi")
+    scheme_cfg = _structured(_known(scheme_schema(name), scheme, "scheme", f"scheme={name}"),
+                             scheme, "scheme: ")
     cfg = _structured(TrainConfig, raw, "")
-    cfg.model = model_cfg
+    cfg.model, cfg.scheme = model_cfg, scheme_cfg
     return cfg
 
 
@@ -523,8 +521,25 @@ def model_schema(arch: str) -> type:
     """The dataclass validating ``model.*`` for architecture ``arch``."""
     from fbi.models import ARCHITECTURES
 
-    _one_of(arch, tuple(sorted(ARCHITECTURES)), "model.arch")
+    one_of(arch, tuple(sorted(ARCHITECTURES)), "model.arch")
     return ARCHITECTURES[arch].config
+
+
+def scheme_schema(name: str) -> type:
+    """The dataclass validating ``scheme.*`` for scheme ``name``."""
+    from fbi.binarize import SCHEMES
+
+    one_of(name, tuple(sorted(SCHEMES)), "scheme.name")
+    return SCHEMES[name].Config
+
+
+def _known(schema: type, values: dict, group: str, choice: str) -> type:
+    """``schema``, after refusing fields it lacks (another architecture's or scheme's)."""
+    options = [f.name for f in dataclasses.fields(schema)]
+    for name in values:
+        require(name in options, f"{group}.{name}",
+                f"not an option of {choice}; its options are {', '.join(options)}")
+    return schema
 
 
 def _structured(schema: type, values: dict, prefix: str):
@@ -580,9 +595,10 @@ def compose(overrides: list[str]) -> TrainConfig:
 
 def register() -> None:
     """Make the schemas known to Hydra so that YAML files are checked against them. The
-    ``model`` group stays an open mapping here: its schema depends on ``model.arch`` and is
-    applied by ``validate``."""
+    ``model`` and ``scheme`` groups stay open mappings here: their schemas depend on
+    ``model.arch`` and ``scheme.name`` and are applied by ``validate``."""
     schema = OmegaConf.structured(TrainConfig)
-    schema.model = DictConfig({})
-    OmegaConf.set_struct(schema.model, False)  # model.vocab_size=N works for every arch
+    for group in ("model", "scheme"):
+        schema[group] = DictConfig({})
+        OmegaConf.set_struct(schema[group], False)
     ConfigStore.instance().store(name="schema", node=schema)

@@ -3,13 +3,15 @@
 A model never imports a scheme: it calls the factory from ``linear_factory`` with each
 layer's qualified name. Layers whose name matches one of ``scheme.binarize``'s patterns get
 the scheme's layer; the others stay dense. A scheme is one layer class (see ``fp.DenseLinear``
-for the interface); adding one is its module, its yaml in ``conf/scheme/`` and one line here.
+for the interface, and its options as a ``SchemeConfig`` subclass, its ``Config``); adding one
+is its module, its yaml in ``conf/scheme/`` and one line here.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from fnmatch import fnmatch
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 from torch import nn
 
@@ -20,6 +22,7 @@ from fbi.binarize.fbi_w1a1 import FBIW1A1Linear
 from fbi.binarize.fp import DenseLinear
 from fbi.binarize.onebit import OneBitLinear
 from fbi.binarize.pbllm import PBLLMLinear
+from fbi.config import SchemeConfig, scheme_schema
 
 SCHEMES: dict[str, type[DenseLinear]] = {
     "fp": DenseLinear,
@@ -35,12 +38,19 @@ LinearFactory = Callable[[str, int, int, float], nn.Module]
 """``(qualified_name, in_features, out_features, init_std) -> layer``."""
 
 
-def linear_factory(scheme: Union[str, "SchemeConfig"], patterns: Sequence[str]) -> LinearFactory:  # noqa: F821
-    """``scheme``: a ``SchemeConfig`` (its options reach the layers) or just a scheme name."""
-    if isinstance(scheme, str):
-        from fbi.config import SchemeConfig
+def scheme_config(scheme: Union[str, SchemeConfig], **options: Any) -> SchemeConfig:
+    """The typed config of a scheme: ``scheme_config("pbllm", salient_fraction=0.2)``; a
+    config given as the base ``SchemeConfig`` gets its scheme's defaults."""
+    if isinstance(scheme, SchemeConfig):
+        options = {**{f.name: getattr(scheme, f.name) for f in fields(scheme)}, **options}
+        scheme = options.pop("name")
+    return scheme_schema(scheme)(name=scheme, **options)
 
-        scheme = SchemeConfig(name=scheme, binarize=list(patterns))
+
+def linear_factory(scheme: Union[str, SchemeConfig], patterns: Sequence[str]) -> LinearFactory:
+    """Layers named by one of ``patterns`` get ``scheme``'s layer (with its options), the
+    others stay dense."""
+    scheme = scheme_config(scheme)
     layer_cls = SCHEMES[scheme.name]
 
     def make(name: str, in_features: int, out_features: int, init_std: float) -> nn.Module:

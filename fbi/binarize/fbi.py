@@ -10,13 +10,26 @@ straight-through estimator, so ``dW = alpha * dW_eff``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from fbi.binarize.fp import DenseLinear
+from fbi.config import SchemeConfig, one_of
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpack_signs
 
 LAYOUT_DIM = {"column": (0,), "row": (1,), "tensor": (0, 1)}  # dims a scale is shared over
+
+
+@dataclass
+class FBIConfig(SchemeConfig):
+    name: str = "fbi"
+    layout: str = "column"  # alpha/beta per column (the paper's) | row | tensor
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of(self.layout, tuple(LAYOUT_DIM), "scheme.layout")
 
 
 class _FBILinearFunction(torch.autograd.Function):
@@ -51,10 +64,11 @@ def _effective(weight, alpha, beta, dtype):
 
 
 class FBILinear(DenseLinear):
+    Config = FBIConfig
     SCALES = ("alpha", "beta")
 
     def _dims(self) -> tuple[int, ...]:
-        return LAYOUT_DIM[self.cfg.layout if self.cfg is not None else "column"]
+        return LAYOUT_DIM[self.cfg.layout]
 
     def make_scales(self) -> None:
         shape = [self.out_features, self.in_features]

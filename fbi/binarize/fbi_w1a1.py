@@ -13,10 +13,12 @@ matrices plus the rank-1 ``beta`` term. Not linear in x: no fold.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from fbi.binarize.fbi import FBILinear
+from fbi.binarize.fbi import FBIConfig, FBILinear
+from fbi.config import require
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -31,6 +33,20 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     """Apply H blockwise along the last dim (block must divide it)."""
     h = hadamard(block).to(x.dtype).to(x.device)
     return (x.reshape(*x.shape[:-1], -1, block) @ h.T).reshape(x.shape)
+
+
+@dataclass
+class FBIW1A1Config(FBIConfig):
+    name: str = "fbi_w1a1"
+    hadamard_block: int = 128  # rotation block (a power of two)
+    trust: float = 1.0  # the activation gradient passes where |Hx - q| <= trust * scale
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        block = self.hadamard_block
+        require(block > 0 and block & (block - 1) == 0, "scheme.hadamard_block",
+                f"got {block}; choose a power of two such as 128")
+        require(self.trust > 0, "scheme.trust", f"got {self.trust}; choose a positive factor")
 
 
 class _TrustSign(torch.autograd.Function):
@@ -48,13 +64,13 @@ class _TrustSign(torch.autograd.Function):
 
 
 class FBIW1A1Linear(FBILinear):
+    Config = FBIW1A1Config
     QUANTIZES_ACTIVATIONS = True
 
     def _block(self) -> int:
         """``hadamard_block``, or the largest power of two dividing in_features if smaller
         (LLaMA's d_ff is often not a multiple of 128)."""
-        block = self.cfg.hadamard_block if self.cfg is not None else 128
-        return math.gcd(block, self.in_features & -self.in_features)
+        return math.gcd(self.cfg.hadamard_block, self.in_features & -self.in_features)
 
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor) -> None:
@@ -62,5 +78,4 @@ class FBIW1A1Linear(FBILinear):
         self.reset_scales()
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        trust = self.cfg.trust if self.cfg is not None else 1.0
-        return _TrustSign.apply(rotate(x, self._block()), trust)
+        return _TrustSign.apply(rotate(x, self._block()), self.cfg.trust)

@@ -5,7 +5,8 @@ A scheme is one layer class deriving from ``DenseLinear``. It overrides what dif
 ``weight_formula`` (the effective weight from its parameters, with its gradient estimator),
 ``reset_scales`` (its extra parameters from the latent weight), ``pack``/``unpack`` (export),
 ``quantize_input`` and ``QUANTIZES_ACTIVATIONS`` (schemes whose forward is not linear in x),
-and ``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``).
+``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``)
+and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import torch
 from torch import nn
 
 from fbi.binarize.recompute import recomputed_linear
+from fbi.config import SchemeConfig
 
 
 class DenseLinear(nn.Linear):
     """``y = x W^T`` with W initialized from N(0, init_std^2), as in LLaMA/GPT-NeoX."""
 
+    Config = SchemeConfig
     SCALES: tuple[str, ...] = ()
     QUANTIZES_ACTIVATIONS = False
 
-    def __init__(self, in_features: int, out_features: int, init_std: float = 0.02, cfg=None) -> None:
+    def __init__(self, in_features: int, out_features: int, init_std: float = 0.02,
+                 cfg: SchemeConfig | None = None) -> None:
         self.init_std = init_std
-        self.cfg = cfg
+        self.cfg = cfg if cfg is not None else self.Config()
         super().__init__(in_features, out_features, bias=False)
         self.make_scales()
         self.reset_scales()

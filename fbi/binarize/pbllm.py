@@ -9,9 +9,12 @@ signs of the binary ones (1 bit each), int8 codes of the salient ones, two fp sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fbi.binarize.fp import DenseLinear
+from fbi.config import SchemeConfig, require
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, straight_through, unpack_signs
 
 
@@ -34,7 +37,19 @@ def _assemble(mask, codes, step, alpha, signs):
     return torch.where(mask, codes.to(step.dtype) * step, alpha * signs)
 
 
+@dataclass
+class PBLLMConfig(SchemeConfig):
+    name: str = "pbllm"
+    salient_fraction: float = 0.1  # share of weights (largest |W|) kept at 8 bits
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0.0 <= self.salient_fraction <= 1.0, "scheme.salient_fraction",
+                f"got {self.salient_fraction}; choose a share in [0, 1]")
+
+
 class PBLLMLinear(DenseLinear):
+    Config = PBLLMConfig
     def weight_formula(self, weight) -> torch.Tensor:
         with torch.no_grad():
             q = _assemble(*_parts(weight, self.cfg.salient_fraction), sign(weight))

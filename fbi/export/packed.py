@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fbi.binarize.fp import DenseLinear
-from fbi.config import SchemeConfig, model_schema
+from fbi.config import model_schema, scheme_schema
 from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from fbi.trained import PACKED_CONFIG, Trained
 
@@ -160,7 +160,7 @@ def load_packed(directory: Path) -> Trained:
             f"{config.get('version')}; this fbi reads {FORMAT} version {VERSION}"
         )
     model_cfg = model_schema(config["model"]["arch"])(**config["model"])
-    scheme_cfg = SchemeConfig(**config["scheme"])
+    scheme_cfg = scheme_schema(config["scheme"]["name"])(**config["scheme"])
     tensors = load_file(str(directory / WEIGHTS))
     with torch.device("meta"):
         model = build_model(model_cfg, scheme_cfg)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn.functional import linear
 
-from fbi.binarize import SCHEMES, linear_factory, scale_parameter_names
-from fbi.config import ConfigError, SchemeConfig
+from fbi.binarize import SCHEMES, linear_factory, scale_parameter_names, scheme_config
+from fbi.config import ConfigError, SchemeConfig, compose
 
 
 def ste(w, q):
@@ -83,7 +83,7 @@ IDS = [f"{n}-{'-'.join(map(str, o.values()))}" if o else n for n, o in CASES]
 
 def make(name, opts, n_in=48, n_out=24, seed=0, std=0.3):
     torch.manual_seed(seed)
-    cfg = SchemeConfig(name=name, **opts)
+    cfg = scheme_config(name, **opts)
     layer = SCHEMES[name](n_in, n_out, init_std=std, cfg=cfg)
     with torch.no_grad():  # scales away from their init so every term matters
         for pname in layer.SCALES:
@@ -219,7 +219,7 @@ def test_lean_layer_equals_the_plain_formula(name, opts, dtype):
 
 
 def test_factory_applies_patterns_and_options():
-    make_linear = linear_factory(SchemeConfig(name="fbi", binarize=["*.mlp.*"], layout="row"), ["*.mlp.*"])
+    make_linear = linear_factory(scheme_config("fbi", binarize=["*.mlp.*"], layout="row"), ["*.mlp.*"])
     a = make_linear("layers.0.mlp.up_proj", 8, 4, 0.02)
     b = make_linear("layers.0.self_attn.q_proj", 8, 4, 0.02)
     assert type(a) is SCHEMES["fbi"] and a.alpha.shape == (4, 1)
@@ -233,11 +233,29 @@ def test_scale_names_are_what_is_not_decayed():
     assert scale_parameter_names(model) == {"a.g", "a.h", "b.alpha", "b.beta"}
 
 
-@pytest.mark.parametrize("field,value", [("name", "bitnet2"), ("layout", "diag"),
-                                         ("salient_fraction", 1.5), ("hadamard_block", 100)])
-def test_bad_options_are_refused_naming_the_field(field, value):
+@pytest.mark.parametrize("name,field,value", [
+    ("bitnet2", "name", None), ("fbi", "layout", "diag"), ("pbllm", "salient_fraction", 1.5),
+    ("fbi_w1a1", "hadamard_block", 100), ("fbi_w1a1", "trust", 0.0)])
+def test_bad_options_are_refused_naming_the_field(name, field, value):
     with pytest.raises(ConfigError, match=f"scheme.{field}"):
-        SchemeConfig(**{field: value})
+        scheme_config(name, **({} if value is None else {field: value}))
+
+
+@pytest.mark.parametrize("override,field", [
+    ("scheme=fbi scheme.salient_fraction=0.2", "salient_fraction: not an option of scheme=fbi"),
+    ("scheme=pbllm scheme.salient_fraction=2", "share in \\[0, 1\\]"),
+    ("scheme=fbi_w1a1 scheme.hadamard_block=96", "scheme.hadamard_block")])
+def test_options_are_checked_against_the_named_schemes_config(override, field):
+    """Each scheme has its own typed group: another scheme's option is refused by name."""
+    with pytest.raises(ConfigError, match=field):
+        compose(override.split())
+
+
+def test_each_scheme_config_holds_only_its_own_options():
+    assert scheme_config("pbllm", salient_fraction=0.25).salient_fraction == 0.25
+    assert not hasattr(scheme_config("fbi"), "salient_fraction")
+    assert compose(["scheme=fbi_w1a1", "scheme.layout=row"]).scheme.layout == "row"
+    assert type(compose(["scheme=bitnet"]).scheme) is SchemeConfig
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
@@ -247,7 +265,7 @@ def test_scales_are_not_decayed_under_matrices(name):
     from fbi.models import build_model
 
     model = build_model(ModelConfig(n_layers=1, d_model=32, d_ff=64, n_heads=2, vocab_size=50),
-                        SchemeConfig(name=name))
+                        scheme_config(name))
     decayed = {id(p) for p in param_groups(model, 0.1, "matrices")[0]["params"]}
     params = dict(model.named_parameters())
     scales = scale_parameter_names(model)

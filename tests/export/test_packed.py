@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fbi.binarize import SCHEMES
-from fbi.config import Mamba2Config, ModelConfig, SchemeConfig
+from fbi.binarize import SCHEMES, scheme_config
+from fbi.config import Mamba2Config, ModelConfig
 from fbi.data.tokenizer import load_tokenizer
 from fbi.export.packed import export_packed, load_packed
 from fbi.models import build_model
@@ -24,7 +24,7 @@ def tiny_trained(scheme: str, tokenizer_dir, tie: bool = False, arch: str = "lla
     else:
         model_cfg = Mamba2Config(n_layers=2, d_model=32, d_state=8, head_dim=16, n_groups=2,
                                  chunk_size=8, vocab_size=tokenizer.vocab_size, tie_embeddings=tie)
-    scheme_cfg = SchemeConfig(name=scheme, hadamard_block=16)
+    scheme_cfg = scheme_config(scheme, **({"hadamard_block": 16} if scheme == "fbi_w1a1" else {}))
     torch.manual_seed(0)
     model = build_model(model_cfg, scheme_cfg)
     with torch.no_grad():  # trained-looking scales: not the values reset_scales derives

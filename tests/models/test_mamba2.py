@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import Mamba2Config as HFMamba2Config, Mamba2ForCausalLM
 
-from fbi.binarize import SCHEMES
+from fbi.binarize import SCHEMES, scheme_config
 from fbi.binarize.fp import DenseLinear
-from fbi.config import Mamba2Config, SchemeConfig, compose
+from fbi.config import Mamba2Config, compose
 from fbi.models import build_model, from_hf, to_hf
 from fbi.models.ssd import chunked_scan, mamba_ssm_kernel, mamba_ssm_scan, sequential_scan
 
@@ -76,7 +76,7 @@ def test_folded_binary_model_matches_transformers_mamba2():
 def test_every_scheme_binarizes_the_mamba_projections(name):
     cfg = Mamba2Config(n_layers=1, d_model=32, d_state=8, head_dim=16, chunk_size=4, vocab_size=40)
     torch.manual_seed(0)
-    model = build_model(cfg, SchemeConfig(name=name, hadamard_block=16))
+    model = build_model(cfg, scheme_config(name, **({"hadamard_block": 16} if name == "fbi_w1a1" else {})))
     layers = {n: type(m) for n, m in model.named_modules() if isinstance(m, DenseLinear)}
     assert layers == {"backbone.layers.0.mixer.in_proj": SCHEMES[name],
                       "backbone.layers.0.mixer.out_proj": SCHEMES[name], "lm_head": DenseLinear}
