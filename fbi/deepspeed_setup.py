@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Iterable
 
 import torch
 import torch.utils.checkpoint
@@ -149,9 +150,9 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
     return engine
 
 
-def held_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    """(elements this rank keeps, elements of the whole module): ZeRO-3 keeps a shard
-    (``ds_tensor``) of each parameter, the other stages all of it."""
-    params = list(module.parameters())
+def held_parameters(params: Iterable[torch.nn.Parameter]) -> tuple[int, int]:
+    """(elements this rank keeps, elements in all): ZeRO-3 keeps a shard (``ds_tensor``) of
+    each parameter, the other stages all of it."""
+    params = list(params)
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)

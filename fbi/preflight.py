@@ -13,6 +13,7 @@ import torch
 
 from fbi import checkpoint
 from fbi.config import ConfigError, TrainConfig
+from fbi.data.prepare import builder_for, corpus_files
 from fbi.distributed import detect
 from fbi.run_lock import RunLock
 
@@ -59,11 +60,19 @@ def check_teacher(cfg: TrainConfig) -> None:
         )
 
 
+def check_data_files(cfg: TrainConfig) -> None:
+    """``data.files`` match files of one readable kind (their contents are checked when
+    they are tokenized: fbi.data.prepare)."""
+    if cfg.data.files:
+        builder_for(corpus_files(cfg.data, Path(cfg.cache_dir).expanduser()))
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> Path:
     """Every refusal that reads only; returns the run directory."""
     cfg.grad_accum_steps(world_size)
     check_precision(cfg)
     check_teacher(cfg)
+    check_data_files(cfg)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} is a file; choose a folder")

@@ -26,6 +26,7 @@ from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from fbi.deepspeed_setup import (Dist, build_context, deepspeed_config, held_parameters,
                                   initialize)
 from fbi.distill.teacher import TeacherSource, build_teacher, resolve_path
+from fbi.binarize import scale_parameter_names
 from fbi.models import build_model
 
 log = logging.getLogger("fbi")
@@ -173,10 +174,15 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     )
     checkpoint.check_space(run_dir, checkpoint.bytes_needed(run_dir, n_params, cfg.precision))
     engine = initialize(model, cfg, ds_config)
-    shares = {"student": engine.module, "teacher": getattr(teacher, "model", None)}
+    scales = scale_parameter_names(engine.module)
+    shares = {
+        "student": list(engine.module.parameters()),
+        "scale": [p for n, p in engine.module.named_parameters() if n in scales],
+        "teacher": list(getattr(teacher, "model", torch.nn.Module()).parameters()),
+    }
     log.info("rank 0 holds %s", ", ".join(
-        "%d of %d %s parameters" % (*held_parameters(m), name)
-        for name, m in shares.items() if m is not None))
+        "%d of %d %s parameters" % (*held_parameters(params), name)
+        for name, params in shares.items() if params))
     torch.manual_seed(cfg.seed + dist_info.rank)  # then per-rank streams (e.g. dropout)
     return Run(cfg, dist_info, run_dir, device, tokenizer, train_data, val_data, engine,
                teacher, grad_accum, resume_tag, universal)

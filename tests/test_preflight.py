@@ -24,6 +24,9 @@ def tiny(run_dir, *more):
     (["resume=true"], 1, "resume: resume=true but"),
     (["teacher=hf", "teacher.path=/nonexistent/teacher"], 1,
      "teacher.path: /nonexistent/teacher does not exist"),
+    (["data=files", "data.files=[/nonexistent/*.txt]"], 1, "data.files: no file matches"),
+    (["data=files", f"data.files=[{REPO}/README.md,{REPO}/requirements.txt]"], 1,
+     r"data.files: got extensions \['.md', '.txt'\]; use files of one kind"),
 ])
 def test_refused_before_anything_is_created(tmp_path, overrides, world, message):
     run_dir = tmp_path / "run"
@@ -67,3 +70,18 @@ def test_train_py_prints_one_paragraph_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "teacher.path:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_binary_file_named_txt_is_refused_naming_the_byte(tmp_path, corpus):
+    """Caught where the files are tokenized (reading a whole corpus is no preflight's job),
+    still before any training, as one paragraph and exit code 2."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.txt").write_text((corpus / "part0.txt").read_text())
+    (files / "b.txt").write_bytes("é fine so far\n".encode() + bytes([0x80, 0xFF, 0x00]) * 10)
+    proc = run_train(tiny(tmp_path / "r", "data=files", f"data.files=[{files}/*.txt]",
+                          f"cache_dir={tmp_path / 'cache'}"), REPO, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"data.files: {files / 'b.txt'} is not UTF-8 text (byte 15" in proc.stderr
+    assert "Traceback" not in proc.stderr

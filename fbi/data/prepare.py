@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -12,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fbi.config import DataConfig
+from fbi.config import ConfigError, DataConfig
 from fbi.atomic import staging_dir
 from fbi.data.shards import MANIFEST, Manifest, ShardWriter, token_dtype
 from fbi.data.tokenizer import Tokenizer
@@ -26,37 +27,78 @@ def corpus_files(cfg: DataConfig, cache_dir: Path) -> list[str]:
     if cfg.files:
         files = sorted({f for pattern in cfg.files for f in glob.glob(str(Path(pattern).expanduser()))})
         if not files:
-            raise FileNotFoundError(f"data.files: no file matches {list(cfg.files)}")
+            raise ConfigError(f"data.files: no file matches {list(cfg.files)}; name existing "
+                              "files or glob patterns")
         return files
     from fbi.data.sources import obtain_corpus
 
     return [str(p) for p in obtain_corpus(cfg.corpus, cache_dir)]
 
 
+def builder_for(files: list[str]) -> str:
+    """The ``datasets`` builder that reads ``files`` (all of one kind)."""
+    kinds = {Path(f).suffix.lower() for f in files}
+    unknown = kinds - BUILDERS.keys()
+    if unknown or len({BUILDERS[k] for k in kinds}) != 1:
+        raise ConfigError(
+            f"data.files: got extensions {sorted(kinds)}; use files of one kind among "
+            f"{sorted(BUILDERS)}"
+        )
+    return BUILDERS[kinds.pop()]
+
+
 def load_documents(cfg: DataConfig, files: list[str], cache_dir: Path):
     """A ``datasets.Dataset`` with one document per row in column ``text``."""
     import datasets
 
-    kinds = {Path(f).suffix.lower() for f in files}
-    unknown = kinds - BUILDERS.keys()
-    if unknown or len({BUILDERS[k] for k in kinds}) != 1:
-        raise ValueError(
-            f"data.files: got extensions {sorted(kinds)}; use files of one kind among "
-            f"{sorted(BUILDERS)}"
-        )
-    builder = BUILDERS[kinds.pop()]
+    builder = builder_for(files)
     extra = {"sample_by": "document"} if builder == "text" else {}
-    ds = datasets.load_dataset(
-        builder, data_files=files, split="train", cache_dir=str(cache_dir / "datasets"), **extra
-    )
+    if builder == "text":
+        for f in files:
+            check_utf8(f)
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files=files, split="train", cache_dir=str(cache_dir / "datasets"), **extra
+        )
+    except Exception as err:  # datasets' parse errors: name the setting and the files
+        raise ConfigError(
+            f"data.files: {builder} files {files[:3]}{' ...' if len(files) > 3 else ''} could "
+            f"not be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); fix or "
+            "remove the file"
+        ) from err
     if cfg.text_field not in ds.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"data.text_field: {cfg.text_field!r} is not a column of {files[0]}; "
             f"columns are {ds.column_names}"
         )
     if cfg.text_field != "text":
         ds = ds.rename_column(cfg.text_field, "text")
     return ds.select_columns(["text"])
+
+
+def check_utf8(path: str, chunk: int = 1 << 20) -> None:
+    """Refuse a text file that is not UTF-8 text (a binary file named .txt), naming the byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            bad = None
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                bad = (err.start, err.reason)
+            nul = block.find(b"\0")
+            if nul >= 0 and (bad is None or nul < bad[0]):
+                bad = (nul, "a NUL byte")
+            if bad:
+                raise ConfigError(
+                    f"data.files: {path} is not UTF-8 text (byte {offset + bad[0]}: {bad[1]}); "
+                    "convert it (iconv -t UTF-8) or remove it from data.files"
+                )
+            if not block:
+                return
+            offset += len(block)
 
 
 def iter_texts(cfg: DataConfig, cache_dir: Path) -> Iterator[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fbi_testing import run_train
+from fbi_testing import held_by_rank0, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -42,6 +42,9 @@ def test_scheme_learns_and_resumes_exactly_under_zero3(tmp_path, base, scheme):
     run_train(split + ["max_steps=4"], nproc=2)
     proc = run_train(split, nproc=2)
     assert "resumed from" in proc.stderr
+    if scheme in ("scheme=onebit", "scheme=fbi_w1a1"):  # the schemes with learnable scales
+        held, total = held_by_rank0(proc.stderr, "scale")
+        assert held == pytest.approx(total / 2, rel=0.02)  # half of each, DeepSpeed pads
     ours = losses(tmp_path / "split")
     assert ours[0] == pytest.approx(reference[0], rel=1e-5)  # same weights, same forward
     # 1-bit activations flip on the last-ulp differences of a 2-process gradient reduction,
