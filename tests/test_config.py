@@ -99,3 +99,23 @@ def test_a_run_dir_of_another_model_is_refused(tmp_path):
         check_same_student(other, tmp_path)
     with pytest.raises(ConfigError, match="scheme.name=fbi"):
         check_same_student(compose(["experiment=demo", "scheme=fp"]), tmp_path)
+
+
+@pytest.mark.parametrize("recipe,size", [("bimamba_780m", 780e6), ("bimamba_1p3b", 1.3e9),
+                                         ("bimamba_2p7b", 2.7e9)])
+def test_bimamba_recipes_build_the_named_mamba2_size_on_fbi_llms_schedule(recipe, size):
+    """Built on the meta device with the Mamba-2 tokenizer's 50,280 tokens: the published
+    sizes; only in_proj/out_proj binary; FBI-LLM's one pass over Amber in bf16 with fp32
+    gradient accumulation and reduction."""
+    import torch
+
+    from fbi.binarize.fbi import FBILinear
+
+    cfg = compose([f"experiment={recipe}", *NEEDS, "model.vocab_size=50280"])
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.scheme)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(size, rel=0.04)
+    binary = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, FBILinear)}
+    assert binary == {"in_proj", "out_proj"}
+    assert cfg.train_tokens == 1_258_448_486_400 and cfg.data.seq_len == 2048
+    assert cfg.precision == "bf16" and cfg.zero.grad_dtype == "fp32" and cfg.optim.decay == "all"

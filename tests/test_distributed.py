@@ -76,10 +76,10 @@ def test_stop_and_resume_is_exact(tmp_path, base, stage):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, base) -> tuple[dict[int, list[int]], list[float]]:
-    """Sample ids per step and losses of a 1-process run straight through 4 steps."""
+    """Sample ids per step and losses of a 1-process run straight through 5 steps."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    run_train(base + [f"run_dir={run}", "logging.sample_ids=true", "max_steps=4",
-                      "optim.decay_steps=4"], nproc=1)
+    run_train(base + [f"run_dir={run}", "logging.sample_ids=true", "max_steps=5",
+                      "optim.decay_steps=5"], nproc=1)
     return sample_ids(run), [m["loss"] for m in read_steps(run)]
 
 
@@ -89,22 +89,23 @@ def uninterrupted(tmp_path_factory, base) -> tuple[dict[int, list[int]], list[fl
 def test_resume_on_another_world_size_continues_the_same_optimization(
     tmp_path, base, uninterrupted, stage, first, second
 ):
-    """The data order and the losses after the change equal an uninterrupted run's."""
+    """The data order and the losses of the 3 steps after the change equal an uninterrupted
+    run's."""
     uninterrupted_ids, uninterrupted_losses = uninterrupted
     run = tmp_path / "run"
     args = base + [f"run_dir={run}", f"zero=stage{stage}", "logging.sample_ids=true",
-                   "checkpoint_every=2", "optim.decay_steps=4"]
+                   "checkpoint_every=2", "optim.decay_steps=5"]
     run_train(args + ["max_steps=2"], nproc=first)
-    proc = run_train(args + ["max_steps=4"], nproc=second)
+    proc = run_train(args + ["max_steps=5"], nproc=second)
     ids = sample_ids(run)
-    assert sorted(ids) == [1, 2, 3, 4]
+    assert sorted(ids) == [1, 2, 3, 4, 5]
     seen = [i for step in sorted(ids) for i in ids[step]]
-    assert len(seen) == 4 * 8 and len(set(seen)) == len(seen)  # nothing repeated
+    assert len(seen) == 5 * 8 and len(set(seen)) == len(seen)  # nothing repeated
     assert ids == uninterrupted_ids  # nothing skipped: the exact uninterrupted order
     if stage > 0:  # partitioned optimizer state went through DeepSpeed's universal format
         assert (run / "checkpoints" / "step_00000002" / "universal").is_dir()
     steps = read_steps(run)
-    assert [m["step"] for m in steps] == [1, 2, 3, 4] and "resumed from" in proc.stderr
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5] and "resumed from" in proc.stderr
     # Only the order of float sums differs between world sizes.
     torch.testing.assert_close([m["loss"] for m in steps], uninterrupted_losses,
                                rtol=1e-5, atol=0)
