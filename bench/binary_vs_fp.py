@@ -1,11 +1,15 @@
 """Every scheme against full precision: bits per weight, step time, memory kept for backward.
 
     python bench/binary_vs_fp.py [--model fbi_tiny] [--vocab 49152] [--seq-len 128] [--batch 4]
-                                 [--layer-tokens 4096] [--schemes fbi,bitnet,...]
+                                 [--precision fp32|bf16] [--layer-tokens 4096]
+                                 [--schemes fbi,bitnet,...] [--parts model,layer]
 
-Part 1, the whole student: each scheme's model is built and timed in one process, alternating
-steps (forward, backward, AdamW step) so that all see the same machine state; prints median
-step times and their ratio to ``fp``. Part 2, one layer shape: a SwiGLU MLP 768 -> 2048 -> 768
+Part 1, the whole student: each scheme's model is built and timed in one process, in two
+interleaved rounds (forward, backward, AdamW step) so that all see the same machine state;
+prints median step times, their ratio to ``fp``, and the peak memory of a training step
+(GPU: ``max_memory_allocated``; CPU: the peak resident set of a child process that builds the
+model and takes two steps, less what it held before building; meaningful for models of
+hundreds of MB, where the step's peak exceeds the imports'). Part 2, one layer shape: a SwiGLU MLP 768 -> 2048 -> 768
 over ``--layer-tokens`` tokens, forward + backward, per scheme, and the official FBI-LLM
 formulation as autograd composes it (``alpha * (W + (sign(W) - W).detach()) + beta``, then a
 plain linear) as the baseline. "kept" is the memory autograd holds from forward to backward
@@ -15,6 +19,9 @@ plain linear) as the baseline. "kept" is the memory autograd holds from forward 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import resource
 import statistics
 import sys
 import time
@@ -95,6 +102,56 @@ def bits(model: nn.Module) -> float:
     return sum(m.bits_per_weight() * m.weight.numel() for m in layers) / n
 
 
+def student_step(cfg, scheme: str, batch: int, seq_len: int, precision: str, device: str):
+    """(model, one training step of it: forward, cross-entropy, backward, AdamW)."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, scheme_config(scheme), cfg.scheme.binarize).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
+
+    def step():
+        with autocast(device, precision):
+            logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def cpu_peak_mb(model: str, vocab: int, scheme: str, batch: int, seq_len: int, precision: str) -> float:
+    """In a child process: resident-set peak of building the model and two steps, in MB."""
+    torch.set_num_threads(1)
+    cfg = compose([f"model={model}", f"model.vocab_size={vocab}"])
+    page_kb = resource.getpagesize() / 1024
+    with open("/proc/self/statm") as f:  # resident now: the peak so far may be an import's
+        before_kb = int(f.read().split()[1]) * page_kb
+    _, step = student_step(cfg, scheme, batch, seq_len, precision, "cpu")
+    step()
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb) / 1024
+
+
+def peak_mb(args, cfg, scheme: str, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _, step = student_step(cfg, scheme, args.batch, args.seq_len, args.precision, device)
+        step()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(cpu_peak_mb, (args.model, args.vocab, scheme, args.batch,
+                                        args.seq_len, args.precision))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="fbi_tiny")
@@ -104,33 +161,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layer-tokens", type=int, default=4096)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast forward (the latent weights stay fp32)")
+    parser.add_argument("--parts", default="model,layer", help="model, layer or both")
     args = parser.parse_args()
-    schemes = args.schemes.split(",")
-    cfg = compose([f"model={args.model}", f"model.vocab_size={args.vocab}"])
+    schemes = ["fp"] + [s for s in args.schemes.split(",") if s != "fp"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+    if "model" in args.parts:
+        cfg = compose([f"model={args.model}", f"model.vocab_size={args.vocab}"])
+        student_bench(args, cfg, schemes, device, sync)
+    if "layer" in args.parts:
+        layer_bench(args, schemes, device, sync)
 
-    def model_step(model, opt):
-        logits = model(tokens[:, :-1])
-        nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
+def student_bench(args, cfg, schemes: list[str], device: str, sync) -> None:
     step_times, bit_counts = {}, {}
     for _ in range(2):  # two interleaved rounds, best of both, to even out the shared machine
-        for scheme in ["fp"] + [s for s in schemes if s != "fp"]:
-            torch.manual_seed(0)
-            model = build_model(cfg.model, scheme_config(scheme), cfg.scheme.binarize).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            t = timed(lambda: model_step(model, opt), args.steps, sync)
+        for scheme in schemes:
+            model, step = student_step(cfg, scheme, args.batch, args.seq_len, args.precision, device)
+            t = timed(step, args.steps, sync)
             step_times[scheme] = min(t, step_times.get(scheme, t))
             bit_counts[scheme] = bits(model)
-    print(f"{args.model} vocab {args.vocab}, batch {args.batch} x {args.seq_len}, {device}")
-    print(f"{'scheme':<12}{'bits/weight':>12}{'ms/step':>10}{'vs fp':>8}")
+            del model, step
+    peaks = {scheme: peak_mb(args, cfg, scheme, device) for scheme in schemes}
+    print(f"{args.model} vocab {args.vocab}, batch {args.batch} x {args.seq_len}, "
+          f"{args.precision}, {device}, {torch.get_num_threads()} threads")
+    print(f"{'scheme':<12}{'bits/weight':>12}{'ms/step':>10}{'vs fp':>8}{'peak MB':>10}{'vs fp':>8}")
     for s, t in step_times.items():
-        print(f"{s:<12}{bit_counts[s]:>12.3f}{t * 1e3:>10.1f}{t / step_times['fp']:>8.2f}")
+        print(f"{s:<12}{bit_counts[s]:>12.3f}{t * 1e3:>10.1f}{t / step_times['fp']:>8.2f}"
+              f"{peaks[s]:>10.0f}{peaks[s] / peaks['fp']:>8.2f}")
 
+
+def layer_bench(args, schemes: list[str], device: str, sync) -> None:
     x = torch.randn(args.layer_tokens, 768, device=device)
     rows = {}
     for name in ["fp", "official_fbi"] + [s for s in schemes if s != "fp"]:
@@ -141,12 +204,17 @@ def main() -> None:
                            for m in (mlp.gate, mlp.up, mlp.down))
         xr = x.clone().requires_grad_()
 
-        def fwd_bwd():
-            mlp(xr).sum().backward()
+        def forward():
+            with autocast(device, args.precision):
+                return mlp(xr)
 
-        kept = kept_bytes(lambda: mlp(xr), list(mlp.parameters()))
+        def fwd_bwd():
+            forward().float().sum().backward()
+
+        kept = kept_bytes(forward, list(mlp.parameters()))
         rows[name] = (timed(fwd_bwd, args.steps, sync), kept / weight_bytes)
-    print(f"\nSwiGLU MLP 768/2048, {args.layer_tokens} tokens, forward + backward, {device}")
+    print(f"\nSwiGLU MLP 768/2048, {args.layer_tokens} tokens, forward + backward, "
+          f"{args.precision}, {device}")
     print("kept: saved for backward beyond fp's (x, activations), in multiples of the weights")
     print(f"{'layer':<14}{'ms':>8}{'vs fp':>8}{'vs official':>13}{'kept':>8}")
     for name, (t, kept) in rows.items():

@@ -17,6 +17,7 @@ from torch import nn
 
 from fbi.binarize.fp import DenseLinear
 from fbi.config import SchemeConfig, one_of
+from fbi.binarize.recompute import compute_dtype
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpack_signs
 
 LAYOUT_DIM = {"column": (0,), "row": (1,), "tensor": (0, 1)}  # dims a scale is shared over
@@ -42,12 +43,14 @@ class _FBILinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, alpha, beta, dims):
         ctx.dims = dims
+        x = x.to(compute_dtype(x))
         ctx.save_for_backward(x, weight, alpha, beta)
         return nn.functional.linear(x, _effective(weight, alpha, beta, x.dtype)[1])
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, alpha, beta = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         sgn, w_eff = _effective(weight, alpha, beta, x.dtype)
         grad_x = grad @ w_eff if ctx.needs_input_grad[0] else None
         del w_eff

@@ -4,7 +4,8 @@
 full-size intermediate of the formula: sign masks, STE differences) alive from forward to
 backward. Here backward saves only x and the parameters themselves, which exist anyway, and
 rebuilds the formula once to push ``dL/dW_eff`` through it. The effective weight is built in
-x's dtype, so a bf16 forward never materializes an fp32 copy of the matrix.
+the compute dtype (autocast's where it is on, else x's), so a bf16 forward never materializes
+an fp32 copy of the matrix, and under autocast x is kept in bf16 as autocast's own linear would.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from typing import Callable
 import torch
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear over x computes in: autocast's where it is enabled, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, formula: Callable, x: torch.Tensor, *params: torch.Tensor):
         ctx.formula = formula
+        x = x.to(compute_dtype(x))
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
             w = formula(*params).to(x.dtype)
@@ -30,6 +38,7 @@ class _RecomputedLinear(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs)]
             w = ctx.formula(*leaves).to(x.dtype)
+        grad = grad.to(x.dtype)
         grad_x = grad @ w.detach() if ctx.needs_input_grad[1] else None
         grads = [None] * len(params)
         if any(needs):

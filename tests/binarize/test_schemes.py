@@ -218,6 +218,30 @@ def test_lean_layer_equals_the_plain_formula(name, opts, dtype):
         torch.testing.assert_close(p.grad, q.grad, **tol)
 
 
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+def test_fp32_layer_under_bf16_autocast_computes_like_autocast_linear(name, opts):
+    """fp32 parameters and input inside ``torch.autocast(bfloat16)`` (torchtitan-style mixed
+    precision): the output is bf16 and output and all gradients equal autocast applied to the
+    plain formula (which casts x and the effective weight to bf16 for the product)."""
+    _, layer = make(name, opts, n_in=64, n_out=32)
+    plain = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y2 = linear(layer.quantize_input(x2), layer.weight_formula(*plain))
+    assert y.dtype == y2.dtype == torch.bfloat16
+    (y.float() * g).sum().backward()
+    (y2.float() * g).sum().backward()
+    tol = {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    for p, q in zip(layer.parameters(), plain):
+        assert p.grad.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, **tol)
+
+
 def test_factory_applies_patterns_and_options():
     make_linear = linear_factory(scheme_config("fbi", binarize=["*.mlp.*"], layout="row"), ["*.mlp.*"])
     a = make_linear("layers.0.mlp.up_proj", 8, 4, 0.02)
