@@ -5,7 +5,8 @@ import json
 import pytest
 
 from fbi.checkpoint import (
-    COMPLETE, checkpoints_dir, complete_tags, needs_universal, resume_target,
+    COMPLETE, CheckpointError, check_space, checkpoints_dir, complete_tags, needs_universal,
+    resume_target,
 )
 from fbi.config import ConfigError, TrainConfig
 
@@ -96,3 +97,12 @@ def test_max_steps_below_the_resumed_step_is_refused(tmp_path):
     make(tmp_path, 10)
     with pytest.raises(ConfigError, match="max_steps: 8 is below the step 10"):
         resume_target(TrainConfig(max_steps=8, resume="auto"), tmp_path)
+
+
+def test_a_run_that_cannot_fit_one_checkpoint_is_refused_before_training(tmp_path):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    check_space(tmp_path / "run", free // 2)  # fits
+    with pytest.raises(CheckpointError, match="free, and one checkpoint of this run takes"):
+        check_space(tmp_path / "run", free)  # needs 10% headroom beside the previous one

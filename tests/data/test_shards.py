@@ -154,3 +154,12 @@ def test_global_order_is_a_permutation_per_epoch_and_world_size_free():
     two = [i for a in range(2) for r in range(2) for i in sampler.micro_batch_ids(4, 2, a, r, 2)]
     assert sorted(one) == sorted(two) == sorted(sampler.sample_id(k) for k in range(4, 12))
     assert GlobalSampler(10, 3).sample_id(13) == sampler.sample_id(13)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"splits": 3}', "[]"])
+def test_a_garbage_manifest_is_refused_naming_the_folder(tmp_path, text):
+    from fbi.config import ConfigError
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ConfigError, match="data.shards_dir: .*manifest.json is not a shard manifest"):
+        Manifest.load(tmp_path)
