@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
     run_train(args + ["max_steps=24", "checkpoint_every=6", "resume=true"], REPO)
     straight = common(tmp_path / "b", corpus, teacher_dir, cache) + [
         "optim.decay_steps=24", "logging.peak_tflops=0.001"]  # a CPU has no table peak
-    run_train(straight + ["max_steps=24", "checkpoint_every=100"], REPO)
+    console = run_train(straight + ["max_steps=24", "checkpoint_every=100"], REPO).stderr
 
     resumed = [m for m in read_metrics(tmp_path / "a") if "loss" in m]
     reference = [m for m in read_metrics(tmp_path / "b") if "loss" in m]
@@ -52,6 +53,12 @@ def test_distillation_learns_and_resumes_exactly(tmp_path, corpus, teacher_dir):
     assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
     assert (run / "checkpoints" / "step_00000024" / "complete.json").exists()
     assert "mfu" not in resumed[0]  # no peak known for a CPU: no MFU
+    phases = ("time_data_s", "time_teacher_s", "time_forward_backward_s", "time_optimizer_s")
+    for row in reference:  # what the step's time went to, and the gradient norm (ZeRO-0)
+        assert all(row[k] >= 0 for k in phases) and row["time_teacher_s"] > 0
+        assert sum(row[k] for k in phases) <= row["step_time_s"] * 1.01
+        assert row["grad_norm"] > 0
+    assert re.search(r"step 24/24 .* tok/s.* ETA ", console)
     check_mfu(reference, run, teacher_dir, seq_len=32)
 
 
