@@ -56,11 +56,12 @@ def sample_ids(run_dir: Path) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in steps.items()}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_stop_and_resume_is_exact(tmp_path, base, stage):
+def test_stop_and_resume_is_exact_under_zero3(tmp_path, base):
+    """Bitwise, on the same world size (stages 1 and 2 resume through the same DeepSpeed
+    path with unpartitioned parameters; a world-size change is tested below at every stage)."""
     from fbi.consolidate import consolidate
 
-    args = base + [f"zero=stage{stage}", "optim.decay_steps=6", "logging.sample_ids=true",
+    args = base + ["zero=stage3", "optim.decay_steps=6", "logging.sample_ids=true",
                    "checkpoint_every=3"]
     run_train(args + [f"run_dir={tmp_path}/split", "max_steps=3"], nproc=2)
     run_train(args + [f"run_dir={tmp_path}/split", "max_steps=6"], nproc=2)
@@ -84,7 +85,7 @@ def uninterrupted(tmp_path_factory, base) -> tuple[dict[int, list[int]], list[fl
 
 
 @pytest.mark.parametrize("stage,first,second", [
-    (0, 2, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2),
+    (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2),
 ])
 def test_resume_on_another_world_size_continues_the_same_optimization(
     tmp_path, base, uninterrupted, stage, first, second
@@ -127,20 +128,14 @@ def test_consolidated_stage3_checkpoint_loads_into_the_model(tmp_path, base):
     assert sum(v.numel() for v in state.values()) == n_params  # every shard was gathered
 
 
-def test_deepspeed_launcher_starts_two_processes(tmp_path, base):
-    run = tmp_path / "run"
-    proc = run_train(base + [f"run_dir={run}", "zero=stage2", "max_steps=2"], nproc=2,
-                     launcher="deepspeed")
-    assert "world 2" in proc.stderr + proc.stdout
-    assert len(read_steps(run)) == 2
-
-
-def test_one_run_dir_even_when_the_path_differs_per_process(tmp_path, base):
+def test_deepspeed_launcher_starts_two_processes_sharing_one_run_dir(tmp_path, base):
     # ${now:...} resolves in each process a moment apart; rank 0's folder must be the only one.
     pattern = f"run_dir={tmp_path}/run-" + "${now:%H%M%S%f}"
-    run_train(base + [pattern, "max_steps=1"], nproc=2)
+    proc = run_train(base + [pattern, "zero=stage2", "max_steps=2"], nproc=2,
+                     launcher="deepspeed")
+    assert "world 2" in proc.stderr + proc.stdout
     runs = list(tmp_path.glob("run-*"))
-    assert len(runs) == 1 and (runs[0] / "metrics.jsonl").exists()
+    assert len(runs) == 1 and len(read_steps(runs[0])) == 2
 
 
 def test_bf16_under_zero2_follows_the_fp32_run(tmp_path, base, single_process):
