@@ -34,3 +34,13 @@ def test_counts_match_a_materialized_model_and_its_optimizer(capsys):
           "--gpu-gib", "1e-6"])
     out = capsys.readouterr().out
     assert "does NOT fit" in out and f"{est.total / GIB:8.2f} GiB per rank" in out
+
+
+def test_bimamba_counts_match_the_materialized_model():
+    cfg = compose(["experiment=bimamba_demo", "model.vocab_size=96", "model.n_layers=2"])
+    model = build_model(cfg.model, cfg.scheme)
+    est = estimate(cfg, world_size=1)
+    assert est.parameters == sum(p.numel() for p in model.parameters())
+    assert est.binary_parameters == sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, FBILinear)) > 0
+    assert est.bytes["parameters"] == 4 * est.parameters
