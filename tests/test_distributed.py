@@ -95,7 +95,7 @@ def test_resume_on_another_world_size_continues_the_same_optimization(
     uninterrupted_ids, uninterrupted_losses = uninterrupted
     run = tmp_path / "run"
     args = base + [f"run_dir={run}", f"zero=stage{stage}", "logging.sample_ids=true",
-                   "checkpoint_every=2", "optim.decay_steps=5"]
+                   "checkpoint_every=2", "checkpoint_keep=3", "optim.decay_steps=5"]
     run_train(args + ["max_steps=2"], nproc=first)
     proc = run_train(args + ["max_steps=5"], nproc=second)
     ids = sample_ids(run)
