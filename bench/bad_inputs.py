@@ -71,8 +71,8 @@ def main() -> None:
     print(f"{'case':<30}{'exit':>5}{'seconds':>9}{'traceback':>11}{'files':>7}  message")
     with tempfile.TemporaryDirectory() as root:
         tmp = Path(root)
-        for name, overrides in cases(tmp, args.teacher):
-            work = tmp / name.replace(" ", "_")
+        for i, (name, overrides) in enumerate(cases(tmp, args.teacher)):
+            work = tmp / f"case{i}"  # a plain name: Hydra would parse quotes, commas, "="
             work.mkdir()
             base = ["experiment=none", "max_steps=4", "teacher=none", f"run_dir={work / 'run'}",
                     f"cache_dir={work / 'cache'}"]
@@ -85,8 +85,9 @@ def main() -> None:
                                   cwd=work, env=env, capture_output=True, text=True, timeout=600)
             seconds = time.perf_counter() - start
             created = len(files_under(tmp) - before)
-            lines = [ln for ln in proc.stderr.splitlines() if "ERROR" in ln or "Error" in ln]
-            message = (lines[-1].split(": ", 1)[-1] if lines else proc.stderr.strip()[-100:])
+            lines = [ln for ln in proc.stderr.splitlines()
+                     if ("ERROR" in ln or "Error" in ln) and "HYDRA_FULL_ERROR" not in ln]
+            message = lines[-1].split(": ", 1)[-1] if lines else proc.stderr.strip()[-100:]
             print(f"{name:<30}{proc.returncode:>5}{seconds:>9.1f}"
                   f"{'yes' if 'Traceback' in proc.stderr else 'no':>11}{created:>7}  "
                   f"{message[:110]}", flush=True)
