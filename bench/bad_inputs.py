@@ -53,6 +53,10 @@ def cases(tmp: Path, teacher: Path) -> list[tuple[str, list[str]]]:
         ("data.files match nothing", ["data=files", "data.files=[/nonexistent/*.txt]"]),
         ("data.files of two kinds", ["data=files", f"data.files=[{REPO}/README.md,{REPO}/requirements.txt]"]),
         ("binary file named .txt", ["data=files", f"data.files=[{tmp / 'binary'}/*.txt]"]),
+        ("one document only", ["data=files", f"data.files=[{REPO}/README.md]", "teacher=hf",
+                               f"teacher.path={teacher}"]),
+        ("vocabulary below the characters", ["data=files", f"data.files=[{REPO}/README.md]",
+                                             "tokenizer.vocab_size=40"]),
         ("garbage shard manifest", ["data=shards", f"data.shards_dir={tmp / 'shards'}",
                                     "teacher=hf", f"teacher.path={teacher}"]),
     ]

@@ -133,7 +133,7 @@ def train_run(run: Run) -> dict:
                                  world, run.device, cfg.logging.peak_tflops)
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
                       cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg),
-                      utilization)
+                      utilization, start_step=state["step"])
     preemption, stop = PreemptionFlag(run.device), False
     while state["step"] < cfg.max_steps and not stop:
         consumed = skips.cursor(state["consumed"])

@@ -1,5 +1,8 @@
 """Metrics: console progress, ``metrics.jsonl`` and (when enabled) wandb, on rank 0.
 
+The console shows a progress bar when rank 0's stderr is a terminal, plain log lines
+otherwise (a SLURM log, a pipe): the same text, either as the bar's postfix or as a line.
+
 After a resume the steps between the checkpoint and the last logged step are trained
 again; their rows (and a validation of a step already validated) carry ``"replayed": true``,
 so a reader keeps the first row of each step, or the last, as it needs.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +74,7 @@ def logged_steps(run_dir: Path) -> tuple[int, set[int]]:
 class Monitor:
     def __init__(
         self, run_dir: Path, cfg: LoggingConfig, max_steps: int, tokens_per_step: int,
-        rank: int, config: dict, utilization: Utilization | None = None,
+        rank: int, config: dict, utilization: Utilization | None = None, start_step: int = 0,
     ) -> None:
         is_main = rank == 0
         self.cfg, self.max_steps, self.tokens_per_step = cfg, max_steps, tokens_per_step
@@ -91,6 +95,11 @@ class Monitor:
                 config={**config, "versions": package_versions()}, name=run_dir.name,
                 resume="allow",
             )
+        self._bar = None
+        if is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._started = time.perf_counter()
@@ -99,6 +108,9 @@ class Monitor:
     def step(self, step: int, metrics: dict, force: bool = False) -> None:
         self._window_steps += 1
         self._steps_done += 1
+        if self._bar is not None:
+            self._bar.n = step  # a rewind moves it back
+            self._bar.refresh()
         if step % self.cfg.log_every and step != self.max_steps and not force:
             return
         now = time.perf_counter()
@@ -119,13 +131,16 @@ class Monitor:
             losses = "  ".join(
                 f"{k} {metrics[k]:.4f}" for k in ("loss", "distill", "ce") if k in metrics
             )
-            log.info(
-                "step %d/%d  %s  lr %.2e  %.0f tok/s%s  ETA %s%s", step, self.max_steps, losses,
-                metrics["lr"], record["tokens_per_s"],
+            text = "%s  lr %.2e  %.0f tok/s%s%s" % (
+                losses, metrics["lr"], record["tokens_per_s"],
                 f"  MFU {record['mfu']:.1%}" if "mfu" in record else "",
-                time.strftime("%H:%M:%S", time.gmtime(eta)),
                 "  (update skipped: non-finite)" if metrics.get("skipped") else "",
             )
+            if self._bar is not None:
+                self._bar.set_postfix_str(text)
+            else:
+                log.info("step %d/%d  %s  ETA %s", step, self.max_steps, text,
+                         time.strftime("%H:%M:%S", time.gmtime(eta)))
         self._window_start, self._window_steps = time.perf_counter(), 0
 
     def samples(self, step: int, micro_batches: list[list[int]]) -> None:
@@ -148,6 +163,8 @@ class Monitor:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
         for f in (self._jsonl, self._samples):
             if f is not None:
                 f.close()

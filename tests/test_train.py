@@ -125,3 +125,38 @@ def test_bad_values_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "r").exists()
     proc = run_train([f"run_dir={tmp_path}/r", "resume=true"], REPO, check=False, timeout=120)
     assert "resume=true but" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_progress_bar_instead_of_step_lines(tmp_path, corpus, teacher_dir):
+    """rank 0's stderr on a pseudo-terminal: a tqdm bar with the losses as its postfix, and
+    no per-step log lines (a pipe gets the lines: the other tests)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns
+    args = common(tmp_path / "run", corpus, teacher_dir, tmp_path / "cache") + ["max_steps=3"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=follower,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=300) == 0
+    os.close(leader)
+    text = out.decode(errors="replace")
+    assert re.search(r"3/3 \[.*step/s.*loss \d", text), repr(text[-2500:])
+    assert not re.search(r"step \d+/3 ", text) and "validation after step 3" in text

@@ -112,14 +112,14 @@ def separator_ids(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[int], lis
         return [], [tokenizer.eos_id]
     if cfg.separator == "bos_eos":
         if tokenizer.bos_id is None:
-            raise ValueError(
+            raise ConfigError(
                 f"data.separator: bos_eos, but the tokenizer {tokenizer.source} has no BOS "
                 "token; use data.separator=eos"
             )
         return [tokenizer.bos_id], [tokenizer.eos_id]
     token = tokenizer.token_id(cfg.separator)
     if token is None:
-        raise ValueError(
+        raise ConfigError(
             f"data.separator: {cfg.separator!r} is not a token of {tokenizer.source}; use eos, "
             "bos_eos or one of its special tokens"
         )
@@ -144,7 +144,7 @@ def build_shards(
     tokenized = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
     lengths = np.asarray(tokenized["n"], dtype=np.int64)
     if len(lengths) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"data: {len(lengths)} document(s) found; the split needs at least two (one for "
             "validation), so add text or split it into several files/rows"
         )
@@ -205,7 +205,7 @@ def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Pat
                      key or source_key(cfg, tokenizer, cache_dir))
     manifest = Manifest.load(directory)
     if manifest.tokenizer_fingerprint != tokenizer.fingerprint:
-        raise ValueError(
+        raise ConfigError(
             f"data.shards_dir: {directory} was tokenized with {manifest.tokenizer_source} "
             f"(fingerprint {manifest.tokenizer_fingerprint}) but the student uses "
             f"{tokenizer.source} ({tokenizer.fingerprint}); point data.shards_dir elsewhere "

@@ -138,7 +138,7 @@ class TokenShards:
             counts.append(max(0, (info.tokens - 1) // seq_len))
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self.num_samples == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len: the {split!r} split of {directory} holds fewer than "
                 f"{seq_len + 1} tokens per shard; lower data.seq_len or add text"
             )

