@@ -32,6 +32,8 @@ def cases(tmp: Path, teacher: Path) -> list[tuple[str, list[str]]]:
     (tmp / "shards").mkdir()
     (tmp / "shards" / "manifest.json").write_text("{not json")
     (tmp / "a_file").write_text("")
+    (tmp / "one").mkdir()
+    (tmp / "one" / "doc.txt").write_text((REPO / "README.md").read_text())
     return [
         ("batch not divisible", ["global_batch_size=6", "micro_batch_size=4"]),
         ("fp16 on a CPU", ["precision=fp16", "distributed.device=cpu"]),
@@ -53,9 +55,9 @@ def cases(tmp: Path, teacher: Path) -> list[tuple[str, list[str]]]:
         ("data.files match nothing", ["data=files", "data.files=[/nonexistent/*.txt]"]),
         ("data.files of two kinds", ["data=files", f"data.files=[{REPO}/README.md,{REPO}/requirements.txt]"]),
         ("binary file named .txt", ["data=files", f"data.files=[{tmp / 'binary'}/*.txt]"]),
-        ("one document only", ["data=files", f"data.files=[{REPO}/README.md]", "teacher=hf",
+        ("one document only", ["data=files", f"data.files=[{tmp / 'one'}/doc.txt]", "teacher=hf",
                                f"teacher.path={teacher}"]),
-        ("vocabulary below the characters", ["data=files", f"data.files=[{REPO}/README.md]",
+        ("vocabulary below the characters", ["data=files", f"data.files=[{tmp / 'one'}/doc.txt]",
                                              "tokenizer.vocab_size=40"]),
         ("garbage shard manifest", ["data=shards", f"data.shards_dir={tmp / 'shards'}",
                                     "teacher=hf", f"teacher.path={teacher}"]),
@@ -90,8 +92,9 @@ def main() -> None:
             seconds = time.perf_counter() - start
             created = len(files_under(tmp) - before)
             lines = [ln for ln in proc.stderr.splitlines()
-                     if ("ERROR" in ln or "Error" in ln) and "HYDRA_FULL_ERROR" not in ln]
-            message = lines[-1].split(": ", 1)[-1] if lines else proc.stderr.strip()[-100:]
+                     if ln.strip() and not ln.startswith("[") and " INFO " not in ln]
+            errors = [ln for ln in lines if " ERROR " in ln]  # fbi's refusals; else Hydra's
+            message = (errors or lines or ["(no message)"])[0].split(": ", 1)[-1]
             print(f"{name:<30}{proc.returncode:>5}{seconds:>9.1f}"
                   f"{'yes' if 'Traceback' in proc.stderr else 'no':>11}{created:>7}  "
                   f"{message[:110]}", flush=True)
