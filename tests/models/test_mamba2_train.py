@@ -1,6 +1,6 @@
 """Bi-Mamba through train.py: a binary Mamba-2 student distilled from the tiny LLaMA teacher
-learns on one process under ZeRO-3, and 2 processes resuming its mid-run checkpoint (student
-built under zero.Init) follow it step for step."""
+learns on one process under ZeRO-3, 2 processes resuming its mid-run checkpoint (student
+built under zero.Init) follow it step for step, and so do 2 processes under ZeRO-2."""
 
 from __future__ import annotations
 
@@ -42,3 +42,7 @@ def test_bimamba_learns_and_resumes_exactly_under_zero3(tmp_path, corpus, teache
     proc = run_train(base + [f"run_dir={two}"], nproc=2)
     assert "resumed from" in proc.stderr
     assert losses(two)[8:] == pytest.approx(reference[4:], rel=1e-5)
+    # ZeRO-2 (optimizer state and gradients partitioned, the model whole) on 2 processes.
+    three = tmp_path / "three"
+    run_train(base + [f"run_dir={three}", "zero=stage2", "max_steps=4"], nproc=2)
+    assert losses(three) == pytest.approx(reference[:4], rel=1e-5)
