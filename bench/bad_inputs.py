@@ -74,7 +74,7 @@ def main() -> None:
                         default=Path("~/.cache/fbi/teachers/smollm2-135m-instruct").expanduser())
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    print(f"{'case':<30}{'exit':>5}{'seconds':>9}{'traceback':>11}{'files':>7}  message")
+    print(f"{'case':<34}{'exit':>5}{'seconds':>9}{'traceback':>11}{'files':>7}  message")
     with tempfile.TemporaryDirectory() as root:
         tmp = Path(root)
         for i, (name, overrides) in enumerate(cases(tmp, args.teacher)):
@@ -95,7 +95,7 @@ def main() -> None:
                      if ln.strip() and not ln.startswith("[") and " INFO " not in ln]
             errors = [ln for ln in lines if " ERROR " in ln]  # fbi's refusals; else Hydra's
             message = (errors or lines or ["(no message)"])[0].split(": ", 1)[-1]
-            print(f"{name:<30}{proc.returncode:>5}{seconds:>9.1f}"
+            print(f"{name:<34}{proc.returncode:>5}{seconds:>9.1f}"
                   f"{'yes' if 'Traceback' in proc.stderr else 'no':>11}{created:>7}  "
                   f"{message[:110]}", flush=True)
 
