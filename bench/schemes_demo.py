@@ -22,19 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from binary_vs_fp import bits  # noqa: E402  (a sibling script: bench/ is sys.path[0])
 from fbi.binarize import SCHEMES  # noqa: E402
-from fbi.binarize.fp import DenseLinear  # noqa: E402
 from fbi.config import compose  # noqa: E402
-from fbi.data.sampler import GlobalSampler  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
 from fbi.distill.cache_writer import write_cache  # noqa: E402
 from fbi.loop import evaluate, train_step  # noqa: E402
 from fbi.run import build_run  # noqa: E402
+from teacher_sources import micro_batches  # noqa: E402
 
 TARGETS = ["teacher=cache", "teacher.cache.mode=sampled", "teacher.cache.draws=32"]
 
@@ -43,21 +41,6 @@ def config(out: Path, scheme: str, steps: int):
     return compose(["experiment=demo", f"scheme={scheme}", f"run_dir={out / scheme}",
                     f"max_steps={steps}", f"checkpoint_every={10 * steps}", "resume=false",
                     *TARGETS])
-
-
-def bits_per_weight(model: torch.nn.Module) -> float:
-    layers = [m for m in model.modules() if isinstance(m, DenseLinear) and type(m) is not DenseLinear]
-    if not layers:
-        return 16.0  # full precision, exported in bf16
-    return (sum(m.bits_per_weight() * m.weight.numel() for m in layers)
-            / sum(m.weight.numel() for m in layers))
-
-
-def micro_batches(run, step):
-    sampler = GlobalSampler(run.train_data.num_samples, run.cfg.seed)
-    return [sampler.micro_batch_ids(step * run.cfg.global_batch_size, run.cfg.micro_batch_size,
-                                    a, run.dist.rank, run.dist.world_size)
-            for a in range(run.grad_accum)]
 
 
 def main() -> None:
@@ -82,7 +65,7 @@ def main() -> None:
         run = build_run(config(out, scheme, args.steps), dist_info)
         for step in range(args.steps):
             train_step(run, micro_batches(run, step))
-        results[scheme] = {"bits_per_weight": bits_per_weight(run.engine.module), **evaluate(run)}
+        results[scheme] = {"bits_per_weight": bits(run.engine.module), **evaluate(run)}
         print(scheme, results[scheme], flush=True)
         del run
     print(f"\nfbi_tiny on the demo corpus, {args.steps} steps x 4 x 128 tokens, SmolLM2-135M "

@@ -105,9 +105,9 @@ class Mamba2Config:
             require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
         inner = self.expand * self.d_model
         require(inner % self.head_dim == 0, "model.head_dim",
-                 f"expand * d_model = {inner} is not divisible by {self.head_dim}; pick a divisor")
+                f"expand * d_model = {inner} is not divisible by {self.head_dim}; pick a divisor")
         require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
-                 f"{self.n_groups} must divide the {inner // self.head_dim} heads")
+                f"{self.n_groups} must divide the {inner // self.head_dim} heads")
         require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
         one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
 
@@ -171,7 +171,7 @@ class CacheConfig:
         require(self.part_samples > 0, "teacher.cache.part_samples", "must be positive")
         require(self.wait_s >= 0, "teacher.cache.wait_s", "must be >= 0")
         require(self.max_parts is None or self.max_parts >= 0, "teacher.cache.max_parts",
-                 "must be >= 0 or null")
+                "must be >= 0 or null")
 
 
 @dataclass
@@ -202,7 +202,7 @@ class TeacherConfig:
                 "teacher.path=/path/to/model",
             )
         require(not self.zero3 or self.kind == "hf", "teacher.zero3",
-                 "partitions the online teacher: it needs teacher.kind=hf")
+                "partitions the online teacher: it needs teacher.kind=hf")
 
 
 @dataclass
@@ -312,7 +312,7 @@ class OptimConfig:
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
         require(self.grad_clip >= 0, "optim.grad_clip",
-                 f"got {self.grad_clip}; choose a positive norm, or 0 to clip nothing")
+                f"got {self.grad_clip}; choose a positive norm, or 0 to clip nothing")
 
 
 @dataclass
@@ -343,7 +343,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         require(self.log_every > 0, "logging.log_every", "must be positive")
         require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops",
-                 "must be positive, or null for the table's figure")
+                "must be positive, or null for the table's figure")
         require(self.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0 (0: off)")
         one_of(self.wandb, ("disabled", "offline", "online"), "logging.wandb")
 
@@ -435,7 +435,7 @@ class TrainConfig:
             "over a token budget (or choose an experiment=...)",
         )
         require(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
-                 "must be positive (or null)")
+                "must be positive (or null)")
         if self.max_steps is None:
             self.max_steps = self.schedule_steps()
         require(self.max_steps > 0, "max_steps", "must be positive")
@@ -444,13 +444,13 @@ class TrainConfig:
         require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
         require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
         require(self.checkpoint_keep_every is None or self.checkpoint_keep_every > 0,
-                 "checkpoint_keep_every", "must be positive (or null)")
+                "checkpoint_keep_every", "must be positive (or null)")
         require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
         for path in self.eval_blimp:
             require(Path(path).expanduser().exists(), "eval_blimp",
-                     f"{path} does not exist; name jsonl files or folders of minimal pairs "
-                     "(e.g. data/blimp), or eval_blimp=[] for none")
+                    f"{path} does not exist; name jsonl files or folders of minimal pairs "
+                    "(e.g. data/blimp), or eval_blimp=[] for none")
         require(
             self.zero.grad_dtype == "model" or self.precision == "fp32" or self.zero.stage > 0,
             "zero.grad_dtype",

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fbi import atomic, checkpoint
+from fbi.binarize import scale_parameter_names
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
@@ -26,7 +27,6 @@ from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from fbi.deepspeed_setup import (Dist, build_context, deepspeed_config, held_parameters,
                                   initialize)
 from fbi.distill.teacher import TeacherSource, build_teacher, resolve_path
-from fbi.binarize import scale_parameter_names
 from fbi.models import build_model
 
 log = logging.getLogger("fbi")

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from fbi.binarize.fp import DenseLinear
-from fbi.config import SchemeConfig, one_of
-from fbi.binarize.recompute import compute_dtype
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpack_signs
+from fbi.binarize.recompute import compute_dtype
+from fbi.config import SchemeConfig, one_of
 
 LAYOUT_DIM = {"column": (0,), "row": (1,), "tensor": (0, 1)}  # dims a scale is shared over
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from fbi.binarize.fp import DenseLinear
-from fbi.config import SchemeConfig, require
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, straight_through, unpack_signs
+from fbi.config import SchemeConfig, require
 
 
 def _parts(w: torch.Tensor, fraction: float):
@@ -50,6 +50,7 @@ class PBLLMConfig(SchemeConfig):
 
 class PBLLMLinear(DenseLinear):
     Config = PBLLMConfig
+
     def weight_formula(self, weight) -> torch.Tensor:
         with torch.no_grad():
             q = _assemble(*_parts(weight, self.cfg.salient_fraction), sign(weight))
