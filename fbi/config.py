@@ -267,9 +267,22 @@ class ZeroConfig:
     # data_types.grad_accum_dtype and communication_data_type), which DeepSpeed 0.19 supports
     # under ZeRO 1-3 only.
     grad_dtype: str = "model"
+    # ZeRO-3: binarized layers all-gather their latent weight's packed signs, not the weight
+    # (fbi.sign_gather); for schemes whose forward reads only sign(W): fbi, onebit, fbi_w1a1.
+    gather_signs: bool = False
+    # Parameters with fewer elements stay whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold); the 1-bit route needs every scale below it.
+    param_persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
         require(self.stage in (0, 1, 2, 3), "zero.stage", f"got {self.stage}; use 0, 1, 2 or 3")
+        require(not self.gather_signs or self.stage == 3, "zero.gather_signs",
+                "gathering signs replaces ZeRO-3's parameter all-gather; use zero=stage3 (the "
+                "other stages keep every weight whole on every rank)")
+        require(not (self.gather_signs and self.offload_params), "zero.gather_signs",
+                "not supported with zero.offload_params=true; turn one of them off")
+        require(self.param_persistence_threshold >= 0, "zero.param_persistence_threshold",
+                "must be >= 0")
         one_of(self.grad_dtype, ("model", "fp32"), "zero.grad_dtype")
         require(
             not self.offload_params or self.stage == 3,
@@ -514,7 +527,17 @@ def validate(cfg: DictConfig) -> TrainConfig:
                              scheme, "scheme: ")
     cfg = _structured(TrainConfig, raw, "")
     cfg.model, cfg.scheme = model_cfg, scheme_cfg
+    _check_gather_signs(cfg)
     return cfg
+
+
+def _check_gather_signs(cfg: TrainConfig) -> None:
+    from fbi.binarize import SCHEMES
+
+    sign_only = sorted(name for name, layer in SCHEMES.items() if layer.SIGN_ONLY)
+    require(not cfg.zero.gather_signs or SCHEMES[cfg.scheme.name].SIGN_ONLY, "zero.gather_signs",
+            f"scheme={cfg.scheme.name} reads more of the latent weight than its signs; the 1-bit "
+            f"route serves {', '.join(sign_only)}, or set zero.gather_signs=false")
 
 
 def model_schema(arch: str) -> type:

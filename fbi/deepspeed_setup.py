@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Iterable
 
@@ -39,6 +40,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
             reduce_bucket_size=zero.bucket_size,
             allgather_bucket_size=zero.bucket_size,
         )
+    if zero.stage == 3:
+        zero_section["stage3_param_persistence_threshold"] = zero.param_persistence_threshold
     if zero.offload_optimizer:
         zero_section["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if zero.offload_params:
@@ -147,6 +150,13 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
+    if cfg.zero.gather_signs:
+        from fbi import sign_gather
+
+        routed = sign_gather.install(engine)
+        logging.getLogger("fbi").info(
+            "zero.gather_signs: %d binarized layers all-gather packed signs instead of their "
+            "latent weights", len(routed))
     return engine
 
 

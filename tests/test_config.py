@@ -119,3 +119,19 @@ def test_bimamba_recipes_build_the_named_mamba2_size_on_fbi_llms_schedule(recipe
     assert binary == {"in_proj", "out_proj"}
     assert cfg.train_tokens == 1_258_448_486_400 and cfg.data.seq_len == 2048
     assert cfg.precision == "bf16" and cfg.zero.grad_dtype == "fp32" and cfg.optim.decay == "all"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["zero=stage2"], "zero.gather_signs: gathering signs replaces ZeRO-3's"),
+    (["zero=stage3", "scheme=bitnet"], "zero.gather_signs: scheme=bitnet reads more .* fbi, fbi_w1a1, onebit"),
+    (["zero=stage3", "zero.offload_params=true"], "zero.gather_signs: not supported with zero.offload_params"),
+])
+def test_the_one_bit_route_refuses_what_it_cannot_serve(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(["experiment=demo", "zero.gather_signs=true", *overrides])
+    compose(["experiment=demo", "zero=stage3", "zero.gather_signs=true"])  # what it serves
+
+
+def test_stage3_persistence_threshold_reaches_deepspeed():
+    cfg = compose(["experiment=demo", "zero=stage3", "zero.param_persistence_threshold=1000"])
+    assert deepspeed_config(cfg, 1)["zero_optimization"]["stage3_param_persistence_threshold"] == 1000

@@ -69,6 +69,7 @@ def _effective(weight, alpha, beta, dtype):
 class FBILinear(DenseLinear):
     Config = FBIConfig
     SCALES = ("alpha", "beta")
+    SIGN_ONLY = True
 
     def _dims(self) -> tuple[int, ...]:
         return LAYOUT_DIM[self.cfg.layout]

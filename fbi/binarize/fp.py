@@ -5,7 +5,8 @@ A scheme is one layer class deriving from ``DenseLinear``. It overrides what dif
 ``weight_formula`` (the effective weight from its parameters, with its gradient estimator),
 ``reset_scales`` (its extra parameters from the latent weight), ``pack``/``unpack`` (export),
 ``quantize_input`` and ``QUANTIZES_ACTIVATIONS`` (schemes whose forward is not linear in x),
-``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``)
+``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``),
+``SIGN_ONLY`` (its forward reads the latent weight only through ``sign``)
 and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
 """
 
@@ -24,6 +25,9 @@ class DenseLinear(nn.Linear):
     Config = SchemeConfig
     SCALES: tuple[str, ...] = ()
     QUANTIZES_ACTIVATIONS = False
+    # Forward reads the latent weight only through sign(W), with the identity straight-through
+    # gradient: ZeRO-3 may then gather its signs alone (fbi.sign_gather).
+    SIGN_ONLY = False
 
     def __init__(self, in_features: int, out_features: int, init_std: float = 0.02,
                  cfg: SchemeConfig | None = None) -> None:

@@ -18,6 +18,7 @@ from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpac
 
 class OneBitLinear(DenseLinear):
     SCALES = ("g", "h")
+    SIGN_ONLY = True
 
     def make_scales(self) -> None:
         self.g = nn.Parameter(torch.empty(self.in_features))

@@ -1,0 +1,88 @@
+"""ZeRO-3's 1-bit parameter route (``zero.gather_signs``, fbi.sign_gather) through train.py on 2
+gloo processes: bit for bit the losses, gradient norms and validation of the plain route, which
+all-gathers the latent weights; checkpoints that move between the routes; and what the route
+moves, counted by bench/zero3_traffic.py. What it cannot serve is refused in tests/test_config.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fbi_testing import REPO, read_steps, run_train
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+# Weights of 2,048+ elements are partitioned, the scales (64-128 elements) stay whole.
+ROUTE = ["zero=stage3", "zero.param_persistence_threshold=1000"]
+
+
+def metrics(run_dir) -> list[dict]:
+    """The training and validation rows of metrics.jsonl: step, losses, gradient norm."""
+    keep = ("step", "loss", "grad_norm", "val_ppl_student")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in keep if k in r} for r in rows if "loss" in r or "val_ppl_student" in r]
+
+
+@pytest.mark.parametrize("scheme,precision,extra", [
+    ("fbi", "bf16", ["micro_batch_size=2"]),  # 2 micro-batches per step: accumulation
+    ("onebit", "fp32", ["zero.activation_checkpointing=true"]),  # backward re-runs the gather
+])
+def test_signs_route_equals_latent_route_bitwise(tmp_path, tiny_run, scheme, precision, extra):
+    """4 steps, a checkpoint and validation at step 2 and 4: the routes agree exactly, and a
+    run on the 1-bit route resuming the plain route's step-2 checkpoint continues it exactly."""
+    args = tiny_run + ROUTE + [f"scheme={scheme}", f"precision={precision}", "max_steps=4",
+                               "checkpoint_every=2", "eval_every=2", *extra]
+    plain, signs, mixed = tmp_path / "plain", tmp_path / "signs", tmp_path / "mixed"
+    run_train(args + [f"run_dir={plain}", "zero.gather_signs=false"], nproc=2)
+    proc = run_train(args + [f"run_dir={signs}", "zero.gather_signs=true"], nproc=2)
+    # 2 blocks x 7 linears; embedding and head stay dense
+    assert "14 binarized layers all-gather packed signs" in proc.stderr
+    reference = metrics(plain)
+    assert len(reference) >= 6 and sum("val_ppl_student" in r for r in reference) == 2
+    assert metrics(signs) == reference  # exact float equality, every row
+
+    shutil.copytree(plain, mixed)
+    shutil.rmtree(mixed / "checkpoints" / "step_00000004")
+    proc = run_train(args + [f"run_dir={mixed}", "zero.gather_signs=true"], nproc=2)
+    assert "resumed from" in proc.stderr
+    after = [r for r in reference if r["step"] > 2]
+    assert metrics(mixed)[-len(after):] == after
+
+
+def test_traffic_bench_counts_one_sixteenth():
+    """bench/zero3_traffic.py on the tiny model: on the 1-bit route DeepSpeed gathers none of
+    the binarized latent weights, their signs are 1/16 of them, the scales move as before, and
+    the routes' losses are bitwise equal."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "bench" / "zero3_traffic.py"), "--model", "fbi_tiny", "--vocab", "512",
+         "--seq-len", "32", "--steps", "2", "--persistence", "1000"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latent, signs = (
+        [float(v) for v in re.search(rf"\| {route} \| ([\d.]+) MiB \| ([\d.]+) MiB \| "
+                                     r"([\d.]+) MiB \| ([\d.]+) MiB", proc.stdout).groups()]
+        for route in ("latent", "signs"))
+    assert latent[2] == 0 and signs[1] == 0  # no signs on one route, no latent weights on the other
+    assert latent[1] > 1 and signs[2] == pytest.approx(latent[1] / 16, abs=2e-3)
+    assert signs[3] == latent[3] > 0  # the scales: whole on every rank, refreshed after each step
+    assert "signs / latent weights: 0.0625" in proc.stdout
+    assert "losses bitwise equal over 2 steps: yes" in proc.stdout
+
+
+def test_partitioned_scales_are_refused(tmp_path, tiny_run):
+    """A persistence threshold below the scales' size would partition them: refused, naming
+    the field and the threshold that fixes it, before the first step."""
+    proc = run_train(tiny_run + ["zero=stage3", "zero.gather_signs=true", "max_steps=2",
+                                 "zero.param_persistence_threshold=10", f"run_dir={tmp_path}"],
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"zero.gather_signs: model\.layers\.0\.\S+\.alpha \(\d+ elements\) is "
+                     r"partitioned.*raise zero.param_persistence_threshold above \d+", proc.stderr)
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
