@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from fbi_testing import REPO, read_steps, run_train
+from fbi_testing import REPO, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
