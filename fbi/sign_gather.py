@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from fbi.binarize.fp import DenseLinear
-from fbi.binarize.packing import pack_signs, sign
+from fbi.binarize.packing import pack_signs, unpack_signs
 from fbi.config import ConfigError
 
 def install(engine) -> list[str]:
@@ -117,7 +117,7 @@ class _SignsOf(torch.autograd.Function):
 
 def gather_packed_signs(shard: torch.Tensor, group) -> torch.Tensor:
     """(world, bytes) uint8: every rank's shard's signs, 8 per byte (``packing.pack_signs``)."""
-    mine = pack_signs(sign(shard))
+    mine = pack_signs(shard)
     out = torch.empty(dist.get_world_size(group) * mine.numel(), dtype=torch.uint8,
                       device=mine.device)
     dist.all_gather_into_tensor(out, mine, group=group)
@@ -127,10 +127,9 @@ def gather_packed_signs(shard: torch.Tensor, group) -> torch.Tensor:
 def unpack(packed: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
     """+-1 in the weight's dtype and full shape, from ``gather_packed_signs``' bytes (each
     rank's shard padded to a whole byte, the last shard padded by ZeRO)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    bits = bits.view(packed.shape[0], -1)[:, : weight.ds_tensor.numel()].reshape(-1)
-    return (bits[: weight.ds_numel].to(weight.dtype) * 2 - 1).view(weight.ds_shape)
+    world, shard = packed.shape[0], weight.ds_tensor.numel()
+    signs = unpack_signs(packed, (world, packed.shape[1] * 8), weight.dtype)[:, :shard]
+    return signs.reshape(-1)[: weight.ds_numel].view(weight.ds_shape)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
-"""ZeRO-3's 1-bit parameter route (``zero.gather_signs``, fbi.sign_gather) through train.py on 2
-gloo processes: bit for bit the losses, gradient norms and validation of the plain route, which
-all-gathers the latent weights; checkpoints that move between the routes; and what the route
-moves, counted by bench/zero3_traffic.py. What it cannot serve is refused in tests/test_config.py."""
+"""ZeRO-3's 1-bit parameter route (``zero.gather_signs``, fbi.sign_gather): unpacking gathered
+shards; through train.py on 2 gloo processes, bit for bit the losses, gradient norms and
+validation of the plain route, which all-gathers the latent weights, and checkpoints that move
+between the routes; what the route moves, counted by bench/zero3_traffic.py; partitioned scales
+refused (the config's refusals are in tests/test_config.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from fbi.binarize.packing import pack_signs, sign
+from fbi.sign_gather import unpack
 from fbi_testing import REPO, run_train
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 # Weights of 2,048+ elements are partitioned, the scales (64-128 elements) stay whole.
 ROUTE = ["zero=stage3", "zero.param_persistence_threshold=1000"]
+MAMBA = ["experiment=bimamba_demo", "model.n_layers=2", "model.d_model=64", "model.d_state=16",
+         "model.head_dim=16", "model.chunk_size=8"]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -29,20 +34,45 @@ def metrics(run_dir) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in rows if "loss" in r or "val_ppl_student" in r]
 
 
+@pytest.mark.parametrize("world,shape", [(3, (5, 7)), (2, (16, 8)), (4, (3, 1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpacking_gathered_shards_gives_the_signs_of_the_whole_weight(world, shape, dtype):
+    """ZeRO-3 splits the flat weight into ``ceil(n / world)``-element shards, the last one
+    padded; each is packed to whole bytes on its own rank. Unpacking the gathered bytes must
+    give sign(W) (zeros and -0.0 included) in the weight's dtype and shape."""
+    w = torch.randn(shape).to(dtype)
+    w.view(-1)[:3] = torch.tensor([0.0, -0.0, 1e-30])
+    n = w.numel()
+    part = -(-n // world)
+    flat = torch.nn.functional.pad(w.reshape(-1), (0, part * world - n), value=-1.0)
+    packed = torch.stack([pack_signs(flat[r * part:(r + 1) * part]) for r in range(world)])
+    param = torch.nn.Parameter(torch.empty(0, dtype=dtype))
+    param.ds_tensor, param.ds_numel, param.ds_shape = flat[:part], n, w.shape
+    signs = unpack(packed, param)
+    assert signs.dtype == dtype and signs.shape == w.shape
+    assert torch.equal(signs, sign(w))
+
+
 @pytest.mark.parametrize("scheme,precision,extra", [
     ("fbi", "bf16", ["micro_batch_size=2"]),  # 2 micro-batches per step: accumulation
     ("onebit", "fp32", ["zero.activation_checkpointing=true"]),  # backward re-runs the gather
+    ("fbi", "fp32", MAMBA),  # Bi-Mamba: in_proj and out_proj binarized
 ])
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_signs_route_equals_latent_route_bitwise(tmp_path, tiny_run, scheme, precision, extra):
     """4 steps, a checkpoint and validation at step 2 and 4: the routes agree exactly, and a
     run on the 1-bit route resuming the plain route's step-2 checkpoint continues it exactly."""
+    if extra == MAMBA:  # tiny_run's widths are the transformer's
+        tiny_run = [a for a in tiny_run if not a.startswith("model.")]
     args = tiny_run + ROUTE + [f"scheme={scheme}", f"precision={precision}", "max_steps=4",
                                "checkpoint_every=2", "eval_every=2", *extra]
     plain, signs, mixed = tmp_path / "plain", tmp_path / "signs", tmp_path / "mixed"
     run_train(args + [f"run_dir={plain}", "zero.gather_signs=false"], nproc=2)
     proc = run_train(args + [f"run_dir={signs}", "zero.gather_signs=true"], nproc=2)
-    # 2 blocks x 7 linears; embedding and head stay dense
-    assert "14 binarized layers all-gather packed signs" in proc.stderr
+    # 2 blocks x 7 linears (transformer) or x 2 (Mamba); embedding and head stay dense
+    layers = 4 if extra == MAMBA else 14
+    assert f"{layers} binarized layers all-gather packed signs" in proc.stderr
     reference = metrics(plain)
     assert len(reference) >= 6 and sum("val_ppl_student" in r for r in reference) == 2
     assert metrics(signs) == reference  # exact float equality, every row
@@ -55,6 +85,8 @@ def test_signs_route_equals_latent_route_bitwise(tmp_path, tiny_run, scheme, pre
     assert metrics(mixed)[-len(after):] == after
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_traffic_bench_counts_one_sixteenth():
     """bench/zero3_traffic.py on the tiny model: on the 1-bit route DeepSpeed gathers none of
     the binarized latent weights, their signs are 1/16 of them, the scales move as before, and
@@ -76,6 +108,7 @@ def test_traffic_bench_counts_one_sixteenth():
     assert "losses bitwise equal over 2 steps: yes" in proc.stdout
 
 
+@pytest.mark.slow
 def test_partitioned_scales_are_refused(tmp_path, tiny_run):
     """A persistence threshold below the scales' size would partition them: refused, naming
     the field and the threshold that fixes it, before the first step."""

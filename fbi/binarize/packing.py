@@ -5,19 +5,27 @@ from __future__ import annotations
 import torch
 
 
-def pack_signs(sign: torch.Tensor) -> torch.Tensor:
-    """+-1 tensor -> uint8, bit set where +1, 8 weights per byte (row-major, zero padded)."""
-    bits = (sign.reshape(-1) > 0).to(torch.uint8)
-    bits = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 8)).reshape(-1, 8)
+def pack_signs(t: torch.Tensor) -> torch.Tensor:
+    """uint8, 8 weights per byte (row-major, zero padded), bit set where ``sign(t)`` is +1: a
+    +-1 tensor, or raw weights (``sign(0) = +1``, as ``sign`` below)."""
+    positive = torch.signbit(t.reshape(-1) + 0.0).logical_not_().view(torch.uint8)
+    bits = torch.nn.functional.pad(positive, (0, (-positive.numel()) % 8)).view(-1, 8)
     weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=bits.device)
     return (bits * weights).sum(1, dtype=torch.uint8)
 
 
-def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
+def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """+-1 in ``dtype``, the first ``prod(shape)`` of ``packed``'s weights."""
     n = torch.Size(shape).numel()
-    return (bits.reshape(-1)[:n].float() * 2 - 1).reshape(shape)
+    return _sign_table(dtype, packed.device).index_select(0, packed.reshape(-1).int()) \
+        .view(-1)[:n].view(shape)
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8): the +-1 values of each byte's bits; one lookup unpacks a byte."""
+    bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+    return (bits * 2 - 1).to(dtype)
 
 
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
