@@ -2,7 +2,7 @@
 
     python bench/binary_vs_fp.py [--model fbi_tiny] [--vocab 49152] [--seq-len 128] [--batch 4]
                                  [--precision fp32|bf16] [--layer-tokens 4096]
-                                 [--schemes fbi,bitnet,...] [--parts model,layer]
+                                 [--schemes fbi,bitnet,...] [--parts model,layer,rebuild]
 
 Part 1, the whole student: each scheme's model is built and timed in one process, in two
 interleaved rounds (forward, backward, AdamW step) so that all see the same machine state;
@@ -13,7 +13,8 @@ hundreds of MB, where the step's peak exceeds the imports'). Part 2, one layer s
 over ``--layer-tokens`` tokens, forward + backward, per scheme, and the official FBI-LLM
 formulation as autograd composes it (``alpha * (W + (sign(W) - W).detach()) + beta``, then a
 plain linear) as the baseline. "kept" is the memory autograd holds from forward to backward
-(distinct storages of saved tensors), in multiples of the MLP's weights.
+(distinct storages of saved tensors), in multiples of the MLP's weights. Part 3 (``rebuild``):
+FBI's effective-weight pass eager and under ``torch.compile``, against the matmul it feeds.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast forward (the latent weights stay fp32)")
-    parser.add_argument("--parts", default="model,layer", help="model, layer or both")
+    parser.add_argument("--parts", default="model,layer",
+                        help="comma-separated: model, layer, rebuild")
     args = parser.parse_args()
     schemes = ["fp"] + [s for s in args.schemes.split(",") if s != "fp"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,6 +175,8 @@ def main() -> None:
         student_bench(args, cfg, schemes, device, sync)
     if "layer" in args.parts:
         layer_bench(args, schemes, device, sync)
+    if "rebuild" in args.parts:
+        rebuild_bench(args, device, sync)
 
 
 def student_bench(args, cfg, schemes: list[str], device: str, sync) -> None:
@@ -220,6 +224,30 @@ def layer_bench(args, schemes: list[str], device: str, sync) -> None:
     for name, (t, kept) in rows.items():
         print(f"{name:<14}{t * 1e3:>8.1f}{t / rows['fp'][0]:>8.2f}"
               f"{t / rows['official_fbi'][0]:>13.2f}{kept - rows['fp'][1]:>8.2f}")
+
+
+def rebuild_bench(args, device: str, sync) -> None:
+    """FBI's effective-weight pass (``copysign`` + ``addcmul``, run once in forward and once in
+    backward) eager and under ``torch.compile``, against the forward matmul it feeds."""
+    from fbi.binarize.fbi import _effective
+
+    w = torch.randn(2048, 768, device=device)
+    alpha, beta = torch.rand(1, 768, device=device), torch.randn(1, 768, device=device) * 0.01
+    x = torch.randn(args.layer_tokens, 768, device=device)
+    compiled = torch.compile(_effective, dynamic=False)
+    print(f"\nFBI effective weight 2048 x 768 (x2 per step) vs one forward matmul over "
+          f"{args.layer_tokens} tokens, {device}")
+    print(f"{'dtype':<10}{'eager ms':>10}{'compiled ms':>13}{'matmul ms':>11}{'eager/matmul':>14}"
+          f"{'bitwise':>9}")
+    for dtype in (torch.float32, torch.bfloat16):
+        same = all(torch.equal(a, b) for a, b in zip(_effective(w, alpha, beta, dtype),
+                                                     compiled(w, alpha, beta, dtype)))
+        eager = timed(lambda: _effective(w, alpha, beta, dtype), 20, sync)
+        fused = timed(lambda: compiled(w, alpha, beta, dtype), 20, sync)
+        xd, wd = x.to(dtype), w.to(dtype)
+        matmul = timed(lambda: xd @ wd.T, args.steps, sync)
+        print(f"{str(dtype).split('.')[1]:<10}{eager * 1e3:>10.2f}{fused * 1e3:>13.2f}"
+              f"{matmul * 1e3:>11.1f}{eager / matmul:>14.3f}{'yes' if same else 'no':>9}")
 
 
 if __name__ == "__main__":
