@@ -3,9 +3,11 @@
     python bench/binary_vs_fp.py [--model fbi_tiny] [--vocab 49152] [--seq-len 128] [--batch 4]
                                  [--precision fp32|bf16] [--layer-tokens 4096]
                                  [--schemes fbi,bitnet,...] [--parts model,layer,rebuild]
+                                 [--zero 0|1|2|3]
 
 Part 1, the whole student: each scheme's model is built and timed in one process, in two
-interleaved rounds (forward, backward, AdamW step) so that all see the same machine state;
+interleaved rounds (forward, backward, AdamW step) so that all see the same machine state
+(with ``--zero``, through the DeepSpeed engine train.py builds, at that stage);
 prints median step times, their ratio to ``fp``, and the peak memory of a training step
 (GPU: ``max_memory_allocated``; CPU: the peak resident set of a child process that builds the
 model and takes two steps, less what it held before building; meaningful for models of
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -103,12 +106,16 @@ def bits(model: nn.Module) -> float:
     return sum(m.bits_per_weight() * m.weight.numel() for m in layers) / n
 
 
-def student_step(cfg, scheme: str, batch: int, seq_len: int, precision: str, device: str):
-    """(model, one training step of it: forward, cross-entropy, backward, AdamW)."""
+def student_step(cfg, scheme: str, batch: int, seq_len: int, precision: str, device: str,
+                 zero: tuple[str, int] | None = None):
+    """(model, one training step of it: forward, cross-entropy, backward, AdamW); with
+    ``zero=(model name, stage)``, the DeepSpeed engine train.py builds, in ``precision``."""
     torch.manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
+    if zero is not None:
+        return engine_step(*zero, cfg.model.vocab_size, scheme, tokens, precision)
     model = build_model(cfg.model, scheme_config(scheme), cfg.scheme.binarize).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
 
     def step():
         with autocast(device, precision):
@@ -120,20 +127,52 @@ def student_step(cfg, scheme: str, batch: int, seq_len: int, precision: str, dev
     return model, step
 
 
+def engine_step(model_name: str, stage: int, vocab: int, scheme: str, tokens: torch.Tensor,
+                precision: str):
+    from fbi.deepspeed_setup import build_context, deepspeed_config, init_distributed, initialize
+
+    if not torch.distributed.is_initialized():
+        init_distributed()  # a process group of one (gloo on CPU)
+    batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
+    run = compose(["experiment=none", f"model={model_name}", f"model.vocab_size={vocab}",
+                   f"scheme={scheme}", f"zero=stage{stage}", f"precision={precision}",
+                   "max_steps=10", f"global_batch_size={batch}", f"micro_batch_size={batch}",
+                   f"data.seq_len={seq_len}", "optim.warmup_steps=1"])
+    ds_config = deepspeed_config(run, 1)
+    with build_context(run, ds_config):
+        model = build_model(run.model, run.scheme)
+    engine = initialize(model, run, ds_config)
+
+    def step():
+        logits = engine(tokens[:, :-1])
+        engine.backward(nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                    tokens[:, 1:].flatten()))
+        engine.step()
+
+    return engine.module, step
+
+
 def autocast(device: str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device, dtype=torch.bfloat16)
 
 
-def cpu_peak_mb(model: str, vocab: int, scheme: str, batch: int, seq_len: int, precision: str) -> float:
+def zero(args) -> tuple[str, int] | None:
+    return None if args.zero is None else (args.model, args.zero)
+
+
+def cpu_peak_mb(model: str, vocab: int, scheme: str, batch: int, seq_len: int, precision: str,
+                stage: int | None) -> float:
     """In a child process: resident-set peak of building the model and two steps, in MB."""
     torch.set_num_threads(1)
+    os.environ.pop("MASTER_PORT", None)  # the parent's process group's; this one forms its own
     cfg = compose([f"model={model}", f"model.vocab_size={vocab}"])
     page_kb = resource.getpagesize() / 1024
     with open("/proc/self/statm") as f:  # resident now: the peak so far may be an import's
         before_kb = int(f.read().split()[1]) * page_kb
-    _, step = student_step(cfg, scheme, batch, seq_len, precision, "cpu")
+    _, step = student_step(cfg, scheme, batch, seq_len, precision, "cpu",
+                           None if stage is None else (model, stage))
     step()
     step()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb) / 1024
@@ -144,13 +183,14 @@ def peak_mb(args, cfg, scheme: str, device: str) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _, step = student_step(cfg, scheme, args.batch, args.seq_len, args.precision, device)
+        _, step = student_step(cfg, scheme, args.batch, args.seq_len, args.precision, device,
+                               zero(args))
         step()
         step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(cpu_peak_mb, (args.model, args.vocab, scheme, args.batch,
-                                        args.seq_len, args.precision))
+                                        args.seq_len, args.precision, args.zero))
 
 
 def main() -> None:
@@ -164,6 +204,9 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast forward (the latent weights stay fp32)")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3),
+                        help="model part: DeepSpeed engines at this ZeRO stage, as train.py "
+                             "builds them (bf16: DeepSpeed's bf16 weights), one process")
     parser.add_argument("--parts", default="model,layer",
                         help="comma-separated: model, layer, rebuild")
     args = parser.parse_args()
@@ -177,20 +220,26 @@ def main() -> None:
         layer_bench(args, schemes, device, sync)
     if "rebuild" in args.parts:
         rebuild_bench(args, device, sync)
+    if torch.distributed.is_initialized():  # --zero; a live gloo group can abort the exit
+        torch.distributed.destroy_process_group()
 
 
 def student_bench(args, cfg, schemes: list[str], device: str, sync) -> None:
     step_times, bit_counts = {}, {}
     for _ in range(2):  # two interleaved rounds, best of both, to even out the shared machine
         for scheme in schemes:
-            model, step = student_step(cfg, scheme, args.batch, args.seq_len, args.precision, device)
+            model, step = student_step(cfg, scheme, args.batch, args.seq_len, args.precision,
+                                       device, zero(args))
             t = timed(step, args.steps, sync)
             step_times[scheme] = min(t, step_times.get(scheme, t))
+            if args.zero == 3:  # partitioned weights: count the bits on a whole copy
+                model = build_model(cfg.model, scheme_config(scheme), cfg.scheme.binarize)
             bit_counts[scheme] = bits(model)
             del model, step
     peaks = {scheme: peak_mb(args, cfg, scheme, device) for scheme in schemes}
+    engine = "plain AdamW" if args.zero is None else f"DeepSpeed ZeRO-{args.zero}"
     print(f"{args.model} vocab {args.vocab}, batch {args.batch} x {args.seq_len}, "
-          f"{args.precision}, {device}, {torch.get_num_threads()} threads")
+          f"{args.precision}, {engine}, {device}, {torch.get_num_threads()} threads")
     print(f"{'scheme':<12}{'bits/weight':>12}{'ms/step':>10}{'vs fp':>8}{'peak MB':>10}{'vs fp':>8}")
     for s, t in step_times.items():
         print(f"{s:<12}{bit_counts[s]:>12.3f}{t * 1e3:>10.1f}{t / step_times['fp']:>8.2f}"

@@ -111,6 +111,7 @@ def main() -> None:
     dist_info = init_distributed()
     world = dist_info.world_size
     latent, signs = measure(args, world, False), measure(args, world, True)
+    torch.distributed.destroy_process_group()  # a live gloo group can abort the exit
     if not dist_info.is_main:
         return
     mib = 2**20

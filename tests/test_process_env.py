@@ -139,6 +139,7 @@ t = torch.tensor([info.rank + 1.0])
 dist.all_reduce(t)
 print(json.dumps({"rank": info.rank, "world": info.world_size, "local": info.local_rank,
                   "device": info.device, "backend": dist.get_backend(), "sum": t.item()}))
+dist.destroy_process_group()  # a live gloo group can abort the interpreter's exit
 """
 
 
