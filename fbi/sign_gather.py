@@ -34,6 +34,7 @@ from fbi.binarize.fp import DenseLinear
 from fbi.binarize.packing import pack_signs, unpack_signs
 from fbi.config import ConfigError
 
+
 def install(engine) -> list[str]:
     """Route every ZeRO-3-partitioned ``SIGN_ONLY`` layer of ``engine.module`` through its
     gathered signs; returns their names. Layers whose weight DeepSpeed keeps persistent (whole
