@@ -4,6 +4,10 @@
     torchrun --standalone --nproc_per_node 2 bench/zero3_traffic.py [--model fbi_130m]
         [--vocab 32000] [--steps 3] [--seq-len 128] [--precision fp32|bf16]
         [--persistence 100000]
+    python bench/zero3_traffic.py --meta fbi_130m,fbi_1p3b,fbi_7b [--vocab 32000]
+
+``--meta``: no step, only what one gather of every binarized layer moves on each route, in
+bf16, counted on models built on the meta device (so the 7B recipe costs nothing).
 
 Builds the student under ``zero.Init`` exactly as train.py does (stage 3, gloo on CPU) once per
 route and runs the same ``--steps`` forward + backward + optimizer steps on the same random
@@ -107,7 +111,10 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--persistence", type=int, default=100_000,
                         help="zero.param_persistence_threshold")
+    parser.add_argument("--meta", help="comma-separated models: count on the meta device only")
     args = parser.parse_args()
+    if args.meta:
+        return meta_counts(args.meta.split(","), args.vocab)
     dist_info = init_distributed()
     world = dist_info.world_size
     latent, signs = measure(args, world, False), measure(args, world, True)
@@ -132,6 +139,27 @@ def main() -> None:
     same = signs["losses"] == latent["losses"]
     print(f"losses bitwise equal over {args.steps} steps: {'yes' if same else 'NO'} "
           f"({signs['losses'][-1]!r} vs {latent['losses'][-1]!r})")
+
+
+def meta_counts(models: list[str], vocab: int) -> None:
+    mib = 2**20
+    print(f"vocab {vocab}; one gather of every binarized layer, bf16 latent weights against "
+          "packed signs + bf16 scales:")
+    print("| model | binarized weights (share) | bf16 route | signs + scales | ratio |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        cfg = compose(["experiment=none", f"model={name}", f"model.vocab_size={vocab}",
+                       "max_steps=1"])
+        with torch.device("meta"):
+            model = build_model(cfg.model, cfg.scheme)
+        binary = [m for m in model.modules()
+                  if isinstance(m, DenseLinear) and type(m) is not DenseLinear]
+        weights = sum(m.weight.numel() for m in binary)
+        scales = sum(getattr(m, p).numel() for m in binary for p in m.SCALES)
+        share = weights / sum(p.numel() for p in model.parameters())
+        dense, onebit = 2 * weights, weights / 8 + 2 * scales
+        print(f"| {name} | {weights / 1e6:,.1f}M ({share:.0%}) | {dense / mib:,.1f} MiB | "
+              f"{onebit / mib:,.1f} MiB | {onebit / dense:.3f} |")
 
 
 if __name__ == "__main__":
