@@ -153,10 +153,13 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
     if cfg.zero.gather_signs:
         from fbi import sign_gather
 
-        routed = sign_gather.install(engine)
-        logging.getLogger("fbi").info(
+        routed, whole = sign_gather.install(engine)
+        logging.getLogger("fbi").log(
+            logging.INFO if routed else logging.WARNING,
             "zero.gather_signs: %d binarized layers all-gather packed signs instead of their "
-            "latent weights", len(routed))
+            "latent weights; %d have weights below zero.param_persistence_threshold=%d, which "
+            "DeepSpeed keeps whole on every rank (nothing to gather)", len(routed), len(whole),
+            cfg.zero.param_persistence_threshold)
     return engine
 
 

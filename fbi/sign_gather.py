@@ -35,14 +35,18 @@ from fbi.binarize.packing import pack_signs, unpack_signs
 from fbi.config import ConfigError
 
 
-def install(engine) -> list[str]:
+def install(engine) -> tuple[list[str], list[str]]:
     """Route every ZeRO-3-partitioned ``SIGN_ONLY`` layer of ``engine.module`` through its
-    gathered signs; returns their names. Layers whose weight DeepSpeed keeps persistent (whole
-    on every rank, below ``zero.param_persistence_threshold``) keep the plain route."""
+    gathered signs. Returns the names of those, and of the layers whose weight DeepSpeed keeps
+    persistent (whole on every rank, below ``zero.param_persistence_threshold``): they keep
+    the plain route, which gathers nothing for them."""
     offload = engine.optimizer.parameter_offload
-    routed = []
+    routed, whole = [], []
     for name, layer in engine.module.named_modules():
-        if not (isinstance(layer, DenseLinear) and layer.SIGN_ONLY) or layer.weight.ds_persist:
+        if not (isinstance(layer, DenseLinear) and layer.SIGN_ONLY):
+            continue
+        if layer.weight.ds_persist:
+            whole.append(name)
             continue
         for scale in layer.SCALES:
             p = getattr(layer, scale)
@@ -54,7 +58,7 @@ def install(engine) -> list[str]:
         _detach_deepspeed_hooks(layer, offload)
         layer.forward = _GatheredForward(layer)
         routed.append(name)
-    return routed
+    return routed, whole
 
 
 def _detach_deepspeed_hooks(layer: torch.nn.Module, offload) -> None:

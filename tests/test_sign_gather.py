@@ -74,7 +74,8 @@ def test_signs_route_equals_latent_route_bitwise(tmp_path, tiny_run, scheme, pre
     proc = run_train(args + [f"run_dir={signs}", "zero.gather_signs=true"], nproc=2)
     # 2 blocks x 7 linears (transformer) or x 2 (Mamba); embedding and head stay dense
     layers = 4 if extra == MAMBA else 14
-    assert f"{layers} binarized layers all-gather packed signs" in proc.stderr
+    assert (f"{layers} binarized layers all-gather packed signs instead of their latent "
+            "weights; 0 have weights below") in proc.stderr
     reference = metrics(plain)
     assert len(reference) >= 6 and sum("val_ppl_student" in r for r in reference) == 2
     assert metrics(signs) == reference  # exact float equality, every row
@@ -122,3 +123,15 @@ def test_partitioned_scales_are_refused(tmp_path, tiny_run):
     assert re.search(r"zero.gather_signs: model\.layers\.0\.\S+\.alpha \(\d+ elements\) is "
                      r"partitioned.*raise zero.param_persistence_threshold above \d+", proc.stderr)
     assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_weights_kept_whole_leave_nothing_to_gather_and_say_so(tmp_path, tiny_run):
+    """At DeepSpeed's default threshold (100,000 elements) the tiny model's weights are all
+    kept whole on every rank: the run trains on the plain route and warns that the 1-bit
+    route has nothing to do."""
+    proc = run_train(tiny_run + ["zero=stage3", "zero.gather_signs=true", "max_steps=1",
+                                 "eval_batches=0", f"run_dir={tmp_path}"])
+    assert re.search(r"WARNING fbi: zero.gather_signs: 0 binarized layers .*; 14 have weights "
+                     r"below zero.param_persistence_threshold=100000", proc.stderr)
+    assert (tmp_path / "metrics.jsonl").exists()
