@@ -30,6 +30,11 @@ def test_counts_match_a_materialized_model_and_its_optimizer(capsys):
     assert sharded.bytes["parameters"] == 2 * est.parameters / 4
     assert sharded.bytes["gradients"] == 4 * est.parameters / 4
     assert sharded.bytes["optimizer"] == 12 * est.parameters / 4
+    # the 1-bit route: the gathered signs of every binarized weight stay from forward to backward
+    signs = estimate(compose(["experiment=demo", "model.vocab_size=96", "model.n_layers=2",
+                              "zero=stage3", "precision=bf16", "zero.grad_dtype=fp32",
+                              "zero.gather_signs=true"]), 4)
+    assert signs.bytes["parameters"] == sharded.bytes["parameters"] + est.binary_parameters / 8
     main(["experiment=demo", "model.vocab_size=96", "model.n_layers=2", "--world-size", "1",
           "--gpu-gib", "1e-6"])
     out = capsys.readouterr().out
