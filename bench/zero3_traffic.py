@@ -57,19 +57,22 @@ def measure(args, world: int, route: bool) -> dict:
     kind.update({id(getattr(m, p)): "scales" for m in binary for p in m.SCALES})
     counted = dict.fromkeys(("all", "latent", "scales", "signs"), 0)
 
-    def counting(gather):
-        def wrapped(params=None, *a, **kw):
-            for q in params or []:
+    def counting(gather, owner, keyword):
+        # all_gather(param_list=None) gathers the parameter it is called on
+        def wrapped(*args, **kw):
+            params = args[0] if args else kw.get(keyword)
+            for q in params or [owner]:
                 bytes_ = q.ds_numel * q.ds_tensor.element_size()
                 counted["all"] += bytes_
                 if id(q) in kind:
                     counted[kind[id(q)]] += bytes_
-            return gather(params, *a, **kw)
+            return gather(*args, **kw)
         return wrapped
 
     for q in engine.module.parameters():
-        q.all_gather_coalesced = counting(q.all_gather_coalesced)
-        q.all_gather = counting(q.all_gather)  # persistent ones, after each optimizer step
+        q.all_gather_coalesced = counting(q.all_gather_coalesced, q, "params")
+        # how the persistent ones are refreshed after each optimizer step
+        q.all_gather = counting(q.all_gather, q, "param_list")
     gather_signs = sign_gather.gather_packed_signs
 
     def counting_signs(shard, group):

@@ -115,8 +115,8 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
     }
     if cfg.zero.offload_params:
         parts["parameters"] = 0.0
-    if cfg.zero.gather_signs:  # every binarized layer's gathered signs, kept for backward
-        parts["parameters"] += binary / 8
+    if cfg.zero.gather_signs and not cfg.zero.activation_checkpointing:
+        parts["parameters"] += binary / 8  # each layer's gathered signs, kept for backward
     return Estimate(total, binary, parts)
 
 

@@ -12,7 +12,8 @@ needed only by the optimizer that owns each shard. So, for such layers:
   the bytes over the parameter's ZeRO group, unpacks them into a +-1 tensor and runs the
   scheme's own forward with it in place of the weight: its result is bitwise the plain route's,
   because the scheme takes ``sign`` of it again. Autograd saves that tensor for backward as
-  the gathered bytes (1/16 of bf16).
+  the gathered bytes (1/16 of bf16), unless an outer saved-tensor policy (activation
+  checkpointing) is active: then it keeps nothing and recomputation gathers again.
 - Backward hands the scheme's gradient for the weight (full shape, as the plain route makes it)
   to the weight parameter, where DeepSpeed's own hook reduce-scatters it into the owner's
   shard: the optimizer, its state and checkpoints are untouched.
@@ -25,6 +26,7 @@ DeepSpeed's ``free_param`` leaves it.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -56,7 +58,7 @@ def install(engine) -> tuple[list[str], list[str]]:
                     "but the 1-bit route needs every scale whole on each rank; raise "
                     f"zero.param_persistence_threshold above {p.ds_numel}")
         _detach_deepspeed_hooks(layer, offload)
-        layer.forward = _GatheredForward(layer)
+        route(layer)
         routed.append(name)
     return routed, whole
 
@@ -67,6 +69,12 @@ def _detach_deepspeed_hooks(layer: torch.nn.Module, offload) -> None:
     for handle in offload.forward_hooks + offload.backward_hooks:
         if id(handle.hooks_dict_ref()) in own:
             handle.remove()
+
+
+def route(layer: DenseLinear) -> None:
+    """Give a layer whose weight ZeRO-3 has partitioned (``ds_tensor``, ``ds_shape``, ...) the
+    1-bit forward."""
+    layer.forward = _GatheredForward(layer)
 
 
 class _GatheredForward:
@@ -80,25 +88,24 @@ class _GatheredForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer, weight = self.layer, self.weight
         packed = gather_packed_signs(weight.ds_tensor, weight.ds_process_group)
-        signs = unpack(packed, weight)
         with _full_shaped(weight):
-            signs = _SignsOf.apply(weight, signs)
-        saved = (signs.data_ptr(), signs.shape)
-
-        def pack(t: torch.Tensor):
-            return packed if (t.data_ptr(), t.shape) == saved else t
-
-        def unpack_saved(p):
-            return unpack(p, weight) if p is packed else p
-
+            signs = _SignsOf.apply(weight, signs_from_gathered(packed, weight))
         params = layer._parameters
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack_saved):
-            # The scheme's own forward, reading the signs where it reads its weight.
-            params["weight"] = signs
-            try:
+        params["weight"] = signs  # the scheme's forward reads its weight here; sign(+-1) = +-1
+        try:
+            if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+                # An outer policy (activation checkpointing) decides what is kept; it drops
+                # the signs too, and recomputing the block gathers them again.
                 return type(layer).forward(layer, x)
-            finally:
-                params["weight"] = weight
+            # Autograd keeps the hooks as long as what they saved: a weak reference, so that
+            # they do not keep the +-1 tensor alive themselves.
+            kept = weakref.ref(signs)
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: packed if t is kept() else t,
+                    lambda p: signs_from_gathered(p, weight) if p is packed else p):
+                return type(layer).forward(layer, x)
+        finally:
+            params["weight"] = weight
 
 
 class _SignsOf(torch.autograd.Function):
@@ -125,11 +132,11 @@ def gather_packed_signs(shard: torch.Tensor, group) -> torch.Tensor:
     mine = pack_signs(shard)
     out = torch.empty(dist.get_world_size(group) * mine.numel(), dtype=torch.uint8,
                       device=mine.device)
-    dist.all_gather_into_tensor(out, mine, group=group)
+    dist.all_gather_single(out, mine, group=group)
     return out.view(-1, mine.numel())
 
 
-def unpack(packed: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
+def signs_from_gathered(packed: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
     """+-1 in the weight's dtype and full shape, from ``gather_packed_signs``' bytes (each
     rank's shard padded to a whole byte, the last shard padded by ZeRO)."""
     world, shard = packed.shape[0], weight.ds_tensor.numel()

@@ -35,6 +35,10 @@ def test_counts_match_a_materialized_model_and_its_optimizer(capsys):
                               "zero=stage3", "precision=bf16", "zero.grad_dtype=fp32",
                               "zero.gather_signs=true"]), 4)
     assert signs.bytes["parameters"] == sharded.bytes["parameters"] + est.binary_parameters / 8
+    checkpointed = estimate(compose(["experiment=demo", "model.vocab_size=96", "model.n_layers=2",
+                                     "zero=stage3", "zero.gather_signs=true",
+                                     "zero.activation_checkpointing=true"]), 4)
+    assert checkpointed.bytes["parameters"] == 4 * est.parameters / 4  # recomputed, not kept
     main(["experiment=demo", "model.vocab_size=96", "model.n_layers=2", "--world-size", "1",
           "--gpu-gib", "1e-6"])
     out = capsys.readouterr().out

@@ -6,8 +6,10 @@ refused (the config's refusals are in tests/test_config.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import weakref
 import re
 import shutil
 import subprocess
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 from fbi.binarize.packing import pack_signs, sign
-from fbi.sign_gather import unpack
+from fbi import sign_gather
+from fbi.binarize import SCHEMES, scheme_config
 from fbi_testing import REPO, run_train
 
 
@@ -48,20 +51,94 @@ def test_unpacking_gathered_shards_gives_the_signs_of_the_whole_weight(world, sh
     packed = torch.stack([pack_signs(flat[r * part:(r + 1) * part]) for r in range(world)])
     param = torch.nn.Parameter(torch.empty(0, dtype=dtype))
     param.ds_tensor, param.ds_numel, param.ds_shape = flat[:part], n, w.shape
-    signs = unpack(packed, param)
+    signs = sign_gather.signs_from_gathered(packed, param)
     assert signs.dtype == dtype and signs.shape == w.shape
     assert torch.equal(signs, sign(w))
 
 
-@pytest.mark.parametrize("scheme,precision,extra,resume", [
-    ("fbi", "bf16", ["micro_batch_size=2"], True),  # 2 micro-batches per step: accumulation
-    ("onebit", "fp32", ["zero.activation_checkpointing=true"], False),  # backward re-gathers
-    ("fbi", "fp32", MAMBA, False),  # Bi-Mamba: in_proj and out_proj binarized
+def partitioned(layer, monkeypatch):
+    """``layer`` as ZeRO-3 leaves it on one rank (its weight an empty tensor, the values in
+    ``ds_tensor``), on the 1-bit route, the gather being that one rank's own bytes."""
+    w = layer.weight
+    w.ds_tensor, w.ds_numel, w.ds_shape = w.detach().reshape(-1).clone(), w.numel(), w.shape
+    w.ds_process_group = None
+    w.data = torch.empty(0, dtype=w.dtype)
+    monkeypatch.setattr(sign_gather, "gather_packed_signs",
+                        lambda shard, group: pack_signs(shard).view(1, -1))
+    sign_gather.route(layer)
+    return layer
+
+
+@pytest.mark.parametrize("scheme", ["fbi", "onebit", "fbi_w1a1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_routed_layer_computes_the_plain_layer_bitwise(monkeypatch, scheme, dtype):
+    """Output, and the gradients of the input, the scales and the latent weight (handed to the
+    weight parameter in its full shape, which is empty again after backward)."""
+    torch.manual_seed(0)
+    plain = SCHEMES[scheme](64, 24, cfg=scheme_config(scheme)).to(dtype)
+    routed = partitioned(copy.deepcopy(plain), monkeypatch)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    outs = []
+    for layer in (plain, routed):
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=dtype)).view_as(y))
+        outs.append([y, xr.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert routed.weight.shape == (0,) and routed.weight.grad.shape == (24, 64)
+
+
+def test_the_signs_are_kept_packed_and_checkpointing_keeps_nothing(monkeypatch):
+    """Between forward and backward the route keeps the gathered bytes, not the +-1 tensor;
+    inside a checkpointed block it leaves what is kept to the checkpoint, which keeps nothing
+    (the layer's input included) and gathers again when it recomputes."""
+    layer = partitioned(SCHEMES["fbi"](64, 24), monkeypatch)
+    made, rebuilt = [], []  # the +-1 tensors the scheme reads; rebuilds from the bytes
+    real_signs, to_signs = sign_gather._SignsOf, sign_gather.signs_from_gathered
+
+    class Tracked:
+        @staticmethod
+        def apply(weight, signs):
+            out = real_signs.apply(weight, signs)
+            made.append(weakref.ref(out))
+            return out
+
+    monkeypatch.setattr(sign_gather, "_SignsOf", Tracked)
+    monkeypatch.setattr(sign_gather, "signs_from_gathered",
+                        lambda packed, weight: rebuilt.append(1) or to_signs(packed, weight))
+    y = layer(torch.randn(4, 64))
+    assert len(made) == 1 and made[0]() is None  # only the bytes survive the forward
+    y.sum().backward()
+    assert len(rebuilt) == 2 and layer.weight.grad is not None  # rebuilt from the bytes
+
+    made.clear()
+    rebuilt.clear()
+    inputs = []
+
+    def block(x):
+        h = x.sin()
+        inputs.append(weakref.ref(h))
+        return layer(h)
+
+    y = torch.utils.checkpoint.checkpoint(block, torch.randn(4, 64, requires_grad=True),
+                                          use_reentrant=False)
+    assert inputs[0]() is None and made[0]() is None  # nothing of the layer is kept
+    y.sum().backward()
+    assert len(made) == len(rebuilt) == 2  # the recomputation gathered again
+
+
+@pytest.mark.parametrize("scheme,precision,extra,resume,nproc", [
+    ("fbi", "bf16", ["micro_batch_size=2"], True, 2),  # 2 micro-batches per step: accumulation
+    # backward re-gathers; 3 ranks: shards of 1,366 elements, neither whole bytes nor even
+    ("onebit", "fp32", ["zero.activation_checkpointing=true", "global_batch_size=6",
+                        "micro_batch_size=2"], False, 3),
+    ("fbi", "fp32", MAMBA, False, 2),  # Bi-Mamba: in_proj and out_proj binarized
 ])
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_signs_route_equals_latent_route_bitwise(tmp_path, tiny_run, scheme, precision, extra,
-                                                 resume):
+                                                 resume, nproc):
     """4 steps, a checkpoint and validation at step 2 and 4: the routes agree exactly. With
     ``resume``, a run on the 1-bit route resuming the plain route's step-2 checkpoint also
     continues it exactly (a checkpoint is the same on both routes)."""
@@ -70,8 +147,8 @@ def test_signs_route_equals_latent_route_bitwise(tmp_path, tiny_run, scheme, pre
     args = tiny_run + ROUTE + [f"scheme={scheme}", f"precision={precision}", "max_steps=4",
                                "checkpoint_every=2", "eval_every=2", *extra]
     plain, signs, mixed = tmp_path / "plain", tmp_path / "signs", tmp_path / "mixed"
-    run_train(args + [f"run_dir={plain}", "zero.gather_signs=false"], nproc=2)
-    proc = run_train(args + [f"run_dir={signs}", "zero.gather_signs=true"], nproc=2)
+    run_train(args + [f"run_dir={plain}", "zero.gather_signs=false"], nproc=nproc)
+    proc = run_train(args + [f"run_dir={signs}", "zero.gather_signs=true"], nproc=nproc)
     # 2 blocks x 7 linears (transformer) or x 2 (Mamba); embedding and head stay dense
     layers = 4 if extra == MAMBA else 14
     assert (f"{layers} binarized layers all-gather packed signs instead of their latent "

@@ -1,4 +1,5 @@
-"""Bit packing for export: signs 8 per byte, ternary digits 5 per byte (3^5 = 243 <= 256)."""
+"""Bit packing, for export and for ZeRO-3's sign all-gather (fbi.sign_gather): signs 8 per byte,
+ternary digits 5 per byte (3^5 = 243 <= 256)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...],
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """+-1 in ``dtype``, the first ``prod(shape)`` of ``packed``'s weights."""
     n = torch.Size(shape).numel()
-    return _sign_table(dtype, packed.device).index_select(0, packed.reshape(-1).int()) \
-        .view(-1)[:n].view(shape)
+    signs = _sign_table(dtype, packed.device).index_select(0, packed.reshape(-1).int())
+    return signs.view(-1)[:n].view(shape)
 
 
 def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
