@@ -12,8 +12,8 @@ needed only by the optimizer that owns each shard. So, for such layers:
   the bytes over the parameter's ZeRO group, unpacks them into a +-1 tensor and runs the
   scheme's own forward with it in place of the weight: its result is bitwise the plain route's,
   because the scheme takes ``sign`` of it again. Autograd saves that tensor for backward as
-  the gathered bytes (1/16 of bf16), unless an outer saved-tensor policy (activation
-  checkpointing) is active: then it keeps nothing and recomputation gathers again.
+  the gathered bytes (1/16 of bf16), handed to an outer saved-tensor policy if one is active
+  (activation checkpointing keeps nothing and its recomputation gathers again).
 - Backward hands the scheme's gradient for the weight (full shape, as the plain route makes it)
   to the weight parameter, where DeepSpeed's own hook reduce-scatters it into the owner's
   shard: the optimizer, its state and checkpoints are untouched.
@@ -92,20 +92,31 @@ class _GatheredForward:
             signs = _SignsOf.apply(weight, signs_from_gathered(packed, weight))
         params = layer._parameters
         params["weight"] = signs  # the scheme's forward reads its weight here; sign(+-1) = +-1
+        # The signs are saved as the gathered bytes, through whatever outer policy decides what
+        # is kept (activation checkpointing drops all and recomputes; save_on_cpu offloads).
+        # Weak references: autograd keeps the hooks as long as what they saved.
+        kept, gathered = weakref.ref(signs), weakref.ref(packed)
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # torch 2.13
+        outer_pack, outer_unpack = outer or (_same, _same)
+
+        def pack(t: torch.Tensor):
+            mine = t is kept()
+            return mine, outer_pack(gathered() if mine else t)
+
+        def unpack(saved):
+            mine, inner = saved
+            t = outer_unpack(inner)
+            return signs_from_gathered(t, weight) if mine else t
+
         try:
-            if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-                # An outer policy (activation checkpointing) decides what is kept; it drops
-                # the signs too, and recomputing the block gathers them again.
-                return type(layer).forward(layer, x)
-            # Autograd keeps the hooks as long as what they saved: a weak reference, so that
-            # they do not keep the +-1 tensor alive themselves.
-            kept = weakref.ref(signs)
-            with torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: packed if t is kept() else t,
-                    lambda p: signs_from_gathered(p, weight) if p is packed else p):
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 return type(layer).forward(layer, x)
         finally:
             params["weight"] = weight
+
+
+def _same(t):
+    return t
 
 
 class _SignsOf(torch.autograd.Function):

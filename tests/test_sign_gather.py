@@ -1,8 +1,9 @@
 """ZeRO-3's 1-bit parameter route (``zero.gather_signs``, fbi.sign_gather): unpacking gathered
-shards; through train.py on 2 gloo processes, bit for bit the losses, gradient norms and
-validation of the plain route, which all-gathers the latent weights, and checkpoints that move
-between the routes; what the route moves, counted by bench/zero3_traffic.py; partitioned scales
-refused (the config's refusals are in tests/test_config.py)."""
+shards; one routed layer against the plain one, and what it keeps for backward; through
+train.py on 2 and 3 gloo processes, bit for bit the losses, gradient norms and validation of
+the plain route, which all-gathers the latent weights, and checkpoints that move between the
+routes; what the route moves, counted by bench/zero3_traffic.py; partitioned scales refused
+(the config's refusals are in tests/test_config.py)."""
 
 from __future__ import annotations
 
@@ -89,31 +90,36 @@ def test_a_routed_layer_computes_the_plain_layer_bitwise(monkeypatch, scheme, dt
     assert routed.weight.shape == (0,) and routed.weight.grad.shape == (24, 64)
 
 
-def test_the_signs_are_kept_packed_and_checkpointing_keeps_nothing(monkeypatch):
-    """Between forward and backward the route keeps the gathered bytes, not the +-1 tensor;
-    inside a checkpointed block it leaves what is kept to the checkpoint, which keeps nothing
-    (the layer's input included) and gathers again when it recomputes."""
-    layer = partitioned(SCHEMES["fbi"](64, 24), monkeypatch)
-    made, rebuilt = [], []  # the +-1 tensors the scheme reads; rebuilds from the bytes
-    real_signs, to_signs = sign_gather._SignsOf, sign_gather.signs_from_gathered
+@pytest.mark.parametrize("scheme", sorted(n for n, layer in SCHEMES.items() if layer.SIGN_ONLY))
+def test_the_signs_are_kept_packed_and_checkpointing_keeps_nothing(monkeypatch, scheme):
+    """Between forward and backward the route keeps the gathered bytes, not the +-1 tensor
+    the scheme read; inside a checkpointed block it hands them to the checkpoint, which keeps
+    nothing (the bytes and the layer's input included) and gathers again when it recomputes."""
+    layer = partitioned(SCHEMES[scheme](64, 24, cfg=scheme_config(scheme)), monkeypatch)
+    read, gathered = [], []  # weak references: the +-1 tensors the scheme read; the bytes
+    real_signs, real_gather = sign_gather._SignsOf, sign_gather.gather_packed_signs
 
     class Tracked:
         @staticmethod
         def apply(weight, signs):
             out = real_signs.apply(weight, signs)
-            made.append(weakref.ref(out))
+            read.append(weakref.ref(out))
             return out
 
-    monkeypatch.setattr(sign_gather, "_SignsOf", Tracked)
-    monkeypatch.setattr(sign_gather, "signs_from_gathered",
-                        lambda packed, weight: rebuilt.append(1) or to_signs(packed, weight))
-    y = layer(torch.randn(4, 64))
-    assert len(made) == 1 and made[0]() is None  # only the bytes survive the forward
-    y.sum().backward()
-    assert len(rebuilt) == 2 and layer.weight.grad is not None  # rebuilt from the bytes
+    def gather(shard, group):
+        packed = real_gather(shard, group)
+        gathered.append(weakref.ref(packed))
+        return packed
 
-    made.clear()
-    rebuilt.clear()
+    monkeypatch.setattr(sign_gather, "_SignsOf", Tracked)
+    monkeypatch.setattr(sign_gather, "gather_packed_signs", gather)
+    y = layer(torch.randn(4, 64))
+    assert read[0]() is None and gathered[0]() is not None  # only the bytes survive forward
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+    read.clear()
+    gathered.clear()
     inputs = []
 
     def block(x):
@@ -123,9 +129,9 @@ def test_the_signs_are_kept_packed_and_checkpointing_keeps_nothing(monkeypatch):
 
     y = torch.utils.checkpoint.checkpoint(block, torch.randn(4, 64, requires_grad=True),
                                           use_reentrant=False)
-    assert inputs[0]() is None and made[0]() is None  # nothing of the layer is kept
+    assert inputs[0]() is None and read[0]() is None and gathered[0]() is None
     y.sum().backward()
-    assert len(made) == len(rebuilt) == 2  # the recomputation gathered again
+    assert len(gathered) == 2  # the recomputation gathered again
 
 
 @pytest.mark.parametrize("scheme,precision,extra,resume,nproc", [
