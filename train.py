@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from fbi.callbacks import TrainingHalted
 from fbi.checkpoint import CheckpointError
-from fbi.config import ConfigError, check_experiment, register, validate
+from fbi.config import ConfigError, check_experiment, register
+from fbi.configure import validate
 from fbi.distributed import LaunchError, detect
 from fbi.loop import train
 

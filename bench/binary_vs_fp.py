@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from fbi.binarize import SCHEMES, scheme_config  # noqa: E402
 from fbi.binarize.fp import DenseLinear  # noqa: E402
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.models import build_model  # noqa: E402
 
 

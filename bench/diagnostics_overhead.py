@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fbi.callbacks.diagnostics import BinaryDiagnostics  # noqa: E402
-from fbi.config import ModelConfig, SchemeConfig  # noqa: E402
+from fbi.config import SchemeConfig  # noqa: E402
+from fbi.models.llama import ModelConfig  # noqa: E402
 from fbi.models import build_model  # noqa: E402
 
 

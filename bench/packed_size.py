@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fbi.binarize import SCHEMES  # noqa: E402
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.export.packed import DTYPES, packed_tensors  # noqa: E402
 from fbi.models import build_model  # noqa: E402
 

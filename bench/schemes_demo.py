@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from binary_vs_fp import bits  # noqa: E402  (a sibling script: bench/ is sys.path[0])
 from fbi.binarize import SCHEMES  # noqa: E402
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
 from fbi.distill.cache_writer import write_cache  # noqa: E402
 from fbi.loop import evaluate, train_step  # noqa: E402

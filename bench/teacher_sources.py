@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.data.sampler import GlobalSampler  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
 from fbi.distill.cache import cache_dir, file_names, load_manifest  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from fbi import sign_gather  # noqa: E402
 from fbi.binarize.fp import DenseLinear  # noqa: E402
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.deepspeed_setup import build_context, deepspeed_config, init_distributed, initialize  # noqa: E402
 from fbi.models import build_model  # noqa: E402
 

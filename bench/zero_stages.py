@@ -30,7 +30,7 @@ def tensor_bytes(tensors) -> int:
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
-    from fbi.config import compose
+    from fbi.configure import compose
     from fbi.deepspeed_setup import deepspeed_config, init_distributed, initialize
     from fbi.models import build_model
 

@@ -1,8 +1,12 @@
 """Typed configuration: one dataclass per Hydra group, registered with the ConfigStore.
 
 YAML files under ``conf/`` only choose values; the fields, their types and their checks live
-here. ``validate(cfg)`` turns the composed DictConfig into these objects and raises
-``ConfigError`` naming the field and the fix before any heavy work starts.
+here, except the groups whose schema depends on a choice: ``model.*`` (by ``model.arch``) and
+``scheme.*`` (by ``scheme.name``). Those dataclasses live beside their architecture and scheme,
+whose registries hand them to ``validate`` as ``Registries`` (``fbi.configure`` does): this
+module imports nothing of fbi. ``validate(cfg, registries)`` turns the composed DictConfig
+into these objects and raises ``ConfigError`` naming the field and the fix before any heavy
+work starts.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -30,93 +34,6 @@ def one_of(value: str, choices: tuple[str, ...], field_name: str) -> None:
 
 
 @dataclass
-class ModelConfig:
-    """The LLaMA-style decoder (``model.arch=llama``). ``vocab_size`` is filled from the
-    tokenizer at run time. Each architecture has its own dataclass (see ``fbi.models``); the
-    ``model.arch`` field of the composed config chooses which one validates the group."""
-
-    arch: str = "llama"
-    n_layers: int = 4
-    d_model: int = 256
-    d_ff: int = 688
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: as many as query heads (no grouping)
-    vocab_size: Optional[int] = None
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    tie_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        require(self.arch == "llama", "model.arch", f"{self.arch!r} is not the transformer's")
-        for name in ("n_layers", "d_model", "d_ff", "n_heads"):
-            require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
-        require(
-            self.d_model % self.n_heads == 0,
-            "model.d_model",
-            f"{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple",
-        )
-        require(
-            (self.d_model // self.n_heads) % 2 == 0,
-            "model.n_heads",
-            f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings",
-        )
-        kv = self.n_kv_heads or self.n_heads
-        require(
-            self.n_heads % kv == 0,
-            "model.n_kv_heads",
-            f"{kv} must divide model.n_heads={self.n_heads} (grouped-query attention)",
-        )
-
-
-@dataclass
-class Mamba2Config:
-    """A Mamba-2 language model (``model.arch=mamba2``; Dao & Gu, 2024): blocks of RMSNorm +
-    SSD mixer, no MLP, tied embeddings, as Bi-Mamba (Tang et al., 2024) binarizes it. The
-    mixer width is ``expand * d_model``, split into heads of ``head_dim``; B and C are shared
-    by ``n_groups`` groups of heads. Field names follow ``transformers.Mamba2Config``'s
-    meaning (see ``fbi.models.mamba2.to_hf_config``)."""
-
-    arch: str = "mamba2"
-    n_layers: int = 4
-    d_model: int = 256
-    vocab_size: Optional[int] = None
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 64
-    n_groups: int = 1
-    chunk_size: int = 256  # SSD chunk: quadratic inside, recurrent across chunks
-    conv_bias: bool = True
-    dt_min: float = 0.001  # initial time steps, log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
-    dt_floor: float = 1e-4
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    tie_embeddings: bool = True
-    # auto: mamba-ssm's fused kernels on a GPU when the package imports, else the PyTorch
-    # chunked scan | torch | mamba_ssm (refused where it cannot run)
-    scan: str = "auto"
-
-    def __post_init__(self) -> None:
-        require(self.arch == "mamba2", "model.arch", f"{self.arch!r} is not Mamba-2's")
-        for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "head_dim",
-                     "n_groups", "chunk_size"):
-            require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
-        inner = self.expand * self.d_model
-        require(inner % self.head_dim == 0, "model.head_dim",
-                f"expand * d_model = {inner} is not divisible by {self.head_dim}; pick a divisor")
-        require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
-                f"{self.n_groups} must divide the {inner // self.head_dim} heads")
-        require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
-        one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
-
-    @property
-    def n_heads(self) -> int:
-        return self.expand * self.d_model // self.head_dim
-
-
-@dataclass
 class SchemeConfig:
     """Which linear layers are binarized (one yaml per scheme in ``conf/scheme/``).
 
@@ -131,10 +48,10 @@ class SchemeConfig:
     name: str = "fbi"
     binarize: Optional[list[str]] = None
 
-    def __post_init__(self) -> None:
-        from fbi.binarize import SCHEMES
-
-        one_of(self.name, tuple(sorted(SCHEMES)), "scheme.name")
+    def __post_init__(self) -> None:  # a scheme's own checks extend this (super().__post_init__())
+        require(self.binarize is None or all(isinstance(p, str) and p for p in self.binarize),
+                "scheme.binarize", "needs fnmatch patterns over module paths, e.g. "
+                "['model.layers.*'], or null for the architecture's default")
 
 
 @dataclass
@@ -403,10 +320,10 @@ class DistributedConfig:
 
 @dataclass
 class TrainConfig:
-    # ModelConfig, Mamba2Config, ...: the dataclass of ``model.arch`` (fbi.models.ARCHITECTURES)
-    model: Any = field(default_factory=ModelConfig)
-    # SchemeConfig or the subclass of ``scheme.name`` (fbi.binarize.SCHEMES)
-    scheme: Any = field(default_factory=SchemeConfig)
+    # The dataclass of ``model.arch`` and of ``scheme.name``, set by ``validate`` from the
+    # registries (fbi.models.ARCHITECTURES, fbi.binarize.SCHEMES)
+    model: Any = None
+    scheme: Any = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -509,8 +426,27 @@ def _bool_string(value: Any) -> str:
     return str(value).lower()
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
-    """Merge the composed config onto the schema and build the typed, checked object."""
+@dataclass(frozen=True)
+class Registries:
+    """What the owners of the choice-dependent groups hand ``validate``: ``model.arch`` -> the
+    dataclass of ``model.*``, ``scheme.name`` -> the dataclass of ``scheme.*``, and the schemes
+    whose layers read the latent weight only through its signs (the 1-bit route's)."""
+
+    models: Mapping[str, type]
+    schemes: Mapping[str, type]
+    sign_only: frozenset[str]
+
+    def model_schema(self, arch: str) -> type:
+        one_of(arch, tuple(sorted(self.models)), "model.arch")
+        return self.models[arch]
+
+    def scheme_schema(self, name: str) -> type:
+        one_of(name, tuple(sorted(self.schemes)), "scheme.name")
+        return self.schemes[name]
+
+
+def validate(cfg: DictConfig, registries: Registries) -> TrainConfig:
+    """Merge the composed config onto the schemas and build the typed, checked object."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("hydra", None)  # Hydra's own node: ${hydra:...} resolves from HydraConfig instead
     raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
@@ -519,41 +455,21 @@ def validate(cfg: DictConfig) -> TrainConfig:
         raw["resume"] = _bool_string(raw["resume"])
     model = raw.pop("model", None) or {}
     arch = model.get("arch", "llama")
-    model_cfg = _structured(_known(model_schema(arch), model, "model", f"model.arch={arch}"),
-                            model, "model: ")
+    model_cfg = _structured(
+        _known(registries.model_schema(arch), model, "model", f"model.arch={arch}"),
+        model, "model: ")
     scheme = raw.pop("scheme", None) or {}
     name = scheme.get("name", "fbi")
-    scheme_cfg = _structured(_known(scheme_schema(name), scheme, "scheme", f"scheme={name}"),
-                             scheme, "scheme: ")
+    scheme_cfg = _structured(
+        _known(registries.scheme_schema(name), scheme, "scheme", f"scheme={name}"),
+        scheme, "scheme: ")
     cfg = _structured(TrainConfig, raw, "")
     cfg.model, cfg.scheme = model_cfg, scheme_cfg
-    _check_gather_signs(cfg)
+    require(not cfg.zero.gather_signs or name in registries.sign_only, "zero.gather_signs",
+            f"scheme={name} reads more of the latent weight than its signs; the 1-bit "
+            f"route serves {', '.join(sorted(registries.sign_only))}, or set "
+            "zero.gather_signs=false")
     return cfg
-
-
-def _check_gather_signs(cfg: TrainConfig) -> None:
-    from fbi.binarize import SCHEMES
-
-    sign_only = sorted(name for name, layer in SCHEMES.items() if layer.SIGN_ONLY)
-    require(not cfg.zero.gather_signs or SCHEMES[cfg.scheme.name].SIGN_ONLY, "zero.gather_signs",
-            f"scheme={cfg.scheme.name} reads more of the latent weight than its signs; the 1-bit "
-            f"route serves {', '.join(sign_only)}, or set zero.gather_signs=false")
-
-
-def model_schema(arch: str) -> type:
-    """The dataclass validating ``model.*`` for architecture ``arch``."""
-    from fbi.models import ARCHITECTURES
-
-    one_of(arch, tuple(sorted(ARCHITECTURES)), "model.arch")
-    return ARCHITECTURES[arch].config
-
-
-def scheme_schema(name: str) -> type:
-    """The dataclass validating ``scheme.*`` for scheme ``name``."""
-    from fbi.binarize import SCHEMES
-
-    one_of(name, tuple(sorted(SCHEMES)), "scheme.name")
-    return SCHEMES[name].Config
 
 
 def _known(schema: type, values: dict, group: str, choice: str) -> type:
@@ -603,7 +519,7 @@ def check_experiment(conf_dir: Path, choices: dict, overrides: list[str]) -> Non
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose(overrides: list[str]) -> TrainConfig:
+def compose(overrides: list[str], registries: Registries) -> TrainConfig:
     """The validated config ``train.py`` would run with these overrides (Hydra's Compose API:
     for scripts, benches and tests that are not Hydra applications themselves)."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -613,7 +529,7 @@ def compose(overrides: list[str]) -> TrainConfig:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
-        return validate(cfg)
+        return validate(cfg, registries)
 
 
 def register() -> None:

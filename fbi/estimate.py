@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from fbi.binarize.fp import DenseLinear
-from fbi.config import ConfigError, TrainConfig, compose
+from fbi.binarize import binarized_layers
+from fbi.config import ConfigError, TrainConfig
+from fbi.configure import compose
 from fbi.models import architecture, build_model
 
 GIB = 2**30
@@ -57,10 +58,7 @@ def count_parameters(cfg: TrainConfig) -> tuple[int, int]:
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.scheme)
     total = sum(p.numel() for p in model.parameters())
-    binary = sum(  # a scheme's layers derive from the dense one they replace
-        m.weight.numel() for m in model.modules()
-        if isinstance(m, DenseLinear) and type(m) is not DenseLinear
-    )
+    binary = sum(m.weight.numel() for m in binarized_layers(model).values())
     return total, binary
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fbi.trained import Trained
+from fbi.lm import Trained
 
 
 @torch.no_grad()

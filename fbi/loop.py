@@ -5,26 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
-from fbi import checkpoint, preflight
+from fbi import checkpoint
 from fbi.callbacks import Control, TrainingHalted
 from fbi.callbacks.diagnostics import BinaryDiagnostics
 from fbi.callbacks.nonfinite import NonFiniteGuard, nonfinite_update, update_skipped
 from fbi.callbacks.spikes import SkippedBatches, SpikeDetector
 from fbi.config import TrainConfig
+from fbi.data.prepare import document_start_id
 from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
+from fbi.distributed import detect
 from fbi.distill.loss import distillation_loss
 from fbi.eval.blimp import blimp_accuracy, read_pairs
 from fbi.eval.perplexity import perplexity
 from fbi.flops import Utilization
 from fbi.metrics import Monitor, StepTimer
 from fbi.preemption import PreemptionFlag
+from fbi.preflight import preflight
 from fbi.run import Run, build_run
-from fbi.trained import document_start_id
+from fbi.run_lock import RunLock
 
 log = logging.getLogger("fbi")
 
@@ -96,7 +100,12 @@ def evaluate(run: Run, should_stop=None, teacher: bool = True) -> dict | None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    lock = preflight.start(cfg)  # refusals that only read, then the run directory's lock
+    """A run from its start, each stage once and in this order: the refusals that only read
+    (every rank refuses alike), rank 0's lock on the run directory, assembly (process group,
+    teacher, shards, engine), the loop."""
+    env = detect(os.environ)
+    run_dir = preflight(cfg, env.world_size)
+    lock = RunLock(run_dir) if env.rank == 0 else None
     try:
         run = build_run(cfg, init_distributed(cfg.distributed))
     except BaseException:

@@ -1,12 +1,11 @@
 """Refusals that need only the configuration and the file system: run before the process
 group, the teacher, the shards or any run file, so a wrong setting fails in seconds and
-leaves nothing behind. Then rank 0 takes the run directory's lock (fbi.run_lock).
+leaves nothing behind. ``fbi.loop.train`` calls them first, then takes the run directory's lock.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,8 +13,6 @@ import torch
 from fbi import checkpoint
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import builder_for, corpus_files
-from fbi.distributed import detect
-from fbi.run_lock import RunLock
 
 
 def check_precision(cfg: TrainConfig) -> None:
@@ -79,9 +76,3 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path:
     checkpoint.resume_candidates(cfg, run_dir)  # refuses resume=true without one, max_steps
     return run_dir
 
-
-def start(cfg: TrainConfig) -> RunLock | None:
-    """Preflight on every rank (each refuses alike); rank 0 then locks the run directory."""
-    env = detect(os.environ)
-    run_dir = preflight(cfg, env.world_size)
-    return RunLock(run_dir) if env.rank == 0 else None

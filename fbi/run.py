@@ -26,7 +26,8 @@ from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from fbi.deepspeed_setup import (Dist, build_context, deepspeed_config, held_parameters,
                                   initialize)
-from fbi.distill.teacher import TeacherSource, build_teacher, resolve_path
+from fbi.distill.teacher import build_teacher
+from fbi.distill.teacher_checkpoint import TeacherSource, resolve_path
 from fbi.models import build_model
 
 log = logging.getLogger("fbi")

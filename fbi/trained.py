@@ -1,45 +1,27 @@
 """A trained model from wherever it lives: a run directory, a packed export, or a Hugging Face
 checkpoint (a teacher, or an fbi model exported with ``--format hf``).
 
-Evaluation, generation and the lm-eval adapter all take a ``Trained``: a function from token
-ids to logits, the tokenizer, the token that precedes a document, and the context length.
+Evaluation, generation and the lm-eval adapter all take a ``fbi.lm.Trained``: a function from
+token ids to logits, the tokenizer, the token that precedes a document, and the context length.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
 
-from fbi.config import DataConfig, SchemeConfig
+from fbi.configure import validate
+from fbi.consolidate import consolidate
+from fbi.data.prepare import document_start_id, ensure_shards
+from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer
-
-PACKED_CONFIG = "fbi_packed.json"
-
-
-@dataclass
-class Trained:
-    model: torch.nn.Module
-    logits: Callable[[torch.Tensor], torch.Tensor]  # (B, S) ids -> (B, S, V) logits
-    tokenizer: Tokenizer
-    start_id: int  # the token before a document: what conditions a text's first token
-    max_length: int  # context the model was trained on (or its config allows)
-    source: str
-    model_cfg: object | None = None  # fbi models only: the architecture's config dataclass
-    scheme_cfg: SchemeConfig | None = None
-
-
-def document_start_id(data: DataConfig, tokenizer: Tokenizer) -> int:
-    """The token that precedes every document in training: the BOS of ``bos_eos``, else the
-    separator written after the previous document."""
-    from fbi.data.prepare import separator_ids
-
-    before, after = separator_ids(data, tokenizer)
-    return (before or after)[-1]
+from fbi.export.packed import PACKED_CONFIG, load_packed
+from fbi.lm import Trained
+from fbi.models import build_model
 
 
 def run_tokenizer(run_dir: Path) -> Tokenizer:
@@ -60,16 +42,11 @@ def run_tokenizer(run_dir: Path) -> Tokenizer:
 
 def run_config(run_dir: Path):
     """The run's resolved ``TrainConfig`` (``config.yaml``), its model of any architecture."""
-    from fbi.config import validate
-
     return validate(OmegaConf.load(run_dir / "config.yaml"))
 
 
 def load_run(run_dir: Path, tag: str | None = None) -> Trained:
     """The newest (or ``tag``) checkpoint of a run, of any ZeRO stage and world size."""
-    from fbi.consolidate import consolidate
-    from fbi.models import build_model
-
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     model = build_model(cfg.model, cfg.scheme)
@@ -80,8 +57,6 @@ def load_run(run_dir: Path, tag: str | None = None) -> Trained:
 
 
 def load_hf(directory: Path) -> Trained:
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(directory))
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id  # lm-eval's rule
@@ -93,8 +68,6 @@ def load(path: str | Path, tag: str | None = None) -> Trained:
     """A run directory, a packed export (``fbi_packed.json``) or a Hugging Face checkpoint."""
     path = Path(path).expanduser()
     if (path / PACKED_CONFIG).exists():
-        from fbi.export.packed import load_packed
-
         return load_packed(path)
     if (path / "config.yaml").exists() and (path / "checkpoints").exists():
         return load_run(path, tag)
@@ -109,9 +82,6 @@ def load(path: str | Path, tag: str | None = None) -> Trained:
 def run_val_split(run_dir: Path):
     """(the run's held-out token shards, its TrainConfig): the split and batch settings its
     in-training evaluation used, so that a perplexity measured later is the same number."""
-    from fbi.data.prepare import ensure_shards
-    from fbi.data.shards import TokenShards
-
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     shards = ensure_shards(cfg.data, run_tokenizer(run_dir), Path(cfg.cache_dir).expanduser())

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from fbi.config import CONF_DIR, ConfigError, check_experiment, compose
+from fbi.config import CONF_DIR, ConfigError, check_experiment
+from fbi.configure import compose
 from fbi.deepspeed_setup import deepspeed_config, lr_lambda, param_groups
 from fbi.models import build_model
 from fbi.checkpoint import check_same_student

@@ -3,7 +3,7 @@
 import torch
 
 from fbi.binarize.fbi import FBILinear
-from fbi.config import compose
+from fbi.configure import compose
 from fbi.estimate import GIB, estimate, main
 from fbi.models import build_model
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fbi.config import compose
+from fbi.configure import compose
 from fbi.flops import mfu, peak_flops, table_peak
 from fbi.models import architecture, build_model
 

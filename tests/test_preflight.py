@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from fbi.config import ConfigError, compose
+from fbi.config import ConfigError
+from fbi.configure import compose
 from fbi.preflight import preflight
 
 from fbi_testing import REPO, run_train

@@ -17,10 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.data.prepare import ensure_shards  # noqa: E402
 from fbi.data.tokenizer import load_tokenizer  # noqa: E402
-from fbi.distill.teacher import resolve_path  # noqa: E402
+from fbi.distill.teacher_checkpoint import resolve_path  # noqa: E402
 
 
 def main() -> None:

@@ -2,9 +2,11 @@
 
 A model never imports a scheme: it calls the factory from ``linear_factory`` with each
 layer's qualified name. Layers whose name matches one of ``scheme.binarize``'s patterns get
-the scheme's layer; the others stay dense. A scheme is one layer class (see ``fp.DenseLinear``
-for the interface, and its options as a ``SchemeConfig`` subclass, its ``Config``); adding one
-is its module, its yaml in ``conf/scheme/`` and one line here.
+the scheme's layer; the others stay dense. Whatever else a model or its export needs to know
+about its linear layers (which ones a scheme built, their scales, folding) it asks here too.
+A scheme is one layer class (see ``fp.DenseLinear`` for the interface) whose options are a
+``SchemeConfig`` subclass, its ``Config``, defined and registered with the scheme: adding one
+is its module, its yaml in ``conf/scheme/`` and one line in ``SCHEMES``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fbi.binarize.fbi_w1a1 import FBIW1A1Linear
 from fbi.binarize.fp import DenseLinear
 from fbi.binarize.onebit import OneBitLinear
 from fbi.binarize.pbllm import PBLLMLinear
-from fbi.config import SchemeConfig, scheme_schema
+from fbi.config import SchemeConfig, one_of
 
 SCHEMES: dict[str, type[DenseLinear]] = {
     "fp": DenseLinear,
@@ -34,6 +36,10 @@ SCHEMES: dict[str, type[DenseLinear]] = {
     "fbi_w1a1": FBIW1A1Linear,
 }
 
+SCHEME_CONFIGS: dict[str, type[SchemeConfig]] = {name: layer.Config for name, layer in SCHEMES.items()}
+# the schemes whose forward reads the latent weight only through sign(W): the 1-bit route's
+SIGN_ONLY: frozenset[str] = frozenset(name for name, layer in SCHEMES.items() if layer.SIGN_ONLY)
+
 LinearFactory = Callable[[str, int, int, float], nn.Module]
 """``(qualified_name, in_features, out_features, init_std) -> layer``."""
 
@@ -44,7 +50,8 @@ def scheme_config(scheme: Union[str, SchemeConfig], **options: Any) -> SchemeCon
     if isinstance(scheme, SchemeConfig):
         options = {**{f.name: getattr(scheme, f.name) for f in fields(scheme)}, **options}
         scheme = options.pop("name")
-    return scheme_schema(scheme)(name=scheme, **options)
+    one_of(scheme, tuple(sorted(SCHEMES)), "scheme.name")
+    return SCHEMES[scheme].Config(name=scheme, **options)
 
 
 def linear_factory(scheme: Union[str, SchemeConfig], patterns: Sequence[str]) -> LinearFactory:
@@ -59,6 +66,22 @@ def linear_factory(scheme: Union[str, SchemeConfig], patterns: Sequence[str]) ->
         return DenseLinear(in_features, out_features, init_std=init_std)
 
     return make
+
+
+def linear_layers(model: nn.Module) -> dict[str, DenseLinear]:
+    """Every layer the factory built in ``model``, binarized or dense, by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DenseLinear)}
+
+
+def binarized_layers(model: nn.Module) -> dict[str, DenseLinear]:
+    """The layers a scheme built (those left dense excluded), by module path."""
+    return {name: m for name, m in linear_layers(model).items() if type(m) is not DenseLinear}
+
+
+def scale_names(layer: DenseLinear) -> list[str]:
+    """A layer's parameters and buffers besides its weight (a scheme's scales, masks...)."""
+    return [n for n, _ in layer.named_parameters(recurse=False) if n != "weight"] + [
+        n for n, _ in layer.named_buffers(recurse=False)]
 
 
 def scale_parameter_names(model: nn.Module) -> set[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fbi.binarize.fp import DenseLinear
+from fbi.binarize import DenseLinear, binarized_layers
 from fbi.callbacks import Callback, Control
 
 NEAR_ZERO = 0.01
@@ -35,9 +35,8 @@ class BinaryDiagnostics(Callback):
     def __init__(self, model: torch.nn.Module, every: int, rank: int, world_size: int):
         self.every, self.rank, self.world_size = every, rank, world_size
         self.groups: dict[str, list[DenseLinear]] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, DenseLinear) and type(module) is not DenseLinear:
-                self.groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+        for name, module in binarized_layers(model).items():
+            self.groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
         self.signs: dict[int, torch.Tensor] = {}  # id(module) -> previous sign bits
         self.device = next(model.parameters()).device
 

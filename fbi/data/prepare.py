@@ -126,6 +126,13 @@ def separator_ids(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[int], lis
     return [], [token]
 
 
+def document_start_id(data: DataConfig, tokenizer: Tokenizer) -> int:
+    """The token that precedes every document in training: the BOS of ``bos_eos``, else the
+    separator written after the previous document."""
+    before, after = separator_ids(data, tokenizer)
+    return (before or after)[-1]
+
+
 def build_shards(
     cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path, sources: dict
 ) -> Manifest:

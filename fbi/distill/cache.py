@@ -35,7 +35,7 @@ from fbi.config import ConfigError, TrainConfig
 from fbi.data.sampler import GlobalSampler
 from fbi.data.shards import Manifest as ShardManifest, TokenShards, sha256_file, token_dtype
 from fbi.distill.targets import SparseTargets
-from fbi.distill.teacher import Measure, teacher_info
+from fbi.distill.teacher_checkpoint import Measure, teacher_info
 
 log = logging.getLogger(__name__)
 

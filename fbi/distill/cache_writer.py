@@ -25,7 +25,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from fbi.atomic import write_json
-from fbi.config import ConfigError, TrainConfig, register, validate
+from fbi.config import ConfigError, TrainConfig, register
+from fbi.configure import validate
 from fbi.data.prepare import ensure_shards
 from fbi.data.shards import TokenShards, sha256_file
 from fbi.deepspeed_setup import Dist, init_distributed
@@ -33,7 +34,8 @@ from fbi.distributed import detect
 from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, CacheArrays, cache_dir,
                                describe, encode_values, file_names, load_manifest, marker,
                                num_parts, refuse_mismatch, walk_order)
-from fbi.distill.teacher import OnlineTeacher, resolve_path
+from fbi.distill.teacher import OnlineTeacher
+from fbi.distill.teacher_checkpoint import resolve_path
 from fbi.eval.perplexity import perplexity
 from fbi.run import on_rank0_first, student_tokenizer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fbi.export.packed import DTYPES, save_tokenizer, scheme_layers
-from fbi.trained import Trained
+from fbi.lm import Trained
 
 
 class CannotFold(ValueError):

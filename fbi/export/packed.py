@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fbi.binarize.fp import DenseLinear
-from fbi.config import model_schema, scheme_schema
+from fbi.binarize import DenseLinear, scheme_config
 from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from fbi.trained import PACKED_CONFIG, Trained
+from fbi.lm import Trained
+from fbi.models import architecture, build_model
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fbi-packed"
 VERSION = 1
 WEIGHTS = "model.safetensors"
+PACKED_CONFIG = "fbi_packed.json"  # its presence marks a folder as a packed export
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,8 +151,6 @@ class UnpackedLinear(nn.Module):
 def load_packed(directory: Path) -> Trained:
     from safetensors.torch import load_file
 
-    from fbi.models import build_model
-
     directory = Path(directory)
     config = json.loads((directory / PACKED_CONFIG).read_text())
     if config.get("format") != FORMAT or config.get("version") != VERSION:
@@ -159,8 +158,9 @@ def load_packed(directory: Path) -> Trained:
             f"{directory / PACKED_CONFIG}: format {config.get('format')} version "
             f"{config.get('version')}; this fbi reads {FORMAT} version {VERSION}"
         )
-    model_cfg = model_schema(config["model"]["arch"])(**config["model"])
-    scheme_cfg = scheme_schema(config["scheme"]["name"])(**config["scheme"])
+    model_cfg = architecture(config["model"]["arch"]).config(**config["model"])
+    scheme_cfg = scheme_config(config["scheme"]["name"],
+                               **{k: v for k, v in config["scheme"].items() if k != "name"})
     tensors = load_file(str(directory / WEIGHTS))
     with torch.device("meta"):
         model = build_model(model_cfg, scheme_cfg)

@@ -4,8 +4,9 @@ An entry names the dataclass that validates ``model.*`` (chosen by ``model.arch`
 builder, the linears a scheme binarizes when ``scheme.binarize`` is left unset, the blocks
 that activation checkpointing wraps from outside, and the mapping to and from the
 ``transformers`` class of the same architecture. Models know nothing of schemes beyond
-asking the linear factory for a layer by its real module path (``model.layers.0.mlp.up_proj``).
-Adding an architecture is its module, its dataclass in ``fbi.config`` and one entry here.
+asking the linear factory for a layer by its real module path (``model.layers.0.mlp.up_proj``),
+and ask the same seam (``fbi.binarize``) which layers it built, for folding and scales.
+Adding an architecture is its module with its config dataclass, and one entry here.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from fbi.binarize import LinearFactory, linear_factory
-from fbi.binarize.fp import DenseLinear
-from fbi.config import Mamba2Config, ModelConfig, SchemeConfig
+from fbi.binarize import LinearFactory, linear_factory, linear_layers, scale_names
+from fbi.config import SchemeConfig
 from fbi.models import llama, mamba2
 
 
@@ -42,14 +42,14 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(
-        config=ModelConfig, build=llama.LlamaLM, binarize=("model.layers.*",),
+        config=llama.ModelConfig, build=llama.LlamaLM, binarize=("model.layers.*",),
         blocks=lambda m: m.model.layers, hf_class="LlamaForCausalLM",
         to_hf_config=llama.to_hf_config, from_hf_config=llama.from_hf_config,
         to_hf_state_dict=llama.to_hf_state_dict, from_hf_state_dict=llama.from_hf_state_dict,
         activation_bytes=llama.activation_bytes, flops_per_token=llama.flops_per_token,
     ),
     "mamba2": Architecture(
-        config=Mamba2Config, build=mamba2.Mamba2LM,
+        config=mamba2.Mamba2Config, build=mamba2.Mamba2LM,
         binarize=("backbone.layers.*.mixer.in_proj", "backbone.layers.*.mixer.out_proj"),
         blocks=lambda m: m.backbone.layers, hf_class="Mamba2ForCausalLM",
         to_hf_config=mamba2.to_hf_config, from_hf_config=mamba2.from_hf_config,
@@ -57,6 +57,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         activation_bytes=mamba2.activation_bytes, flops_per_token=mamba2.flops_per_token,
     ),
 }
+
+MODEL_CONFIGS: dict[str, type] = {name: a.config for name, a in ARCHITECTURES.items()}
 
 
 def architecture(cfg_or_arch: Any) -> Architecture:
@@ -89,7 +91,7 @@ def build_model(cfg: Any, scheme: "str | SchemeConfig",
 def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict with every scheme layer folded into its dense weight (scales
     dropped): what a plain dense model of the same architecture loads."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, DenseLinear)}
+    linears = linear_layers(model)
     out = {}
     for key, value in model.state_dict().items():
         owner, _, param = key.rpartition(".")
@@ -122,16 +124,11 @@ def from_hf(hf_model, scheme: "str | SchemeConfig" = "fp",
     model = build_model(cfg, scheme, binarize)
     state = arch.from_hf_state_dict(hf_model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, DenseLinear)}
-    scales = {f"{n}.{s}" for n, m in linears.items() for s in _extra_params(m)}
+    linears = linear_layers(model)
+    scales = {f"{n}.{s}" for n, m in linears.items() for s in scale_names(m)}
     if set(missing) - scales or unexpected:
         raise ValueError(f"weights do not match: missing {sorted(set(missing) - scales)}, "
                          f"unexpected {sorted(unexpected)}")
     for name, layer in linears.items():
         layer.init_from_dense(state[f"{name}.weight"])
     return cfg, model
-
-
-def _extra_params(layer: DenseLinear) -> list[str]:
-    return [n for n, _ in layer.named_parameters(recurse=False) if n != "weight"] + [
-        n for n, _ in layer.named_buffers(recurse=False)]

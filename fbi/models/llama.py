@@ -7,13 +7,55 @@ linear layer comes from the ``make_linear`` factory, keyed by its module path in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fbi.binarize import LinearFactory
-from fbi.config import ModelConfig
+from fbi.config import require
 
+
+@dataclass
+class ModelConfig:
+    """The LLaMA-style decoder (``model.arch=llama``). ``vocab_size`` is filled from the
+    tokenizer at run time. Each architecture has its own dataclass beside its model; the
+    ``model.arch`` field of the composed config chooses which one validates the group."""
+
+    arch: str = "llama"
+    n_layers: int = 4
+    d_model: int = 256
+    d_ff: int = 688
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as query heads (no grouping)
+    vocab_size: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.arch == "llama", "model.arch", f"{self.arch!r} is not the transformer's")
+        for name in ("n_layers", "d_model", "d_ff", "n_heads"):
+            require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+        require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            f"{self.d_model} is not divisible by model.n_heads={self.n_heads}; pick a multiple",
+        )
+        require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "model.n_heads",
+            f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings",
+        )
+        kv = self.n_kv_heads or self.n_heads
+        require(
+            self.n_heads % kv == 0,
+            "model.n_kv_heads",
+            f"{kv} must divide model.n_heads={self.n_heads} (grouped-query attention)",
+        )
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:

@@ -10,16 +10,64 @@ the norms are the architecture's own full-precision parameters (Bi-Mamba keeps t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fbi.binarize import LinearFactory
-from fbi.config import Mamba2Config
+from fbi.config import one_of, require
 from fbi.models.llama import Embedding, RMSNorm
 from fbi.models.ssd import mamba_ssm_kernel, scan
 
+
+@dataclass
+class Mamba2Config:
+    """A Mamba-2 language model (``model.arch=mamba2``; Dao & Gu, 2024): blocks of RMSNorm +
+    SSD mixer, no MLP, tied embeddings, as Bi-Mamba (Tang et al., 2024) binarizes it. The
+    mixer width is ``expand * d_model``, split into heads of ``head_dim``; B and C are shared
+    by ``n_groups`` groups of heads. Field names follow ``transformers.Mamba2Config``'s
+    meaning (see ``fbi.models.mamba2.to_hf_config``)."""
+
+    arch: str = "mamba2"
+    n_layers: int = 4
+    d_model: int = 256
+    vocab_size: Optional[int] = None
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256  # SSD chunk: quadratic inside, recurrent across chunks
+    conv_bias: bool = True
+    dt_min: float = 0.001  # initial time steps, log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_floor: float = 1e-4
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    # auto: mamba-ssm's fused kernels on a GPU when the package imports, else the PyTorch
+    # chunked scan | torch | mamba_ssm (refused where it cannot run)
+    scan: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.arch == "mamba2", "model.arch", f"{self.arch!r} is not Mamba-2's")
+        for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "head_dim",
+                     "n_groups", "chunk_size"):
+            require(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+        inner = self.expand * self.d_model
+        require(inner % self.head_dim == 0, "model.head_dim",
+                f"expand * d_model = {inner} is not divisible by {self.head_dim}; pick a divisor")
+        require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
+                f"{self.n_groups} must divide the {inner // self.head_dim} heads")
+        require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
+        one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
+
+    @property
+    def n_heads(self) -> int:
+        return self.expand * self.d_model // self.head_dim
 
 class GatedRMSNorm(nn.Module):
     """RMSNorm of ``y * silu(z)`` over groups of ``group_size`` channels (one per B/C group)."""

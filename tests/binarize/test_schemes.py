@@ -9,7 +9,8 @@ import torch
 from torch.nn.functional import linear
 
 from fbi.binarize import SCHEMES, linear_factory, scale_parameter_names, scheme_config
-from fbi.config import ConfigError, SchemeConfig, compose
+from fbi.config import ConfigError, SchemeConfig
+from fbi.configure import compose
 
 
 def ste(w, q):
@@ -284,7 +285,7 @@ def test_each_scheme_config_holds_only_its_own_options():
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_scales_are_not_decayed_under_matrices(name):
-    from fbi.config import ModelConfig
+    from fbi.models.llama import ModelConfig
     from fbi.deepspeed_setup import param_groups
     from fbi.models import build_model
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from fbi.callbacks.diagnostics import NEAR_ZERO, BinaryDiagnostics
-from fbi.config import ModelConfig, SchemeConfig
+from fbi.config import SchemeConfig
+from fbi.models.llama import ModelConfig
 from fbi.models import build_model
 
 

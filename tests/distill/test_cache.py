@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fbi.config import compose
+from fbi.configure import compose
 from fbi_testing import REPO, make_teacher, run_train
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def data_files(directory: Path) -> dict[str, bytes]:
 def open_cache(base, directory: Path, *extra):
     from fbi.data.shards import TokenShards
     from fbi.distill.cache import CacheTeacher
-    from fbi.distill.teacher import resolve_path
+    from fbi.distill.teacher_checkpoint import resolve_path
 
     cfg = compose(base + [f"teacher.cache.dir={directory}", *extra])
     shards = next((Path(cfg.cache_dir) / "shards").iterdir())

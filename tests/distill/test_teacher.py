@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fbi.config import ConfigError
-from fbi.distill.teacher import NoTeacher, OnlineTeacher, teacher_info
+from fbi.distill.teacher import NoTeacher, OnlineTeacher
+from fbi.distill.teacher_checkpoint import teacher_info
 from fbi_testing import make_teacher
 
 

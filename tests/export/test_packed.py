@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from fbi.binarize import SCHEMES, scheme_config
-from fbi.config import Mamba2Config, ModelConfig
+from fbi.models.llama import ModelConfig
+from fbi.models.mamba2 import Mamba2Config
 from fbi.data.tokenizer import load_tokenizer
 from fbi.export.packed import export_packed, load_packed
 from fbi.models import build_model
-from fbi.trained import Trained, load
+from fbi.lm import Trained
+from fbi.trained import load
 
 
 def tiny_trained(scheme: str, tokenizer_dir, tie: bool = False, arch: str = "llama") -> Trained:

@@ -4,7 +4,9 @@ outside: same loss, same gradients, same module paths."""
 import pytest
 import torch
 
-from fbi.config import Mamba2Config, ModelConfig, TrainConfig, ZeroConfig
+from fbi.config import TrainConfig, ZeroConfig
+from fbi.models.llama import ModelConfig
+from fbi.models.mamba2 import Mamba2Config
 from fbi.deepspeed_setup import activation_checkpointing
 from fbi.models import architecture, build_model
 

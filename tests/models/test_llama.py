@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fbi.config import ModelConfig
+from fbi.models.llama import ModelConfig
 from fbi.binarize.fbi import FBILinear
 from fbi.models import build_model
 

@@ -10,7 +10,8 @@ from transformers import Mamba2Config as HFMamba2Config, Mamba2ForCausalLM
 
 from fbi.binarize import SCHEMES, scheme_config
 from fbi.binarize.fp import DenseLinear
-from fbi.config import Mamba2Config, compose
+from fbi.configure import compose
+from fbi.models.mamba2 import Mamba2Config
 from fbi.models import build_model, from_hf, to_hf
 from fbi.models.ssd import chunked_scan, mamba_ssm_kernel, mamba_ssm_scan, sequential_scan
 

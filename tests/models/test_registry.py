@@ -7,7 +7,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fbi.binarize import SCHEMES, linear_factory
 from fbi.binarize.fp import DenseLinear
-from fbi.config import ConfigError, Mamba2Config, ModelConfig, SchemeConfig, compose
+from fbi.config import ConfigError, SchemeConfig
+from fbi.configure import compose
+from fbi.models.llama import ModelConfig
+from fbi.models.mamba2 import Mamba2Config
 from fbi.models import ARCHITECTURES, architecture, from_hf, to_hf
 
 TINY = {
