@@ -59,7 +59,9 @@ def load_run(run_dir: Path, tag: str | None = None) -> Trained:
 def load_hf(directory: Path) -> Trained:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(str(directory))
-    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id  # lm-eval's rule
+    start = getattr(model.config, "document_start_token_id", None)  # an fbi export's
+    if start is None:  # any other checkpoint: lm-eval's rule
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     return Trained(model, lambda ids: model(ids).logits, tokenizer, start,
                    model.config.max_position_embeddings, str(directory))
 

@@ -32,6 +32,9 @@ class Tokenizer(Protocol):
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` as a single vocabulary entry, or None."""
 
+    def save(self, directory: Path) -> None:
+        """A ``transformers`` tokenizer folder giving the same ids (``AutoTokenizer`` reads it)."""
+
 
 def vocab_fingerprint(vocab: dict[str, int]) -> str:
     """Stable hash of the token -> id table: equal iff the vocabularies are equal."""
@@ -95,6 +98,51 @@ class SentencePieceTokenizer:
     def token_id(self, token: str) -> int | None:
         piece = self._sp.piece_to_id(token)
         return piece if self._sp.id_to_piece(piece) == token else None
+
+    def save(self, directory: Path) -> None:
+        """A ``transformers`` tokenizer folder that gives this model's ids for every text.
+
+        transformers' own conversion (``LlamaTokenizer``) skips the model's normalizer (here
+        ``nmt_nfkc`` with runs of whitespace collapsed, so newlines and double spaces become one
+        piece) and treats text such as ``<unk>`` as a special token. This one rebuilds the
+        normalizer from the model's own spec (its precompiled character map, whitespace
+        rules, dummy prefix), and ``split_special_tokens`` keeps control symbols out of text,
+        as sentencepiece does: the ids are sentencepiece's (tested on WikiText).
+        """
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Regex
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import generate_merges
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        spec, trainer = proto.normalizer_spec, proto.trainer_spec
+        if trainer.model_type != trainer.BPE:
+            raise ValueError(f"{self.source}: only sentencepiece BPE models convert to transformers")
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        merges = generate_merges({p.piece: i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL})
+        backend = Backend(models.BPE(vocab, merges, unk_token=trainer.unk_piece, fuse_unk=True,
+                                     byte_fallback=trainer.byte_fallback))
+        steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+        if spec.remove_extra_whitespaces:  # sentencepiece's whitespace here is " " only
+            steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        if spec.add_dummy_prefix:
+            steps.append(normalizers.Prepend(" "))
+        backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+        # sentencepiece never merges across a word boundary: splitting before each ▁ is the same
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+        backend.add_tokens([AddedToken(p.piece, normalized=False) for p in proto.pieces
+                            if p.type == p.USER_DEFINED])  # matched in text, as sentencepiece does
+        names = {"unk_token": trainer.unk_id, "bos_token": self.bos_id, "eos_token": self.eos_id}
+        PreTrainedTokenizerFast(
+            tokenizer_object=backend, split_special_tokens=True,
+            **{k: self._sp.id_to_piece(i) for k, i in names.items() if i is not None and i >= 0},
+        ).save_pretrained(directory)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fbi.export.packed import DTYPES, save_tokenizer, scheme_layers
+from fbi.export.packed import DTYPES, scheme_layers
 from fbi.lm import Trained
 
 
@@ -52,16 +52,16 @@ def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
     state = arch.to_hf_state_dict(folded_state(trained.model, trained.scheme_cfg.name))
     config = arch.to_hf_config(trained.model_cfg)
     config.bos_token_id, config.eos_token_id = trained.tokenizer.bos_id, trained.tokenizer.eos_id
+    # What training put before every document (EOS under the default data.separator=eos):
+    # fbi.trained.load_hf reads it back; a transformers user prepends it to a text.
+    config.document_start_token_id = trained.start_id
     if hasattr(config, "max_position_embeddings"):  # attention models: the trained context
         config.max_position_embeddings = trained.max_length
     hf = getattr(transformers, arch.hf_class)(config)
     hf.load_state_dict(state, strict=True)
     out = Path(out)
     hf.to(DTYPES[dtype]).save_pretrained(out)
-    if save_tokenizer(trained.tokenizer, out) == "tokenizer.model":
-        from transformers import LlamaTokenizer
-
-        LlamaTokenizer.from_pretrained(out, add_bos_token=False).save_pretrained(out)
+    trained.tokenizer.save(out)
     (out / "fbi_export.json").write_text(json.dumps(
         {"source": trained.source, "scheme": trained.scheme_cfg.name}, indent=1))
     return out
