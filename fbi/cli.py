@@ -26,6 +26,82 @@ from pathlib import Path
 log = logging.getLogger("fbi")
 
 
+def check(args) -> None:
+    """Refuse (ValueError naming the argument and the fix) what would fail after loading:
+    nothing large is read and nothing is written before this passes."""
+    import torch
+
+    from fbi.trained import find
+
+    found = find(args.model, args.tag)
+    args.found = found
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device}, but this machine has no CUDA device; use --device cpu")
+    for name in ("context", "stride", "max_tokens", "val_batches", "batch_size", "samples",
+                 "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag}: got {value}; give a positive number, or leave {flag} out "
+                             "for its default")
+    if args.verb == "export":
+        check_export(args, found)
+    elif args.verb == "eval":
+        check_eval(args, found)
+    elif args.temperature < 0 or args.top_k < 0:
+        raise ValueError(f"--temperature {args.temperature} --top-k {args.top_k}: choose a "
+                         "temperature of 0 (greedy) or more and a top-k of 0 (all tokens) or more")
+
+
+def check_export(args, found) -> None:
+    from fbi.binarize import SCHEMES
+    from fbi.export.packed import DTYPES
+
+    for flag, value in (("--fp-dtype", args.fp_dtype), ("--dtype", args.dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{flag}: got {value!r}; choose one of {', '.join(DTYPES)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out: {args.out} is a file; name a folder to write the export into")
+    if found.kind == "hf":
+        raise ValueError(f"MODEL: {args.model} is a Hugging Face checkpoint, not an fbi model; "
+                         "export a run directory or a packed export")
+    if args.format == "hf" and SCHEMES[found.scheme].QUANTIZES_ACTIVATIONS:
+        raise ValueError(
+            f"--format hf: scheme {found.scheme} quantizes its input activations, so its layers "
+            "are not dense linear maps and a transformers checkpoint cannot compute the same "
+            "function; export it with --format packed instead")
+
+
+def check_eval(args, found) -> None:
+    from fbi.eval.perplexity import TEXT_FORMATS
+    from fbi.trained import find
+
+    if not (args.text or args.val or args.blimp):
+        raise ValueError("eval: name something to measure: --text FILE, --val RUN_DIR or "
+                         "--blimp DIR")
+    if args.format not in TEXT_FORMATS:
+        raise ValueError(f"--format: got {args.format!r}; choose one of {', '.join(TEXT_FORMATS)}")
+    for path in args.text:
+        if not Path(path).is_file():
+            raise ValueError(f"--text: {path} is not a file; give local text files")
+    for path in map(Path, args.blimp):
+        if not (path.is_file() or (path.is_dir() and any(path.glob("*.jsonl")))):
+            raise ValueError(f"--blimp: {path} is neither a jsonl file nor a folder of them; "
+                             "give data/blimp or jsonl files of minimal pairs")
+    if args.val is not None and find(args.val).kind != "run":
+        raise ValueError(f"--val: {args.val} is not a run directory; give the run whose "
+                         "held-out split to measure")
+    context = args.context or found.max_length
+    if args.stride is not None and context is not None and args.stride > context:
+        raise ValueError(f"--stride: {args.stride} is longer than the context ({context}); "
+                         "choose a stride of at most --context")
+    if args.context and found.max_length and args.context > found.max_length:
+        log.warning("--context %d is longer than the %d tokens %s was trained on: positions "
+                    "beyond them were never seen, expect a worse perplexity", args.context,
+                    found.max_length, args.model)
+
+
 def export(args) -> dict:
     from fbi.trained import load
 
@@ -49,8 +125,6 @@ def export(args) -> dict:
 def evaluate(args) -> dict:
     from fbi.trained import load
 
-    if not (args.text or args.val or args.blimp):
-        raise SystemExit("eval: name something to measure: --text FILE, --val RUN_DIR or --blimp DIR")
     trained = load(args.model, args.tag)
     trained.model.to(args.device)
     result: dict = {"model": str(args.model)}
@@ -157,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
 
         return report(argv[1:])
     args = parser().parse_args(argv)
+    try:
+        check(args)
+    except ValueError as err:  # a refusal explains itself: one paragraph, exit 2, as train.py
+        print(f"python -m fbi {args.verb}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON result
         result = args.fn(args)

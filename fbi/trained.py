@@ -8,12 +8,14 @@ token ids to logits, the tokenizer, the token that precedes a document, and the 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from fbi.checkpoint import complete_tags
 from fbi.configure import validate
 from fbi.consolidate import consolidate
 from fbi.data.prepare import document_start_id, ensure_shards
@@ -66,19 +68,52 @@ def load_hf(directory: Path) -> Trained:
                    model.config.max_position_embeddings, str(directory))
 
 
+@dataclass
+class Found:
+    """What ``load`` would load from a path, known from its small files alone."""
+
+    kind: str  # "run", "packed" or "hf"
+    scheme: str | None  # fbi models: the scheme's name
+    max_length: int | None  # the trained context (HF: max_position_embeddings, if any)
+
+
+def find(path: str | Path, tag: str | None = None) -> Found:
+    """Classify ``path`` reading only its config files, and refuse (ValueError, naming the
+    argument and the fix) what ``load`` could not load: the check before anything large."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"MODEL: {path} is not a folder; give a run directory, a packed export "
+                         "or a Hugging Face checkpoint folder")
+    if tag is not None and not (path / "config.yaml").exists():
+        raise ValueError(f"--tag: {path} is not a run directory, it has no checkpoints to "
+                         "choose from; leave --tag out")
+    if (path / PACKED_CONFIG).exists():
+        config = json.loads((path / PACKED_CONFIG).read_text())
+        return Found("packed", config["scheme"]["name"], config["max_length"])
+    if (path / "config.yaml").exists():
+        tags = complete_tags(path)
+        if not tags:
+            raise ValueError(f"MODEL: the run directory {path} has no complete checkpoint "
+                             "(checkpoints/step_*/complete.json); wait for its first save, or "
+                             "train with a save_every it reaches")
+        if tag is not None and tag not in tags:
+            raise ValueError(f"--tag: {path} has no complete checkpoint {tag!r}; choose one "
+                             f"of {', '.join(tags)}, or leave --tag out for the newest")
+        cfg = OmegaConf.load(path / "config.yaml")
+        return Found("run", cfg.scheme.name, cfg.data.seq_len)
+    if (path / "config.json").exists():
+        config = json.loads((path / "config.json").read_text())
+        return Found("hf", None, config.get("max_position_embeddings"))
+    raise ValueError(
+        f"MODEL: {path} is neither a run directory (config.yaml + checkpoints/), a packed "
+        f"export ({PACKED_CONFIG}) nor a Hugging Face checkpoint (config.json); give one of those"
+    )
+
+
 def load(path: str | Path, tag: str | None = None) -> Trained:
     """A run directory, a packed export (``fbi_packed.json``) or a Hugging Face checkpoint."""
-    path = Path(path).expanduser()
-    if (path / PACKED_CONFIG).exists():
-        return load_packed(path)
-    if (path / "config.yaml").exists() and (path / "checkpoints").exists():
-        return load_run(path, tag)
-    if (path / "config.json").exists():
-        return load_hf(path)
-    raise FileNotFoundError(
-        f"{path}: neither a run directory (config.yaml + checkpoints/), a packed export "
-        f"({PACKED_CONFIG}) nor a Hugging Face checkpoint (config.json)"
-    )
+    loader = {"packed": load_packed, "run": lambda p: load_run(p, tag), "hf": load_hf}
+    return loader[find(path, tag).kind](Path(path).expanduser())
 
 
 def run_val_split(run_dir: Path):

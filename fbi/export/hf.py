@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fbi.export.packed import DTYPES, scheme_layers
+from fbi.export.packed import DTYPES, make_readable, scheme_layers
 from fbi.lm import Trained
 
 
@@ -64,4 +64,5 @@ def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
     trained.tokenizer.save(out)
     (out / "fbi_export.json").write_text(json.dumps(
         {"source": trained.source, "scheme": trained.scheme_cfg.name}, indent=1))
+    make_readable(out)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def packed_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32):
     return tensors, ties, sizes
 
 
+def make_readable(out: Path) -> None:
+    """Give the files of an export the permissions the umask allows: safetensors writes
+    ``model.safetensors`` as 0600, which other users of a shared filesystem cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.rglob("*"):
+        if f.is_file():
+            f.chmod(f.stat().st_mode | (0o444 & ~umask))
+
+
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> str:
     """Write the tokenizer into ``out``; returns the name ``load_tokenizer`` reads there."""
     if isinstance(tokenizer, HFTokenizer):
@@ -120,6 +131,7 @@ def export_packed(trained: Trained, out: Path, fp_dtype: str = "float32") -> dic
         "sizes": {**sizes, "file_bytes": (out / WEIGHTS).stat().st_size},
     }
     (out / PACKED_CONFIG).write_text(json.dumps(config, indent=1))
+    make_readable(out)
     return config["sizes"]
 
 
