@@ -153,13 +153,15 @@ def evaluate(args) -> dict:
 
 
 def generate(args) -> dict:
+    from fbi.generate import cached_model
     from fbi.generate import generate as sample
     from fbi.trained import load
 
     trained = load(args.model, args.tag)
     trained.model.to(args.device)
+    model = cached_model(trained)
     samples = [sample(trained, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, seed=args.seed + i, device=args.device)
+                      top_k=args.top_k, seed=args.seed + i, device=args.device, model=model)
                for i in range(args.samples)]
     for text in samples:
         print(args.prompt + text, end="\n\n", file=sys.stderr)

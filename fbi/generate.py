@@ -1,14 +1,42 @@
-"""Sampling from a trained model: a quick look at what it learned.
+"""Sampling from a trained model: a quick look at what it learned, and lm-eval's generation.
 
-No key-value cache: every new token runs the whole (at most ``max_length``-token) window
-again, which is fine for short samples from small models.
+Generation runs with a key-value cache where the model has one: a Hugging Face checkpoint as
+it is, an fbi model through its folded ``transformers`` twin (``fbi.export.hf.to_transformers``,
+the same function up to float rounding, built once by ``cached_model``). Schemes that quantize
+activations cannot fold; they re-run the window of the last ``max_length`` tokens for every new
+token. Either way generation stops at EOS and at the first stop string.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Sequence
 
+import torch
+from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria
+
+from fbi.export.hf import CannotFold, to_transformers
 from fbi.lm import Trained
+
+
+def cached_model(trained: Trained) -> PreTrainedModel | None:
+    """The ``transformers`` model that generates ``trained``'s tokens with a cache, or None."""
+    if isinstance(trained.model, PreTrainedModel):
+        return trained.model
+    try:
+        return to_transformers(trained)
+    except CannotFold:
+        return None
+
+
+class StopStrings(StoppingCriteria):
+    """True once the text generated after the first ``prompt_length`` ids holds a stop string."""
+
+    def __init__(self, trained: Trained, prompt_length: int, stop: Sequence[str]) -> None:
+        self.decode, self.start, self.stop = trained.tokenizer.decode, prompt_length, list(stop)
+
+    def __call__(self, ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        done = [any(s in self.decode(row[self.start:].tolist()) for s in self.stop) for row in ids]
+        return torch.tensor(done, device=ids.device)
 
 
 @torch.no_grad()
@@ -19,14 +47,30 @@ def generate_ids(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
-    stop_at_eos: bool = True,
     device: torch.device | str = "cpu",
+    stop: Sequence[str] = (),
+    model: PreTrainedModel | None = None,
 ) -> list[int]:
-    """New token ids after ``prompt_ids``; greedy when ``temperature`` is 0."""
+    """New token ids after ``prompt_ids`` (its last ``max_length`` kept); greedy when
+    ``temperature`` is 0. ``model``: ``cached_model(trained)`` to generate with its cache."""
     if temperature < 0:
         raise ValueError(f"--temperature: got {temperature}; choose 0 (greedy) or more")
+    ids = list(prompt_ids)[-trained.max_length:]
+    stopping = StopStrings(trained, len(ids), stop)
+    if model is not None:
+        eos = trained.tokenizer.eos_id
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature or None, top_k=(top_k or None) if temperature else None,
+            eos_token_id=eos, pad_token_id=eos)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.to(device).generate(
+                torch.tensor([ids], device=device), generation_config=config,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                stopping_criteria=[stopping] if stop else None)
+        return out[0, len(ids):].tolist()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt_ids)
     for _ in range(max_new_tokens):
         window = torch.tensor([ids[-trained.max_length:]], device=device)
         logits = trained.logits(window)[0, -1].float().cpu()
@@ -39,9 +83,9 @@ def generate_ids(
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
         ids.append(token)
-        if stop_at_eos and token == trained.tokenizer.eos_id:
+        if token == trained.tokenizer.eos_id or (stop and stopping(torch.tensor([ids]))[0]):
             break
-    return ids[len(prompt_ids):]
+    return ids[stopping.start:]
 
 
 def generate(trained: Trained, prompt: str, max_new_tokens: int = 64, **kwargs) -> str:

@@ -10,14 +10,16 @@ a packed export or a Hugging Face checkpoint. Log-likelihoods are computed by
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 
 from fbi.eval.likelihood import continuation_logprobs
 from fbi.eval.perplexity import strided_nll
-from fbi.generate import generate_ids
+from fbi.generate import cached_model, generate_ids
 from fbi.trained import load
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,23 @@ class FbiLM(TemplateLM):
         self._device = torch.device(device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or self.trained.max_length)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm-eval's command line passes ``--batch_size`` and ``--device`` (defaults 1 and
+        cuda:0 even when not given) beside ``--model_args``: settings in ``--model_args`` win,
+        as they name this model's own, instead of arriving twice (a TypeError)."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @cached_property
+    def cached_model(self):
+        """What generates with a key-value cache (``fbi.generate.cached_model``), built once."""
+        return cached_model(self.trained)
 
     @property
     def eot_token_id(self) -> int:
@@ -74,8 +93,9 @@ class FbiLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with ``do_sample`` and ``temperature``) continuations, cut at
-        the first ``until`` string."""
+        """Greedy (or sampled, with ``do_sample`` and ``temperature``) continuations, generated
+        with a key-value cache (``fbi.generate``), stopped at and cut before the first
+        ``until`` string."""
         out = []
         for context, gen_kwargs in (req.args for req in requests):
             until = gen_kwargs.get("until") or []
@@ -84,7 +104,7 @@ class FbiLM(TemplateLM):
             new = generate_ids(
                 self.trained, [self.prefix_token_id] + self.tok_encode(context),
                 int(gen_kwargs.get("max_gen_toks", 256)), temperature=temperature,
-                device=self._device,
+                device=self._device, stop=until, model=self.cached_model,
             )
             text = self.trained.tokenizer.decode([t for t in new if t != self.eot_token_id])
             for stop in until:

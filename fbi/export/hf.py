@@ -37,15 +37,14 @@ def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]
     return state
 
 
-def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
-    """Write the architecture's ``transformers`` checkpoint (``LlamaForCausalLM``,
-    ``Mamba2ForCausalLM``: the mapping of ``fbi.models.ARCHITECTURES``) with the tokenizer."""
+def to_transformers(trained: Trained) -> torch.nn.Module:
+    """The architecture's ``transformers`` model (``LlamaForCausalLM``, ``Mamba2ForCausalLM``:
+    the mapping of ``fbi.models.ARCHITECTURES``) with every scheme layer folded, in memory.
+    Raises CannotFold for schemes that quantize activations."""
     import transformers
 
     from fbi.models import architecture
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype: got {dtype!r}; choose one of {', '.join(DTYPES)}")
     if trained.model_cfg is None:
         raise ValueError(f"{trained.source}: not an fbi model (a run directory or a packed export)")
     arch = architecture(trained.model_cfg)
@@ -59,6 +58,15 @@ def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
         config.max_position_embeddings = trained.max_length
     hf = getattr(transformers, arch.hf_class)(config)
     hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
+    """Write ``to_transformers(trained)`` with the tokenizer: a checkpoint that
+    ``AutoModelForCausalLM`` and ``AutoTokenizer`` load without fbi."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: got {dtype!r}; choose one of {', '.join(DTYPES)}")
+    hf = to_transformers(trained)
     out = Path(out)
     hf.to(DTYPES[dtype]).save_pretrained(out)
     trained.tokenizer.save(out)

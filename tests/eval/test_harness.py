@@ -91,3 +91,56 @@ def test_local_task_runs_offline_with_the_models_own_loglikelihoods(tmp_path, ze
     assert len(written) == 1
     acc = json.loads(written[0].read_text())["results"]["fbi_local"]["acc,none"]
     assert acc == out["results"]["fbi_local"]["acc,none"]
+
+
+def write_generation_task(directory, n_docs: int = 3):
+    data = directory / "gen.jsonl"
+    data.write_text("\n".join(json.dumps({"question": q, "answer": "x"}) for q in
+                              ["The history of", "In the city of", "He was"][:n_docs]))
+    (directory / "fbi_gen.yaml").write_text(
+        "task: fbi_gen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: [',', '.']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+
+
+@pytest.mark.parametrize("settings", [["--model_args", "path={model},batch_size=8,device=cpu"],
+                                      ["--model_args", "path={model}", "--batch_size", "4",
+                                       "--device", "cpu"]])
+def test_the_readmes_command_line_runs(tmp_path, tokenizer_dir, settings):
+    """lm-eval passes --batch_size and --device beside --model_args (defaults 1 and cuda:0
+    even when not given); both ways run, offline, a log-likelihood and a generation task."""
+    import os
+    import subprocess
+    import sys
+
+    from fbi.export.packed import export_packed
+    from fbi.generate import cached_model, generate_ids
+    from fbi_testing import REPO
+
+    sys.path.insert(0, str(REPO / "tests" / "export"))
+    from test_packed import tiny_trained
+
+    trained = tiny_trained("fbi", tokenizer_dir)
+    export_packed(trained, tmp_path / "model")
+    write_task(tmp_path, n_docs=2)
+    write_generation_task(tmp_path)
+    argv = [a.format(model=tmp_path / "model") for a in settings]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "fbi", "lm-eval", "--model", "fbi", *argv,
+                    "--tasks", "fbi_local,fbi_gen", "--include_path", str(tmp_path),
+                    "--output_path", str(tmp_path / "results"), "--log_samples"],
+                   env=env, check=True, timeout=600, capture_output=True, text=True)
+    results = json.loads(next((tmp_path / "results").rglob("results*.json")).read_text())
+    assert {"fbi_local", "fbi_gen"} <= set(results["results"])
+    rows = [json.loads(line) for line in
+            next((tmp_path / "results").rglob("samples_fbi_gen*.jsonl")).read_text().splitlines()]
+    model = cached_model(trained)
+    for row in rows:  # stopped at the first ',' or '.', which is cut off
+        prompt = [trained.start_id] + trained.tokenizer.encode([row["doc"]["question"]])[0]
+        ours = trained.tokenizer.decode(
+            [t for t in generate_ids(trained, prompt, 12, stop=[",", "."], model=model)
+             if t != trained.tokenizer.eos_id])
+        assert row["resps"][0][0] == ours.split(",")[0].split(".")[0]

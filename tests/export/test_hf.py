@@ -75,7 +75,7 @@ def test_zero3_run_loads_in_transformers_without_fbi(tmp_path, zero3_run, capsys
     assert hf["ids"][0, 1:].tolist() == trained.tokenizer.encode(["The history of the"])[0]
     with torch.no_grad():
         torch.testing.assert_close(hf["logits"], trained.logits(hf["ids"]))
-    ours = generate_ids(trained, hf["ids"][0].tolist(), 6, stop_at_eos=False)
+    ours = generate_ids(trained, hf["ids"][0].tolist(), 6)  # both stop at EOS
     assert ours[: len(hf["greedy"])] == hf["greedy"].tolist()
 
     # the eval command measures the export (through transformers) as it measures the run
