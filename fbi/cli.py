@@ -109,17 +109,27 @@ def export(args) -> dict:
     if args.format == "packed":
         from fbi.export.packed import export_packed
 
-        sizes = export_packed(trained, args.out, args.fp_dtype)
-        log.info("packed %s: %.3f bits per binarized weight (%d of them); whole model %.2f MB "
-                 "vs %.2f MB in bf16", args.out, sizes["bits_per_binarized_weight"] or 0,
-                 sizes["binarized_weights"], sizes["file_bytes"] / 1e6, sizes["bf16_bytes"] / 1e6)
+        sizes = export_packed(trained, args.out, args.fp_dtype, command(args))
+        log.info("packed %s: %.3f bits per binarized weight (%d of them), full-precision parts "
+                 "in %s; whole model %.2f MB vs %.2f MB in bf16 (%.3f)", args.out,
+                 sizes["bits_per_binarized_weight"] or 0, sizes["binarized_weights"], args.fp_dtype,
+                 sizes["file_bytes"] / 1e6, sizes["bf16_bytes"] / 1e6,
+                 sizes["file_bytes"] / sizes["bf16_bytes"])
         return {"format": "packed", "out": str(args.out), **sizes,
                 "size_vs_bf16": sizes["file_bytes"] / sizes["bf16_bytes"],
                 "binarized_size_vs_bf16": (sizes["binarized_bytes"] / sizes["binarized_bf16_bytes"]
                                            if sizes["binarized_weights"] else None)}
     from fbi.export.hf import export_hf
 
-    return {"format": "hf", "out": str(export_hf(trained, args.out, args.dtype))}
+    return {"format": "hf", "out": str(export_hf(trained, args.out, args.dtype, command(args)))}
+
+
+def command(args) -> str:
+    """The export command line, for the model card."""
+    tag = f" --tag {args.tag}" if args.tag else ""
+    dtype = f"--fp-dtype {args.fp_dtype}" if args.format == "packed" else f"--dtype {args.dtype}"
+    return (f"python -m fbi export {args.model}{tag} --format {args.format} {dtype} "
+            f"--out {args.out}")
 
 
 def evaluate(args) -> dict:
@@ -190,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     e = verb("export", export, "packed 1-bit or Hugging Face checkpoint")
     e.add_argument("--format", choices=("packed", "hf"), required=True)
     e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--fp-dtype", default="float32",
+    e.add_argument("--fp-dtype", default="bfloat16",
                    help="packed: storage of the full-precision parts (float32 keeps logits bit-identical)")
     e.add_argument("--dtype", default="float32", help="hf: weight dtype (float32, bfloat16, float16)")
 

@@ -4,7 +4,7 @@ checkpoints; fbi.export.packed writes and reads the packed format)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,3 +23,6 @@ class Trained:
     source: str
     model_cfg: object | None = None  # fbi models only: the architecture's config dataclass
     scheme_cfg: SchemeConfig | None = None
+    # What a model card tells: step, tokens trained on, teacher, the run's own evaluations
+    # (fbi.trained.run_provenance); carried through a packed export.
+    provenance: dict = field(default_factory=dict)

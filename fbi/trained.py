@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from fbi.checkpoint import complete_tags
+from fbi.checkpoint import complete_tags, read_meta
 from fbi.configure import validate
 from fbi.consolidate import consolidate
 from fbi.data.prepare import document_start_id, ensure_shards
@@ -47,15 +47,44 @@ def run_config(run_dir: Path):
     return validate(OmegaConf.load(run_dir / "config.yaml"))
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a jsonl log (``metrics.jsonl``); none when it does not exist."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut off by a kill
+            continue
+    return out
+
+
+def run_provenance(run_dir: Path, cfg, tag: str) -> dict:
+    """What a model card tells about checkpoint ``tag``: its step, the tokens trained on
+    (samples consumed x seq_len predicted tokens), the teacher, and the run's last
+    evaluations up to that step (``metrics.jsonl``)."""
+    meta = read_meta(run_dir, tag)
+    evaluation = {}
+    for row in read_rows(run_dir / "metrics.jsonl"):
+        if row.get("step", 0) <= meta["step"]:
+            evaluation.update({k: v for k, v in row.items() if k.startswith(("val_ppl", "blimp"))})
+    return {"run": str(run_dir.resolve()), "step": meta["step"],
+            "tokens": meta["consumed"] * cfg.data.seq_len, "teacher": cfg.teacher.kind,
+            "teacher_path": cfg.teacher.path, "data": cfg.data.name, "evaluation": evaluation}
+
+
 def load_run(run_dir: Path, tag: str | None = None) -> Trained:
     """The newest (or ``tag``) checkpoint of a run, of any ZeRO stage and world size."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    tag = tag or complete_tags(run_dir)[-1]
     model = build_model(cfg.model, cfg.scheme)
     model.load_state_dict(consolidate(run_dir, tag), strict=True)
     tokenizer = run_tokenizer(run_dir)
     return Trained(model.eval(), model, tokenizer, document_start_id(cfg.data, tokenizer),
-                   cfg.data.seq_len, str(run_dir), cfg.model, cfg.scheme)
+                   cfg.data.seq_len, str(run_dir), cfg.model, cfg.scheme,
+                   run_provenance(run_dir, cfg, tag))
 
 
 def load_hf(directory: Path) -> Trained:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fbi.export.packed import DTYPES, make_readable, scheme_layers
+from fbi.export.card import model_card
+from fbi.export.packed import DTYPES, make_readable, packed_tensors, scheme_layers
 from fbi.lm import Trained
 
 
@@ -61,15 +62,17 @@ def to_transformers(trained: Trained) -> torch.nn.Module:
     return hf.eval()
 
 
-def export_hf(trained: Trained, out: Path, dtype: str = "float32") -> Path:
-    """Write ``to_transformers(trained)`` with the tokenizer: a checkpoint that
-    ``AutoModelForCausalLM`` and ``AutoTokenizer`` load without fbi."""
+def export_hf(trained: Trained, out: Path, dtype: str = "float32", command: str | None = None) -> Path:
+    """Write ``to_transformers(trained)`` with the tokenizer and a model card (``command``:
+    what wrote it): a checkpoint that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load
+    without fbi."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: got {dtype!r}; choose one of {', '.join(DTYPES)}")
     hf = to_transformers(trained)
     out = Path(out)
     hf.to(DTYPES[dtype]).save_pretrained(out)
     trained.tokenizer.save(out)
+    (out / "README.md").write_text(model_card(trained, packed_tensors(trained.model)[2], "hf", command))
     (out / "fbi_export.json").write_text(json.dumps(
         {"source": trained.source, "scheme": trained.scheme_cfg.name}, indent=1))
     make_readable(out)

@@ -22,6 +22,7 @@ from torch import nn
 
 from fbi.binarize import DenseLinear, scheme_config
 from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from fbi.export.card import model_card
 from fbi.lm import Trained
 from fbi.models import architecture, build_model
 
@@ -103,11 +104,13 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> str:
     return "tokenizer.model"
 
 
-def export_packed(trained: Trained, out: Path, fp_dtype: str = "float32") -> dict:
+def export_packed(trained: Trained, out: Path, fp_dtype: str = "bfloat16",
+                  command: str | None = None) -> dict:
     """Write ``trained`` (an fbi model) to ``out`` in the packed format; returns its sizes.
 
-    ``fp_dtype``: storage of the full-precision parts (embeddings, norms, head). float32
-    keeps the logits bit-identical to the trained model's; bfloat16 halves them.
+    ``fp_dtype``: storage of the full-precision parts (embeddings, norms, head). bfloat16
+    (the default, as models are shipped) halves them; float32 keeps the logits
+    bit-identical to the trained model's. ``command``: what wrote it, for the model card.
     """
     from safetensors.torch import save_file
 
@@ -129,8 +132,10 @@ def export_packed(trained: Trained, out: Path, fp_dtype: str = "float32") -> dic
         "start_id": trained.start_id,
         "max_length": trained.max_length,
         "sizes": {**sizes, "file_bytes": (out / WEIGHTS).stat().st_size},
+        "provenance": trained.provenance,
     }
     (out / PACKED_CONFIG).write_text(json.dumps(config, indent=1))
+    (out / "README.md").write_text(model_card(trained, sizes, "packed", command))
     make_readable(out)
     return config["sizes"]
 
@@ -193,4 +198,4 @@ def load_packed(directory: Path) -> Trained:
     if tokenizer.fingerprint != config["tokenizer_fingerprint"]:
         raise ValueError(f"{directory}: the tokenizer saved there is not the model's (fingerprint)")
     return Trained(model.eval(), model, tokenizer, config["start_id"], config["max_length"],
-                   str(directory), model_cfg, scheme_cfg)
+                   str(directory), model_cfg, scheme_cfg, config.get("provenance", {}))

@@ -124,3 +124,25 @@ def test_smollm2_tokenizer_travels_unchanged(fbi_cache, tmp_path):
     got = ids_in_plain_transformers(tmp_path / "hf", tmp_path)
     assert got["ids"] == tokenizer.encode(texts())
     assert got["start"] == tokenizer.eos_id != tokenizer.bos_id  # the demo's separator, EOS
+
+
+def test_model_card_tells_what_the_export_is(sentencepiece_run, tmp_path, capsys):
+    from fbi.checkpoint import complete_tags, read_meta
+    from fbi.cli import main
+
+    tag = complete_tags(sentencepiece_run)[-1]
+    tokens = read_meta(sentencepiece_run, tag)["consumed"] * 32  # data.seq_len=32
+    metrics = [json.loads(line) for line in (sentencepiece_run / "metrics.jsonl").read_text().splitlines()]
+    val_ppl = [r["val_ppl_student"] for r in metrics if "val_ppl_student" in r][-1]
+    main(["export", str(sentencepiece_run), "--format", "hf", "--out", str(tmp_path / "hf")])
+    packed_sizes = export_packed(load(sentencepiece_run), tmp_path / "packed")
+    for fmt in ("hf", "packed"):
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert "LlamaForCausalLM" in card and "n_layers 1, d_model 32" in card
+        assert f"{packed_sizes['bits_per_binarized_weight']:.3f} bits" in card
+        assert f"| tokens seen | {tokens:,} (step {int(tag.split('_')[-1])}) |" in card
+        assert "| teacher | none" in card
+        assert f"| val_ppl_student | {val_ppl:.4g} |" in card
+    hf_card = (tmp_path / "hf" / "README.md").read_text()
+    assert (f"python -m fbi export {sentencepiece_run} --format hf --dtype float32 "
+            f"--out {tmp_path / 'hf'}") in hf_card

@@ -40,7 +40,7 @@ def tiny_trained(scheme: str, tokenizer_dir, tie: bool = False, arch: str = "lla
                          + [("fbi", True, "llama"), ("fbi", True, "mamba2"), ("bitnet", False, "mamba2")])
 def test_reloaded_logits_are_bit_identical(tmp_path, tokenizer_dir, scheme, tie, arch):
     trained = tiny_trained(scheme, tokenizer_dir, tie, arch)
-    sizes = export_packed(trained, tmp_path / "packed")
+    sizes = export_packed(trained, tmp_path / "packed", fp_dtype="float32")
     loaded = load(tmp_path / "packed")
     ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 24))
     with torch.no_grad():
@@ -58,11 +58,12 @@ def test_reloaded_logits_are_bit_identical(tmp_path, tokenizer_dir, scheme, tie,
 
 def test_bfloat16_parts_halve_the_dense_bytes(tmp_path, tokenizer_dir):
     trained = tiny_trained("fbi", tokenizer_dir)
-    fp32 = export_packed(trained, tmp_path / "a")
-    bf16 = export_packed(trained, tmp_path / "b", fp_dtype="bfloat16")
+    fp32 = export_packed(trained, tmp_path / "a", fp_dtype="float32")
+    bf16 = export_packed(trained, tmp_path / "b")  # the default
     assert bf16["binarized_bytes"] == fp32["binarized_bytes"]
     dense = fp32["total_bytes"] - fp32["binarized_bytes"]
     assert bf16["total_bytes"] - bf16["binarized_bytes"] == pytest.approx(dense / 2, rel=0.01)
+    assert bf16["total_bytes"] < bf16["bf16_bytes"] < fp32["total_bytes"]  # smaller than bf16
     ids = torch.randint(0, trained.model_cfg.vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_packed(tmp_path / "b").logits(ids), trained.logits(ids),
@@ -74,7 +75,8 @@ def test_bfloat16_parts_halve_the_dense_bytes(tmp_path, tokenizer_dir):
 def test_packed_export_of_a_zero3_run_is_bit_identical_and_real_size(tmp_path, zero3_run, capsys):
     from fbi.cli import main
 
-    main(["export", str(zero3_run), "--format", "packed", "--out", str(tmp_path / "packed")])
+    main(["export", str(zero3_run), "--format", "packed", "--fp-dtype", "float32",
+          "--out", str(tmp_path / "packed")])
     sizes = json.loads(capsys.readouterr().out)
     trained, packed = load(zero3_run), load(tmp_path / "packed")
     ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 32))
