@@ -34,7 +34,6 @@ def check(args) -> None:
     from fbi.trained import find
 
     found = find(args.model, args.tag)
-    args.found = found
     device = getattr(args, "device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device: {device}, but this machine has no CUDA device; use --device cpu")
@@ -75,7 +74,6 @@ def check_export(args, found) -> None:
 
 def check_eval(args, found) -> None:
     from fbi.eval.perplexity import TEXT_FORMATS
-    from fbi.trained import find
 
     if not (args.text or args.val or args.blimp):
         raise ValueError("eval: name something to measure: --text FILE, --val RUN_DIR or "
@@ -89,7 +87,7 @@ def check_eval(args, found) -> None:
         if not (path.is_file() or (path.is_dir() and any(path.glob("*.jsonl")))):
             raise ValueError(f"--blimp: {path} is neither a jsonl file nor a folder of them; "
                              "give data/blimp or jsonl files of minimal pairs")
-    if args.val is not None and find(args.val).kind != "run":
+    if args.val is not None and not (args.val / "config.yaml").is_file():
         raise ValueError(f"--val: {args.val} is not a run directory; give the run whose "
                          "held-out split to measure")
     context = args.context or found.max_length
