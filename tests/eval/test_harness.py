@@ -137,10 +137,11 @@ def test_the_readmes_command_line_runs(tmp_path, tokenizer_dir, settings):
     assert {"fbi_local", "fbi_gen"} <= set(results["results"])
     rows = [json.loads(line) for line in
             next((tmp_path / "results").rglob("samples_fbi_gen*.jsonl")).read_text().splitlines()]
-    model = cached_model(trained)
+    packed = load(tmp_path / "model")  # its full-precision parts in bf16
+    model = cached_model(packed)
     for row in rows:  # stopped at the first ',' or '.', which is cut off
-        prompt = [trained.start_id] + trained.tokenizer.encode([row["doc"]["question"]])[0]
-        ours = trained.tokenizer.decode(
-            [t for t in generate_ids(trained, prompt, 12, stop=[",", "."], model=model)
-             if t != trained.tokenizer.eos_id])
+        prompt = [packed.start_id] + packed.tokenizer.encode([row["doc"]["question"]])[0]
+        ours = packed.tokenizer.decode(
+            [t for t in generate_ids(packed, prompt, 12, stop=[",", "."], model=model)
+             if t != packed.tokenizer.eos_id])
         assert row["resps"][0][0] == ours.split(",")[0].split(".")[0]
