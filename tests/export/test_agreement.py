@@ -92,7 +92,9 @@ def test_sentencepiece_run_exports_a_tokenizer_with_trainings_ids(exports, tmp_p
 
 
 def test_run_packed_and_hf_export_score_alike(exports, capsys):
+    """Perplexity, BLiMP, greedy generation and lm-eval's prefix token: the same convention."""
     from fbi.cli import main
+    from fbi.eval.harness import FbiLM
 
     results = []
     for model in (exports[0].source, exports[1], exports[2]):
@@ -101,7 +103,13 @@ def test_run_packed_and_hf_export_score_alike(exports, capsys):
               "--max-tokens", "400", "--blimp", str(REPO / "data" / "blimp" / "anaphor_number_agreement.jsonl"),
               str(REPO / "data" / "blimp" / "determiner_noun_agreement_1.jsonl")])
         results.append(json.loads(capsys.readouterr().out))
+        main(["generate", str(model), "--prompt", "The history of", "--temperature", "0",
+              "--max-new-tokens", "8"])
+        results[-1]["samples"] = json.loads(capsys.readouterr().out)["samples"]
+        results[-1]["prefix"] = FbiLM(path=str(model), device="cpu").prefix_token_id  # lm-eval's
     run, packed, hf = results
+    assert run["samples"] == packed["samples"] == hf["samples"]  # greedy, from the same start
+    assert run["prefix"] == packed["prefix"] == hf["prefix"] == exports[0].start_id
     assert run["ppl/test.txt"] == packed["ppl/test.txt"]  # bit-identical weights
     assert hf["ppl/test.txt"]["tokens"] == run["ppl/test.txt"]["tokens"]
     assert hf["ppl/test.txt"]["ppl"] == pytest.approx(run["ppl/test.txt"]["ppl"], rel=1e-5)
