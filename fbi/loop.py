@@ -102,24 +102,27 @@ def evaluate(run: Run, should_stop=None, teacher: bool = True) -> dict | None:
 def train(cfg: TrainConfig) -> dict:
     """A run from its start, each stage once and in this order: the refusals that only read
     (every rank refuses alike), rank 0's lock on the run directory, assembly (process group,
-    teacher, shards, engine), the loop."""
+    teacher, shards, engine), the loop. The signal handlers come first: a signal during
+    start-up is kept."""
+    preemption = PreemptionFlag()
     env = detect(os.environ)
     run_dir = preflight(cfg, env.world_size)
     lock = RunLock(run_dir) if env.rank == 0 else None
     try:
         run = build_run(cfg, init_distributed(cfg.distributed))
     except BaseException:
+        preemption.close()
         if lock is not None:
             lock.release(refused=True)
         raise
     try:
-        return train_run(run)
+        return train_run(run, preemption)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_run(run: Run) -> dict:
+def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     cfg, rank, world = run.cfg, run.dist.rank, run.dist.world_size
     sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
     skips = SkippedBatches(run.run_dir, cfg.global_batch_size, run.dist.is_main)
@@ -143,7 +146,8 @@ def train_run(run: Run) -> dict:
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
                       cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg),
                       utilization, start_step=state["step"])
-    preemption, stop = PreemptionFlag(run.device), False
+    preemption, stop = preemption or PreemptionFlag(), False
+    preemption.device = run.device
     while state["step"] < cfg.max_steps and not stop:
         consumed = skips.cursor(state["consumed"])
         micro_batches = [
@@ -191,4 +195,5 @@ def train_run(run: Run) -> dict:
                      "  ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "step"))
     monitor.close()
     dist.destroy_process_group()  # without it ZeRO-3 runs sometimes abort at exit
+    preemption.hand_over()  # submitit's USR2 handler requeues, now that the checkpoint exists
     return result

@@ -1,4 +1,6 @@
-"""fbi.preemption: SIGUSR1/SIGTERM/SIGINT set the flag; nothing else does; handlers are restored."""
+"""fbi.preemption: SIGUSR1/SIGUSR2/SIGTERM/SIGINT set the flag; USR1/USR2 are preemption,
+TERM/INT cancellation; handlers are restored, and a preemption signal is handed to the handler
+that was there before (submitit's, which requeues)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from fbi.preemption import PreemptionFlag
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_sets_the_flag_and_close_restores_the_handler(sig):
     before = signal.getsignal(sig)
     flag = PreemptionFlag(torch.device("cpu"))
@@ -19,9 +21,37 @@ def test_a_signal_sets_the_flag_and_close_restores_the_handler(sig):
         assert not flag.agreed(world_size=1)
         os.kill(os.getpid(), sig)  # delivered before kill() returns to this thread
         assert flag.received == sig.name and flag.agreed(world_size=1)
+        assert flag.preempted == (sig in (signal.SIGUSR1, signal.SIGUSR2))
     finally:
         flag.close()
     assert signal.getsignal(sig) is before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_only_a_preemption_signal_is_handed_to_the_previous_handler(sig):
+    """submitit installs its USR2 (requeue) and TERM (ignore) handlers before the job runs;
+    fbi's take over, and after the checkpoint USR2 goes on to submitit's."""
+    seen = []
+    originals = {s: signal.signal(s, lambda signum, frame: seen.append(signum))
+                 for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        flag = PreemptionFlag()
+        os.kill(os.getpid(), sig)
+        assert seen == []  # fbi's handler ran, not the previous one
+        flag.close()
+        flag.hand_over()
+        assert seen == ([signal.SIGUSR2] if sig == signal.SIGUSR2 else [])
+    finally:
+        for s, handler in originals.items():
+            signal.signal(s, handler)
+
+
+def test_hand_over_without_a_previous_python_handler_does_nothing():
+    flag = PreemptionFlag()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    flag.close()
+    flag.hand_over()  # SIG_DFL before: nothing to call (calling it would end the process)
+    assert flag.preempted
 
 
 def test_a_signal_during_evaluation_ends_it_at_the_next_round(tmp_path):
