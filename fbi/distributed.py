@@ -7,8 +7,10 @@ Launchers, recognised in this order:
   ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` themselves
   (so does a user who exports them by hand: launcher ``env``);
 - SLURM alone, inside an ``srun`` step (``srun python train.py``): ``SLURM_PROCID``,
-  ``SLURM_LOCALID``, ``SLURM_NTASKS``; the master is the first node of the step's node list,
-  the port derived from the job id so that two jobs sharing a node do not collide;
+  ``SLURM_LOCALID``, ``SLURM_NTASKS``; the master is task 0's node (the first node of the
+  step's node list, or the first line of ``SLURM_HOSTFILE`` under ``--distribution=arbitrary``),
+  the port derived from the job id so that two jobs sharing a node do not collide, and below
+  Linux's ephemeral range (32768-60999), where a port may already be taken by any connection;
 - none of them: a group of one.
 
 Under torchrun or the deepspeed launcher inside a SLURM allocation, the launcher's variables
@@ -18,15 +20,18 @@ task), otherwise several independent runs would share one run directory.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -166,16 +171,31 @@ def _from_slurm(environ: Mapping[str, str]) -> ProcessEnv:
             f"WORLD_SIZE={environ['WORLD_SIZE']} contradicts SLURM_NTASKS={world}; unset "
             "WORLD_SIZE (SLURM's task count is the world size under plain srun)"
         )
-    nodes = expand_nodelist(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
     node_id = int(environ.get("SLURM_NODEID", 0))
     per_node = tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
                               or environ.get("SLURM_TASKS_PER_NODE") or str(world))
-    port = environ.get("MASTER_PORT") or str(15000 + int(environ.get("SLURM_JOB_ID", 0)) % 20000)
+    port = environ.get("MASTER_PORT") or str(15000 + int(environ.get("SLURM_JOB_ID", 0)) % 17000)
     return ProcessEnv(
         "slurm", _int(environ, "SLURM_PROCID", "SLURM"), _int(environ, "SLURM_LOCALID", "SLURM"),
         world, per_node[min(node_id, len(per_node) - 1)],
-        environ.get("MASTER_ADDR") or nodes[0], int(port),
+        environ.get("MASTER_ADDR") or _task0_node(environ), int(port),
     )
+
+
+def _task0_node(environ: Mapping[str, str]) -> str:
+    """The node of SLURM task 0: the first of the step's nodes, except under an arbitrary
+    distribution, where SLURM_HOSTFILE lists each task's node in task order."""
+    if environ.get("SLURM_DISTRIBUTION", "").startswith("arbitrary"):
+        hostfile = environ.get("SLURM_HOSTFILE", "")
+        try:
+            lines = [ln.strip() for ln in Path(hostfile).read_text().splitlines() if ln.strip()]
+        except OSError as err:
+            raise LaunchError(
+                f"--distribution=arbitrary: cannot read SLURM_HOSTFILE={hostfile!r} ({err}) "
+                "to find task 0's node; put the hostfile on a shared filesystem or export "
+                "MASTER_ADDR=<task 0's node>") from None
+        return expand_nodelist(lines[0])[0]
+    return expand_nodelist(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])[0]
 
 
 def _check_agrees_with_slurm(env: ProcessEnv, environ: Mapping[str, str]) -> None:
@@ -205,8 +225,9 @@ def _check_ranges(env: ProcessEnv) -> None:
 
 
 def choose_device(want: str, env: ProcessEnv, cuda_count: int,
-                  slurm_gpus: int = 0) -> str:
-    """``cuda:<i>`` for this local rank, or ``cpu``. ``want``: auto | cuda | cpu."""
+                  slurm_gpus: int = 0, gpus_per_task: int = 0) -> str:
+    """``cuda:<i>`` for this local rank, or ``cpu``. ``want``: auto | cuda | cpu.
+    ``gpus_per_task``: SLURM's ``--gpus-per-task`` (0: not given)."""
     if want == "cpu":
         return "cpu"
     if cuda_count == 0:
@@ -220,8 +241,15 @@ def choose_device(want: str, env: ProcessEnv, cuda_count: int,
                 "build (requirements-gpu.txt / the Dockerfile) or pass distributed.device=cpu"
             )
         return "cpu"
-    if cuda_count == 1 and env.launcher == "slurm":
-        return "cuda:0"  # SLURM bound one GPU per task (--gpus-per-task): it is index 0
+    if env.launcher == "slurm" and (cuda_count == 1 or gpus_per_task):
+        # SLURM bound the task's own GPUs (--gpus-per-task): the first is index 0. fbi runs
+        # one process per task, so more than one per task leaves the others idle.
+        if gpus_per_task > 1:
+            log.warning("SLURM gave each task %d GPUs and fbi drives one per process: %d "
+                        "idle. Use --gpus-per-task=1 with one task per GPU, or one torchrun "
+                        "per node (launch/slurm/train.sbatch)", gpus_per_task,
+                        gpus_per_task - 1)
+        return "cuda:0"
     if env.local_rank >= cuda_count:
         raise LaunchError(
             f"local rank {env.local_rank} has no GPU of its own: {cuda_count} visible on this "
@@ -229,6 +257,11 @@ def choose_device(want: str, env: ProcessEnv, cuda_count: int,
             "per node (torchrun --nproc_per_node, SLURM --ntasks-per-node/--gpus-per-node)"
         )
     return f"cuda:{env.local_rank}"
+
+
+def _count(gres: str | None) -> int:
+    """``2`` or ``a100:2`` (SLURM's GPU count syntax) -> 2; unset -> 0."""
+    return int(gres.rpartition(":")[2]) if gres else 0
 
 
 def slurm_node_addr(node: str) -> str | None:
@@ -280,6 +313,42 @@ def wait_for_master(addr: str, port: int, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def interface_towards(addr: str, port: int) -> str | None:
+    """The network interface this host reaches ``addr`` through (its name, e.g. ``eth0``),
+    or None for loopback or when the kernel has no route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((addr, port))  # UDP: picks the route, sends nothing
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    if local.startswith("127."):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address (bytes 20-24 of struct ifreq)
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == local:
+                return name
+    return None
+
+
+def gloo_interface(environ: Mapping[str, str], master_addr: str, port: int) -> str | None:
+    """What GLOO_SOCKET_IFNAME should be when the user did not set it: gloo binds to the
+    address this host's name resolves to, and falls back to loopback when it resolves
+    nowhere, so that ranks on other nodes cannot connect. Then: the interface towards the
+    master. None: leave gloo's own choice."""
+    if environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    try:
+        socket.getaddrinfo(socket.gethostname(), None)
+        return None
+    except socket.gaierror:
+        return interface_towards(master_addr, port)
+
+
 STORE_KEY = "fbi/process_group_store"
 
 
@@ -290,12 +359,17 @@ def fresh_store(agent_addr: str, agent_port: int, rank: int, world_size: int,
     torchrun keeps one store for all restarts, and the process group's keys in it outlive the
     workers that wrote them: after ``--max_restarts`` restarts a fast rank could read the dead
     rank 0's address and fail to connect. An address whose server accepts a connection is
-    this restart's, because torchrun stops every worker before it forms the next group."""
+    this restart's, because torchrun stops every worker before it forms the next group.
+
+    Rank 0 runs on the rendezvous' first node, whose address the rendezvous resolved and
+    handed out as ``agent_addr`` (torchrun ``--local-addr``, else that node's FQDN as torchrun
+    resolved it); it announces that address, which the others already reached, rather than a
+    name of its own that may not resolve elsewhere."""
     agent = dist.TCPStore(agent_addr, agent_port, is_master=False,
                           timeout=timedelta(seconds=settings.rendezvous_timeout_s))
     timeout = timedelta(seconds=settings.timeout_s)
     if rank == 0:
-        host = socket.getfqdn()
+        host = agent_addr
         store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False)
         agent.set(STORE_KEY, f"{host}:{store.port}")
@@ -310,7 +384,10 @@ def fresh_store(agent_addr: str, agent_port: int, rank: int, world_size: int,
             if time.monotonic() >= deadline:
                 raise LaunchError(
                     f"rank 0's store {host}:{port} (announced through torchrun's store) was "
-                    f"unreachable for {settings.rendezvous_timeout_s:.0f} s ({err})"
+                    f"unreachable for distributed.rendezvous_timeout_s="
+                    f"{settings.rendezvous_timeout_s:.0f} s ({err}); if {host!r} is not this "
+                    "node's address for the others, give torchrun --local-addr (LOCAL_ADDR "
+                    "in launch/torchrun_node.sh)"
                 ) from None
             time.sleep(0.5)
     return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
@@ -324,7 +401,8 @@ def init_distributed(settings: DistributedConfig | None = None,
     environ = os.environ if environ is None else environ
     env = detect(environ)
     device = choose_device(settings.device, env, torch.cuda.device_count(),
-                           int(environ.get("SLURM_GPUS_ON_NODE") or 0))
+                           int(environ.get("SLURM_GPUS_ON_NODE") or 0),
+                           _count(environ.get("SLURM_GPUS_PER_TASK")))
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # before the first collective
     addr, port = env.master_addr, env.master_port or free_port()
@@ -335,6 +413,11 @@ def init_distributed(settings: DistributedConfig | None = None,
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank),
                       WORLD_SIZE=str(env.world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "gloo" and env.world_size > 1 and (ifname := gloo_interface(environ, addr, port)):
+        log.warning("this host's name %s resolves nowhere: gloo binds to %s, the interface "
+                    "towards %s (set GLOO_SOCKET_IFNAME to choose)", socket.gethostname(),
+                    ifname, addr)
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
     timeout = timedelta(seconds=settings.timeout_s)
     try:
         if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.world_size > 1:

@@ -194,7 +194,8 @@ class Namespaces:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
             shutil.rmtree(f"/etc/netns/{n}", ignore_errors=True)
 
-    def command(self, node: str, argv: list[str]) -> list[str]:
-        """``argv`` run inside ``node``'s namespace, with ``node`` as its hostname."""
+    def command(self, node: str, argv: list[str], hostname: str | None = None) -> list[str]:
+        """``argv`` run inside ``node``'s namespace, with ``hostname`` (default ``node``) as
+        its hostname."""
         return ["ip", "netns", "exec", node, "unshare", "--uts", "sh", "-c",
-                f'hostname {node} && exec "$@"', "sh", *argv]
+                f'hostname {hostname or node} && exec "$@"', "sh", *argv]

@@ -43,6 +43,24 @@ def test_plain_srun_variables():
     assert detect({**SRUN, "MASTER_PORT": "23456"}).master_port == 23456
 
 
+def test_slurm_ports_stay_below_the_ephemeral_range():
+    # Linux hands out 32768-60999 to outgoing connections: a port there may be taken.
+    low, _ = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = {detect({**SRUN, "SLURM_JOB_ID": str(job)}).master_port for job in range(0, 10**6, 7)}
+    assert max(ports) < low and min(ports) >= 1024
+
+
+def test_arbitrary_distribution_master_is_task_0s_node(tmp_path):
+    # srun --distribution=arbitrary with SLURM_HOSTFILE: task i runs on line i's node
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("gpu08\ngpu07\ngpu08\ngpu07\n")
+    env = {**SRUN, "SLURM_DISTRIBUTION": "arbitrary", "SLURM_HOSTFILE": str(hostfile)}
+    assert detect(env).master_addr == "gpu08"
+    assert detect({**SRUN, "SLURM_DISTRIBUTION": "block"}).master_addr == "gpu07"
+    with pytest.raises(LaunchError, match="SLURM_HOSTFILE=.*MASTER_ADDR"):
+        detect({**env, "SLURM_HOSTFILE": str(tmp_path / "missing")})
+
+
 def test_no_launcher_and_the_sbatch_script_itself_are_a_group_of_one():
     assert detect({}) == ProcessEnv("single", 0, 0, 1, 1, "127.0.0.1", 0)
     batch = {k: v for k, v in SRUN.items() if not k.startswith("SLURM_STEP")}
@@ -101,6 +119,14 @@ def test_each_local_rank_gets_its_own_gpu():
     assert choose_device("auto", detect(TORCHRUN), cuda_count=0) == "cpu"
     # SLURM --gpus-per-task leaves each task one visible GPU: index 0, whatever the local id
     assert choose_device("auto", detect(SRUN), cuda_count=1) == "cuda:0"
+
+
+def test_gpus_per_task_above_one_is_accepted_with_a_warning(caplog):
+    # srun --gpus-per-task=2: the task sees its own 2 GPUs (a GPU count stands in
+    # for the GPUs this machine does not have)
+    env = detect({**SRUN, "SLURM_LOCALID": "1"})
+    assert choose_device("auto", env, cuda_count=2, gpus_per_task=2) == "cuda:0"
+    assert "2 GPUs" in caplog.text and "1 idle" in caplog.text
 
 
 def test_gpus_asked_for_but_absent_are_refused():

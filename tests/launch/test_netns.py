@@ -116,3 +116,30 @@ def test_deepspeed_hostfile_across_two_namespaces(nodes, overrides, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
     assert "world 2" in outs[0] and "deepspeed launch" in outs[0]
     assert steps_logged(run) == [1, 2, 3]
+
+
+def test_unresolvable_hostnames_join_through_local_addr(nodes, overrides, tmp_path):
+    """Each node calls itself a name nobody resolves (as on clusters whose hostnames live in
+    no DNS); launch/torchrun_node.sh with LOCAL_ADDR and the rendezvous at an address: the
+    process group's store is announced at the address the rendezvous resolved, not at the
+    host's FQDN, so both ranks join and train."""
+    run = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            nodes.command(node, ["bash", str(REPO / "launch" / "torchrun_node.sh"), *overrides,
+                                 f"run_dir={run}", "max_steps=2"], hostname=f"ghost{i}.invalid"),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env(run, NNODES="2", NODE_RANK=str(i), RDZV_ID="ghosts",
+                    RDZV_ENDPOINT=f"{nodes.addrs[NODES[0]]}:29413",
+                    LOCAL_ADDR=nodes.addrs[node]),
+            start_new_session=True)
+        for i, node in enumerate(NODES)
+    ]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            stop_group(p)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    assert f"via {nodes.addrs[NODES[0]]}" in outs[0] and "rank 0/2" in outs[0]
+    assert steps_logged(run) == [1, 2]
