@@ -311,11 +311,21 @@ class DistributedConfig:
     rendezvous_timeout_s: float = 300.0
     # Bound on every collective, including the barriers while rank 0 prepares data alone.
     timeout_s: float = 1800.0
+    # After the first step (compilation, data preparation done): a hung rank stops the job
+    # after this long instead of timeout_s. It must exceed a checkpoint's write. 0: keep
+    # timeout_s.
+    step_timeout_s: float = 600.0
+    # Aggregate write rate of the checkpoint filesystem (GB/s): sizes the grace a stop needs
+    # (logged at start-up for sbatch --signal and torchrun's shutdown timeout).
+    checkpoint_write_gbps: float = 1.0
 
     def __post_init__(self) -> None:
         one_of(self.device, ("auto", "cuda", "cpu"), "distributed.device")
         require(self.rendezvous_timeout_s > 0, "distributed.rendezvous_timeout_s", "must be positive")
         require(self.timeout_s > 0, "distributed.timeout_s", "must be positive")
+        require(self.step_timeout_s >= 0, "distributed.step_timeout_s", "must be >= 0 (0: off)")
+        require(self.checkpoint_write_gbps > 0, "distributed.checkpoint_write_gbps",
+                "must be positive")
 
 
 @dataclass

@@ -259,6 +259,14 @@ def choose_device(want: str, env: ProcessEnv, cuda_count: int,
     return f"cuda:{env.local_rank}"
 
 
+def shutdown_timeout(environ: Mapping[str, str]) -> int | None:
+    """Seconds torchrun waits for its workers after a signal before KILL (its
+    ``--shutdown-timeout``, exported by launch/torchrun_node.sh); None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return None
+    return int(environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)  # torchrun's default
+
+
 def _count(gres: str | None) -> int:
     """``2`` or ``a100:2`` (SLURM's GPU count syntax) -> 2; unset -> 0."""
     return int(gres.rpartition(":")[2]) if gres else 0
@@ -349,6 +357,20 @@ def gloo_interface(environ: Mapping[str, str], master_addr: str, port: int) -> s
         return interface_towards(master_addr, port)
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """The default process group's collective timeout from now on (a no-op without one)."""
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
+        log.info("collective timeout now %.0f s (distributed.step_timeout_s)", seconds)
+
+
+# NCCL's flight recorder: a ring of each rank's last collectives, dumped (one file per rank,
+# under TORCH_FR_DUMP_TEMP_FILE, default /tmp/nccl_trace_rank_<r>) when a collective times
+# out; read with `python -m torch.distributed.flight_recorder.fr_trace <folder>`. The launch
+# scripts point the dump at the run directory. A user's own setting wins.
+FLIGHT_RECORDER = {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                   "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+
 STORE_KEY = "fbi/process_group_store"
 
 
@@ -413,6 +435,9 @@ def init_distributed(settings: DistributedConfig | None = None,
     os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank),
                       WORLD_SIZE=str(env.world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        for name, value in FLIGHT_RECORDER.items():
+            os.environ.setdefault(name, value)
     if backend == "gloo" and env.world_size > 1 and (ifname := gloo_interface(environ, addr, port)):
         log.warning("this host's name %s resolves nowhere: gloo binds to %s, the interface "
                     "towards %s (set GLOO_SOCKET_IFNAME to choose)", socket.gethostname(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from fbi import checkpoint
 from fbi.callbacks import Control, TrainingHalted
 from fbi.callbacks.diagnostics import BinaryDiagnostics
+from fbi.callbacks.hang import HangWatch
 from fbi.callbacks.nonfinite import NonFiniteGuard, nonfinite_update, update_skipped
 from fbi.callbacks.spikes import SkippedBatches, SpikeDetector
 from fbi.config import TrainConfig
@@ -25,7 +27,7 @@ from fbi.eval.blimp import blimp_accuracy, read_pairs
 from fbi.eval.perplexity import perplexity
 from fbi.flops import Utilization
 from fbi.metrics import Monitor, StepTimer
-from fbi.preemption import PreemptionFlag
+from fbi.preemption import PreemptionFlag, advise_after_save
 from fbi.preflight import preflight
 from fbi.run import Run, build_run
 from fbi.run_lock import RunLock
@@ -131,6 +133,7 @@ def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         NonFiniteGuard(cfg.guard.max_nonfinite_steps, newest),
         SpikeDetector(cfg.guard, run.run_dir, skips, run.dist.is_main, lambda: bool(newest())),
         BinaryDiagnostics(run.engine.module, cfg.logging.diagnostics_every, rank, world),
+        hangs := HangWatch(cfg.distributed.step_timeout_s),
     ]
 
     def load(tag: str) -> dict:
@@ -176,8 +179,12 @@ def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         due = stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps
         if due and control.save_allowed:
             saved = {cb.__class__.__name__: cb.state_dict() for cb in callbacks}
-            checkpoint.save(run.engine, run.run_dir, {**state, "callbacks": saved}, rank, world,
-                            cfg.checkpoint_keep, cfg.checkpoint_keep_every)
+            started = time.monotonic()
+            folder = checkpoint.save(run.engine, run.run_dir, {**state, "callbacks": saved}, rank,
+                                     world, cfg.checkpoint_keep, cfg.checkpoint_keep_every)
+            if run.dist.is_main:  # the grace a stop needs, from this save's measured rate
+                advise_after_save(folder, time.monotonic() - started, metrics)
+    hangs.close()
     # The final checkpoint is written: a signal during evaluation only cuts evaluation short.
     scores = None
     if not stop and cfg.eval_batches:

@@ -29,6 +29,7 @@ from fbi.deepspeed_setup import (Dist, build_context, deepspeed_config, held_par
 from fbi.distill.teacher import build_teacher
 from fbi.distill.teacher_checkpoint import TeacherSource, resolve_path
 from fbi.models import build_model
+from fbi.preemption import advise_grace
 
 log = logging.getLogger("fbi")
 
@@ -173,7 +174,10 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
         "student %s/%s: %.1fM parameters, vocab %d, world %d, grad accum %d",
         cfg.model.arch, cfg.scheme.name, n_params / 1e6, vocab, dist_info.world_size, grad_accum,
     )
-    checkpoint.check_space(run_dir, checkpoint.bytes_needed(run_dir, n_params, cfg.precision))
+    needed = checkpoint.bytes_needed(run_dir, n_params, cfg.precision)
+    checkpoint.check_space(run_dir, needed)
+    if dist_info.is_main:
+        advise_grace(needed, cfg.distributed.checkpoint_write_gbps)
     engine = initialize(model, cfg, ds_config)
     scales = scale_parameter_names(engine.module)
     shares = {

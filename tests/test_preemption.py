@@ -82,3 +82,37 @@ def test_a_signal_during_evaluation_ends_it_at_the_next_round(tmp_path):
     finally:
         flag.close()
     assert perplexity(logits, *args) == pytest.approx(50.0)  # uniform logits: ppl = vocab
+
+
+def test_grace_counts_the_step_the_write_and_the_exit():
+    from fbi.preemption import grace_s
+
+    # 98 GB (7B parameters x 14 bytes) at 1 GB/s, 20 s steps: 20 + 1.25 x 98 + 30
+    assert grace_s(98e9, 1.0, 20.0) == 173
+    assert grace_s(98e9, 2.0, 20.0) < grace_s(98e9, 1.0, 20.0)
+
+
+@pytest.mark.parametrize("timeout,warned", [("30", True), ("600", False)])
+def test_a_torchrun_shutdown_timeout_shorter_than_the_grace_is_flagged(
+        timeout, warned, monkeypatch, caplog):
+    from fbi.preemption import advise_grace, grace_s
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "j")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", timeout)
+    caplog.set_level("INFO")
+    advise_grace(98e9, 1.0)
+    need = grace_s(98e9, 1.0)
+    assert f"USR1@{need}" in caplog.text and "98.0 GB" in caplog.text
+    assert ("killed mid-write" in caplog.text) == warned
+
+
+def test_the_grace_after_a_save_uses_its_size_and_time(tmp_path, caplog):
+    from fbi.preemption import advise_after_save, grace_s
+
+    (tmp_path / "step_00000010").mkdir()
+    (tmp_path / "step_00000010" / "a.pt").write_bytes(b"x" * 3_000_000)
+    caplog.set_level("INFO")
+    advise_after_save(tmp_path / "step_00000010", 0.5, {"time_data_s": 1.0, "loss": 9.0,
+                                                       "time_optimizer_s": 2.0})
+    assert f"USR1@{grace_s(3e6, 3e6 / 1e9 / 0.5, 3.0)}" in caplog.text
+    assert "0.01 GB/s" in caplog.text and "a step of 3 s" in caplog.text
