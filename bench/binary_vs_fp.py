@@ -127,21 +127,28 @@ def student_step(cfg, scheme: str, batch: int, seq_len: int, precision: str, dev
     return model, step
 
 
-def engine_step(model_name: str, stage: int, vocab: int, scheme: str, tokens: torch.Tensor,
-                precision: str):
+def build_engine(model_name: str, stage: int, vocab: int, scheme: str, batch: int,
+                 seq_len: int, precision: str, *overrides: str):
+    """The DeepSpeed engine train.py builds, in a process group of one (gloo on CPU, NCCL on
+    GPU); ``overrides``: more of train.py's."""
     from fbi.deepspeed_setup import build_context, deepspeed_config, init_distributed, initialize
 
     if not torch.distributed.is_initialized():
-        init_distributed()  # a process group of one (gloo on CPU)
-    batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
+        init_distributed()
     run = compose(["experiment=none", f"model={model_name}", f"model.vocab_size={vocab}",
                    f"scheme={scheme}", f"zero=stage{stage}", f"precision={precision}",
                    "max_steps=10", f"global_batch_size={batch}", f"micro_batch_size={batch}",
-                   f"data.seq_len={seq_len}", "optim.warmup_steps=1"])
+                   f"data.seq_len={seq_len}", "optim.warmup_steps=1", *overrides])
     ds_config = deepspeed_config(run, 1)
     with build_context(run, ds_config):
         model = build_model(run.model, run.scheme)
-    engine = initialize(model, run, ds_config)
+    return initialize(model, run, ds_config)
+
+
+def engine_step(model_name: str, stage: int, vocab: int, scheme: str, tokens: torch.Tensor,
+                precision: str):
+    engine = build_engine(model_name, stage, vocab, scheme, tokens.shape[0],
+                          tokens.shape[1] - 1, precision)
 
     def step():
         logits = engine(tokens[:, :-1])
