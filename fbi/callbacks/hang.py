@@ -2,9 +2,10 @@
 
 - ``faulthandler`` is enabled, so a rank killed by a fatal signal (NCCL's watchdog aborts a
   rank whose collective timed out: SIGABRT) prints every thread's Python stack first;
-- after each step a timer is armed: when no further step completes within
+- after each step a timer is armed: when no further step completes within 3/4 of
   ``step_timeout_s``, the rank prints every thread's Python stack (and goes on), so the rank
-  that is stuck, not only the ones waiting for it, shows its frame;
+  that is stuck, not only the ones waiting for it, shows its frame. Before the timeout: once
+  the waiting ranks' collectives time out they end, and their launcher kills the stuck rank;
 - after the first step (compilation, data preparation, the first checkpoint's load are
   behind) the collective timeout drops from ``distributed.timeout_s`` to
   ``distributed.step_timeout_s``, as torchtitan does (``comm.train_timeout_seconds``).
@@ -22,6 +23,9 @@ from fbi.callbacks import Callback, Control
 from fbi.distributed import set_collective_timeout
 
 
+DUMP_AT = 0.75  # of step_timeout_s: the stacks are printed before the collectives time out
+
+
 class HangWatch(Callback):
     """``step_timeout_s``: seconds; 0 turns the timer and the shorter timeout off."""
 
@@ -36,7 +40,8 @@ class HangWatch(Callback):
         if not self._shortened:
             set_collective_timeout(self.step_timeout_s)
             self._shortened = True
-        faulthandler.dump_traceback_later(self.step_timeout_s, repeat=False, file=sys.stderr)
+        faulthandler.dump_traceback_later(DUMP_AT * self.step_timeout_s, repeat=False,
+                                          file=sys.stderr)
 
     def close(self) -> None:
         """The steps are over (evaluation and teardown may take longer than one step)."""

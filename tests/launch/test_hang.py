@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def test_a_stuck_rank_ends_the_job_at_the_step_timeout_and_shows_its_stack(tmp_path):
-    stuck_s, step_timeout_s = 40, 4
+    stuck_s, step_timeout_s = 40, 8
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "--tee", "3",
@@ -30,5 +30,5 @@ def test_a_stuck_rank_ends_the_job_at_the_step_timeout_and_shows_its_stack(tmp_p
     assert "rank 0: step 3 collective failed" in out, out[-4000:]
     assert "all steps done" not in out
     rank1 = "".join(p.read_text() for p in (tmp_path / "logs").rglob("1/stderr.log"))
-    assert f"Timeout (0:00:0{step_timeout_s})!" in rank1, rank1[-3000:]
+    assert "Timeout (0:00:06)!" in rank1, rank1[-3000:]  # at 3/4 of the step timeout
     assert "stuck_rank.py\", line" in rank1 and "in <module>" in rank1
