@@ -124,7 +124,7 @@ def test_bimamba_recipes_build_the_named_mamba2_size_on_fbi_llms_schedule(recipe
 
 @pytest.mark.parametrize("overrides,message", [
     (["zero=stage2"], "zero.gather_signs: gathering signs replaces ZeRO-3's"),
-    (["zero=stage3", "scheme=bitnet"], "zero.gather_signs: scheme=bitnet reads more .* fbi, fbi_w1a1, onebit"),
+    (["zero=stage3", "scheme=bitnet"], "zero.gather_signs: scheme=bitnet reads more .* fbi, fbi_w1a1, onebit_fold"),
     (["zero=stage3", "zero.offload_params=true"], "zero.gather_signs: not supported with zero.offload_params"),
 ])
 def test_the_one_bit_route_refuses_what_it_cannot_serve(overrides, message):

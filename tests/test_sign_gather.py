@@ -70,7 +70,7 @@ def partitioned(layer, monkeypatch):
     return layer
 
 
-@pytest.mark.parametrize("scheme", ["fbi", "onebit", "fbi_w1a1"])
+@pytest.mark.parametrize("scheme", sorted(n for n, layer in SCHEMES.items() if layer.SIGN_ONLY))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_routed_layer_computes_the_plain_layer_bitwise(monkeypatch, scheme, dtype):
     """Output, and the gradients of the input, the scales and the latent weight (handed to the
@@ -137,7 +137,7 @@ def test_the_signs_are_kept_packed_and_checkpointing_keeps_nothing(monkeypatch, 
 @pytest.mark.parametrize("scheme,precision,extra,resume,nproc", [
     ("fbi", "bf16", ["micro_batch_size=2"], True, 2),  # 2 micro-batches per step: accumulation
     # backward re-gathers; 3 ranks: shards of 1,366 elements, neither whole bytes nor even
-    ("onebit", "fp32", ["zero.activation_checkpointing=true", "global_batch_size=6",
+    ("onebit_fold", "fp32", ["zero.activation_checkpointing=true", "global_batch_size=6",
                         "micro_batch_size=2"], False, 3),
     ("fbi", "fp32", MAMBA, False, 2),  # Bi-Mamba: in_proj and out_proj binarized
 ])

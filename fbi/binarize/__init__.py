@@ -22,7 +22,7 @@ from fbi.binarize.bitnet158 import BitNet158Linear
 from fbi.binarize.fbi import FBILinear
 from fbi.binarize.fbi_w1a1 import FBIW1A1Linear
 from fbi.binarize.fp import DenseLinear
-from fbi.binarize.onebit import OneBitLinear
+from fbi.binarize.onebit import OneBitFoldLinear, OneBitLinear
 from fbi.binarize.pbllm import PBLLMLinear
 from fbi.config import SchemeConfig, one_of
 
@@ -32,6 +32,7 @@ SCHEMES: dict[str, type[DenseLinear]] = {
     "bitnet": BitNetLinear,
     "bitnet158": BitNet158Linear,
     "onebit": OneBitLinear,
+    "onebit_fold": OneBitFoldLinear,
     "pbllm": PBLLMLinear,
     "fbi_w1a1": FBIW1A1Linear,
 }

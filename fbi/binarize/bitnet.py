@@ -1,17 +1,39 @@
-"""BitNet (Wang et al., 2023, arXiv 2310.11453): weights ``sign(W - mean(W)) * mean|W|``,
-activations 8-bit absmax per token, straight-through estimators for both.
+"""BitNet (Wang et al., 2023, arXiv 2310.11453): ``y = Quant(Norm(x)) W_b^T`` with binary
+weights ``W_b = sign(W - mean(W)) * mean|W|`` and 8-bit absmax activations.
 
-The scale is a statistic of W, not a parameter, and the estimator is the identity
-(``dW = dW_eff``), as in the paper's ``w + (q(w) - w).detach()``. The input is quantized, so the
-forward is not linear in x: no fold.
+The input is normalized inside the layer before it is quantized (the paper's BitLinear: a
+LayerNorm without affine parameters, ``(x - E x) / sqrt(Var x + eps)``; ``scheme.norm``),
+so every binarized layer, o_proj and down_proj included, quantizes a unit-variance input.
+Gradients are straight-through estimates (Bengio et al., 2013, arXiv 1308.3432) to the latent
+weight and the normalized input; the ``w + (q(w) - w).detach()`` way of writing them comes from
+the BitNet b1.58 training tips (Microsoft, 2024), not from this paper. The weight scale is a
+statistic of W, not a parameter. The input is quantized, so no fold.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from fbi.binarize.fp import DenseLinear
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, straight_through, unpack_signs
+from fbi.config import SchemeConfig, one_of
+
+NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}  # nn.LayerNorm's; LlamaRMSNorm's (the tips')
+
+
+@dataclass
+class BitNetConfig(SchemeConfig):
+    name: str = "bitnet"
+    # The parameter-free norm applied to the input before quantization: layernorm (BitNet's),
+    # rmsnorm (b1.58's), none (fbi's earlier form: the block's input quantized unnormalized).
+    norm: str = "layernorm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of(self.norm, (*NORM_EPS, "none"), "scheme.norm")
 
 
 def absmax8(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +44,19 @@ def absmax8(x: torch.Tensor) -> torch.Tensor:
     return straight_through(x, q)
 
 
+def normalize(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """``norm`` over the last dim without affine parameters, computed in fp32 at least as
+    LlamaRMSNorm does, returned in x's dtype."""
+    if norm == "none":
+        return x
+    eps, shape = NORM_EPS[norm], (x.shape[-1],)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = F.layer_norm(xf, shape, eps=eps) if norm == "layernorm" else F.rms_norm(xf, shape, eps=eps)
+    return out.to(x.dtype)
+
+
 class BitNetLinear(DenseLinear):
+    Config = BitNetConfig
     QUANTIZES_ACTIVATIONS = True
 
     def weight_formula(self, weight) -> torch.Tensor:
@@ -31,7 +65,7 @@ class BitNetLinear(DenseLinear):
         return straight_through(weight, q)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return absmax8(x)
+        return absmax8(normalize(x, self.cfg.norm))
 
     @torch.no_grad()
     def pack(self) -> dict[str, torch.Tensor]:

@@ -1,14 +1,25 @@
-"""BitNet b1.58 (Ma et al., 2024, arXiv 2402.17764): ternary weights
-``RoundClip(W / mean|W|, -1, 1) * mean|W|``, 8-bit absmax per-token activations, STE
-``w + (q(w) - w).detach()``. Packed 5 ternary digits per byte (1.6 bits per weight)."""
+"""BitNet b1.58 (Ma et al., 2024, arXiv 2402.17764) as its training tips write BitLinear:
+``x_q = absmax8(RMSNorm(x))``, ternary weights ``RoundClip(W / mean|W|, -1, 1) * mean|W|``,
+``y = x_q W_q^T``. The RMSNorm has no trained gain (the tips build a fresh ``LlamaRMSNorm``,
+weight 1, eps 1e-6, at every call); straight-through gradients written ``w + (q(w) -
+w).detach()`` as the tips do (the estimator: Bengio et al., 2013). Packed 5 ternary digits per
+byte (1.6 bits per weight)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fbi.binarize.bitnet import absmax8
+from fbi.binarize.bitnet import BitNetConfig, absmax8, normalize
 from fbi.binarize.fp import DenseLinear
 from fbi.binarize.packing import pack_ternary, shape_tensor, straight_through, unpack_ternary
+
+
+@dataclass
+class BitNet158Config(BitNetConfig):
+    name: str = "bitnet158"
+    norm: str = "rmsnorm"  # rmsnorm (the tips') | layernorm | none (fbi's earlier form)
 
 
 def _gamma(w: torch.Tensor) -> torch.Tensor:
@@ -16,6 +27,7 @@ def _gamma(w: torch.Tensor) -> torch.Tensor:
 
 
 class BitNet158Linear(DenseLinear):
+    Config = BitNet158Config
     QUANTIZES_ACTIVATIONS = True
 
     def weight_formula(self, weight) -> torch.Tensor:
@@ -25,7 +37,7 @@ class BitNet158Linear(DenseLinear):
         return straight_through(weight, q)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return absmax8(x)
+        return absmax8(normalize(x, self.cfg.norm))
 
     @torch.no_grad()
     def pack(self) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ A scheme is one layer class deriving from ``DenseLinear``. It overrides what dif
 ``weight_formula`` (the effective weight from its parameters, with its gradient estimator),
 ``reset_scales`` (its extra parameters from the latent weight), ``pack``/``unpack`` (export),
 ``quantize_input`` and ``QUANTIZES_ACTIVATIONS`` (schemes whose forward is not linear in x),
+``normalize_output`` (a parameter-free function of the product, e.g. OneBit's LayerNorm) and
+``fold_refusal`` (why the forward is not a dense linear map, if it is not),
 ``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``),
 ``SIGN_ONLY`` (its forward reads the latent weight only through ``sign``)
 and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
@@ -66,18 +68,30 @@ class DenseLinear(nn.Linear):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def normalize_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Applied to ``x W_eff^T``; parameter-free, so a packed export keeps it."""
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self) is DenseLinear:
             return nn.functional.linear(x, self.weight.to(x.dtype))
-        return recomputed_linear(self.weight_formula, self.quantize_input(x), *self.weight_params())
+        return self.normalize_output(recomputed_linear(
+            self.weight_formula, self.quantize_input(x), *self.weight_params()))
+
+    def fold_refusal(self) -> str | None:
+        """Why the forward is not a dense linear map of x (None: it folds)."""
+        if self.QUANTIZES_ACTIVATIONS:
+            return "quantizes its input activations"
+        return None
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (Hugging Face export)."""
-        if self.QUANTIZES_ACTIVATIONS:
+        reason = self.fold_refusal()
+        if reason:
             raise NotImplementedError(
-                f"{type(self).__name__} quantizes its input activations: its forward is not "
-                "linear in x, so it cannot be folded into a dense nn.Linear; export it packed"
+                f"{type(self).__name__} {reason}: its forward is not linear in x, so it "
+                "cannot be folded into a dense nn.Linear; export it packed"
             )
         dense = nn.Linear(self.in_features, self.out_features, bias=False)
         dense.weight.copy_(self.effective_weight())

@@ -1,24 +1,61 @@
-"""OneBit (Xu et al., 2024, arXiv 2402.11295): ``Y = [(X * g) sign(W)^T] * h``.
+"""OneBit (Xu et al., 2024, arXiv 2402.11295): ``Y = LayerNorm([(X * g) sign(W)^T] * h)``.
 
-``g`` (in_features) and ``h`` (out_features) are full-precision vectors, so the effective
-weight is ``h[:, None] * sign(W) * g[None, :]``. From a dense model they come from the
-sign-value-independent decomposition (SVID): ``|W| ~ a b^T`` by its top singular pair,
-``h = a``, ``g = b``. From scratch (random latent W), ``g = 1`` and ``h`` the row's mean |W|,
-so the effective weight starts at the latent weight's scale. Identity STE for sign.
+``g`` (in_features) and ``h`` (out_features) are full-precision vectors; the product is
+normalized over the output features by a LayerNorm without affine parameters (the paper's
+eq. 5, ``nn.LayerNorm(out_features, elementwise_affine=False)`` in the authors' code). As the
+authors' ``SignSTEFunc``, the gradient of sign is ``1.001 - tanh(W)^2``, not the identity,
+so the layer reads |W| in backward (not ``SIGN_ONLY``); and the output norm makes the
+forward non-linear in x (no fold into a dense layer).
+
+Initialization as the authors': from scratch ``g = h = 1``; from a dense W, the
+sign-value-independent decomposition ``|W| ~ h g^T`` and a latent weight ``0.01 sign(W)``
+(their ``build_start_ckpt.py``). They fit the rank-1 factor with scikit-learn's NMF; here it is
+the top singular pair of |W|, the minimizer NMF's iterations approach (a non-negative
+matrix's top singular vectors are non-negative), split between g and h differently, which the
+product does not see. ``sign(0) = +1`` (one bit per weight), where ``torch.sign`` gives 0.
+
+``onebit_fold`` is fbi's earlier form: no LayerNorm (so the layer folds into the dense weight
+``h sign(W) g`` for a transformers checkpoint), the identity straight-through gradient (so
+it is ``SIGN_ONLY``), the latent weight kept as the dense W, ``h`` the row's mean |W| from
+scratch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fbi.binarize.fp import DenseLinear
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, sign_ste, unpack_signs
 
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, as the authors' layer uses it
+LATENT_FROM_DENSE = 0.01  # |latent weight| after init from a dense model (authors' script)
+
+
+class _TanhSign(torch.autograd.Function):
+    """sign(W) forward; ``grad * (1.001 - tanh(W)^2)`` backward (the authors' SignSTEFunc)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return sign(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        return grad * (1.001 - torch.tanh(w) ** 2)
+
+
+def _svid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, g): the rank-1 non-negative factors of |W| (out,), (in,)."""
+    u, s, vh = torch.linalg.svd(weight.abs().double(), full_matrices=False)
+    # |W| is non-negative, so its top singular vectors can be taken non-negative.
+    return (u[:, 0] * s[0].sqrt()).abs(), (vh[0] * s[0].sqrt()).abs()
+
 
 class OneBitLinear(DenseLinear):
     SCALES = ("g", "h")
-    SIGN_ONLY = True
 
     def make_scales(self) -> None:
         self.g = nn.Parameter(torch.empty(self.in_features))
@@ -27,22 +64,26 @@ class OneBitLinear(DenseLinear):
     @torch.no_grad()
     def reset_scales(self) -> None:
         self.g.fill_(1.0)
-        self.h.copy_(self.weight.abs().mean(dim=1))
+        self.h.fill_(1.0)
 
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor) -> None:
-        self.weight.copy_(weight)
-        u, s, vh = torch.linalg.svd(weight.abs().double(), full_matrices=False)
-        # |W| is non-negative, so its top singular vectors can be taken non-negative.
-        a, b = (u[:, 0] * s[0].sqrt()).abs(), (vh[0] * s[0].sqrt()).abs()
-        self.h.copy_(a)
-        self.g.copy_(b)
+        h, g = _svid(weight)
+        self.h.copy_(h)
+        self.g.copy_(g)
+        self.weight.copy_(sign(weight) * LATENT_FROM_DENSE)
 
     def weight_params(self) -> tuple[torch.Tensor, ...]:
         return self.weight, self.g, self.h
 
     def weight_formula(self, weight, g, h) -> torch.Tensor:
-        return sign_ste(weight) * g[None, :] * h[:, None]
+        return _TanhSign.apply(weight) * g[None, :] * h[:, None]
+
+    def normalize_output(self, y: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(y, (self.out_features,), eps=LAYERNORM_EPS)
+
+    def fold_refusal(self) -> str | None:
+        return "normalizes its output (the paper's LayerNorm; scheme=onebit_fold folds)"
 
     @torch.no_grad()
     def pack(self) -> dict[str, torch.Tensor]:
@@ -53,3 +94,30 @@ class OneBitLinear(DenseLinear):
     def unpack(packed: dict[str, torch.Tensor]) -> torch.Tensor:
         s = unpack_signs(packed["signs"], tuple(packed["shape"].tolist())).to(packed["g"].dtype)
         return s * packed["g"][None, :] * packed["h"][:, None]
+
+
+class OneBitFoldLinear(OneBitLinear):
+    """fbi's variant: ``[(X * g) sign(W)^T] * h``, identity STE, dense latent weight."""
+
+    SIGN_ONLY = True
+
+    @torch.no_grad()
+    def reset_scales(self) -> None:
+        self.g.fill_(1.0)
+        self.h.copy_(self.weight.abs().mean(dim=1))  # the effective weight at W's scale
+
+    @torch.no_grad()
+    def init_from_dense(self, weight: torch.Tensor) -> None:
+        h, g = _svid(weight)
+        self.h.copy_(h)
+        self.g.copy_(g)
+        self.weight.copy_(weight)
+
+    def weight_formula(self, weight, g, h) -> torch.Tensor:
+        return sign_ste(weight) * g[None, :] * h[:, None]
+
+    def normalize_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def fold_refusal(self) -> str | None:
+        return None

@@ -1,7 +1,8 @@
 """A standard ``transformers`` checkpoint of an fbi model: no fbi code needed to load it.
 
 Each scheme layer is folded into a dense weight (its effective weight, so the function is the
-same); schemes that quantize activations cannot be folded, and are refused with the reason.
+same); schemes whose forward is not linear in x (activation quantizers, OneBit's output
+LayerNorm) cannot be folded, and are refused with the reason.
 Config and names go through the architecture's mapping in ``fbi.models.ARCHITECTURES``.
 Layers loaded from a packed export fold too (``UnpackedLinear``), which is why this folds
 itself rather than using ``fbi.models.folded_state_dict`` (trained layers only).
@@ -26,11 +27,12 @@ class CannotFold(ValueError):
 def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     for name, layer in scheme_layers(model).items():
-        if layer.QUANTIZES_ACTIVATIONS:
+        reason = layer.fold_refusal()
+        if reason:
             raise CannotFold(
-                f"scheme {scheme}: {type(layer).__name__} quantizes its input activations, so "
-                "its layers are not dense linear maps and a transformers checkpoint cannot "
-                "compute the same function; export it with --format packed instead"
+                f"scheme {scheme}: {type(layer).__name__} {reason}, so its layers are not "
+                "dense linear maps and a transformers checkpoint cannot compute the same "
+                "function; export it with --format packed instead"
             )
         for key in [k for k in state if k.startswith(f"{name}.")]:
             del state[key]

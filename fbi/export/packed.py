@@ -147,14 +147,17 @@ class UnpackedLinear(nn.Module):
     def __init__(self, scheme_layer: DenseLinear, packed: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.in_features, self.out_features = scheme_layer.in_features, scheme_layer.out_features
-        self.QUANTIZES_ACTIVATIONS = scheme_layer.QUANTIZES_ACTIVATIONS
-        # The layer itself lives on the meta device: only its quantizer (config, shape) is used.
+        # The layer itself lives on the meta device: only its parameter-free input and output
+        # functions (config, shape) are used.
         self.quantize_input = scheme_layer.quantize_input
+        self.normalize_output = scheme_layer.normalize_output
+        self.fold_refusal = scheme_layer.fold_refusal
         self.packed = packed
         self.register_buffer("weight", type(scheme_layer).unpack(packed), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.quantize_input(x), self.weight.to(x.dtype))
+        return self.normalize_output(
+            nn.functional.linear(self.quantize_input(x), self.weight.to(x.dtype)))
 
     def pack(self) -> dict[str, torch.Tensor]:
         return dict(self.packed)

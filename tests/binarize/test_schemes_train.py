@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fbi.binarize import SCHEMES as REGISTRY
 from fbi_testing import held_by_rank0, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-SCHEMES = ["scheme=bitnet", "scheme=bitnet158", "scheme=onebit", "scheme=pbllm",
-           "scheme=fbi_w1a1"]
+# Every registered scheme but the full-precision baseline (fbi, the default, included).
+SCHEMES = [f"scheme={n}" for n in sorted(REGISTRY) if n != "fp"]
+LEARNED_SCALES = {f"scheme={n}" for n in REGISTRY if REGISTRY[n].SCALES}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -54,11 +56,12 @@ def test_scheme_learns_and_resumes_exactly_under_zero3(tmp_path, base, scheme):
     # so the W1A1 runs drift apart slowly; the others stay together.
     rel = 5e-3 if scheme == "scheme=fbi_w1a1" else 1e-5
     assert ours == pytest.approx(reference[4:], rel=rel)
-    if scheme in ("scheme=onebit", "scheme=fbi_w1a1"):  # the schemes with learnable scales
+    if scheme in LEARNED_SCALES:
         held, total = held_by_rank0(proc.stderr, "scale")
         assert held == pytest.approx(total / 2, rel=0.02)  # half of each, DeepSpeed pads
     state = consolidate(two)
-    scales = {k: v for k, v in state.items() if k.endswith((".alpha", ".beta", ".g", ".h"))}
-    assert bool(scales) == (scheme in ("scheme=onebit", "scheme=fbi_w1a1"))
+    suffixes = tuple({f".{s}" for layer in REGISTRY.values() for s in layer.SCALES})
+    scales = {k: v for k, v in state.items() if k.endswith(suffixes)}
+    assert bool(scales) == (scheme in LEARNED_SCALES)
     for v in state.values():
         assert torch.isfinite(v).all()

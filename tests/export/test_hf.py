@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from fbi.binarize import SCHEMES, scheme_config
 from fbi.export.hf import CannotFold, export_hf
 from fbi.export.packed import export_packed
 from fbi.generate import generate_ids
@@ -50,9 +52,14 @@ def test_tied_fbi_model_folds_into_transformers(tmp_path, tokenizer_dir, arch, v
         torch.testing.assert_close(model(ids).logits, source.logits(ids))
 
 
-@pytest.mark.parametrize("scheme", ["bitnet", "bitnet158", "fbi_w1a1"])
-def test_schemes_that_quantize_activations_are_refused(tmp_path, tokenizer_dir, scheme):
-    with pytest.raises(CannotFold, match=f"scheme {scheme}: .* quantizes its input activations.*--format packed"):
+REFUSED = {n: SCHEMES[n](8, 8, cfg=scheme_config(n)).fold_refusal() for n in sorted(SCHEMES)}
+
+
+@pytest.mark.parametrize("scheme", [n for n, reason in REFUSED.items() if reason])
+def test_schemes_whose_forward_is_not_linear_in_x_are_refused(tmp_path, tokenizer_dir, scheme):
+    """Activation quantizers, and OneBit's output LayerNorm (the paper's form)."""
+    reason = re.escape(REFUSED[scheme])
+    with pytest.raises(CannotFold, match=f"scheme {scheme}: .* {reason}.*--format packed"):
         export_hf(tiny_trained(scheme, tokenizer_dir), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
