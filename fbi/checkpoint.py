@@ -291,12 +291,13 @@ def retain(run_dir: Path, keep: int, keep_every: int | None) -> None:
 
 def bytes_needed(run_dir: Path, n_params: int, precision: str) -> int:
     """Space one more checkpoint takes: the newest one's size when there is one, else model
-    weights plus Adam's two fp32 moments (plus the fp32 master copy in bf16/fp16)."""
+    weights plus Adam's two fp32 moments (plus the fp32 master copy in bf16/fp16; bf16_mixed
+    keeps fp32 weights)."""
     tags = complete_tags(run_dir)
     if tags:
         return sum(p.stat().st_size for p in (checkpoints_dir(run_dir) / tags[-1]).rglob("*")
                    if p.is_file())
-    per_param = 4 + 8 if precision == "fp32" else 2 + 12
+    per_param = 4 + 8 if precision in ("fp32", "bf16_mixed") else 2 + 12
     return n_params * per_param
 
 

@@ -185,7 +185,8 @@ class ZeroConfig:
     # under ZeRO 1-3 only.
     grad_dtype: str = "model"
     # ZeRO-3: binarized layers all-gather their latent weight's packed signs, not the weight
-    # (fbi.sign_gather); for schemes whose forward reads only sign(W): fbi, onebit, fbi_w1a1.
+    # (fbi.sign_gather); for schemes whose forward reads only sign(W): fbi, onebit_fold,
+    # fbi_w1a1 (probed at start-up: fbi.binarize.sign_only).
     gather_signs: bool = False
     # Parameters with fewer elements stay whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold); the 1-bit route needs every scale below it.
@@ -224,7 +225,9 @@ class OptimConfig:
     decay_steps: Optional[int] = None
     weight_decay: float = 0.1
     # matrices: only 2-D ``weight`` tensors decay (GPT-NeoX, torchtitan); all: every parameter,
-    # scales and norms included, as the official FBI-LLM code does (its recipes use it).
+    # scales and norms included, as the official FBI-LLM and Bi-Mamba code do (their recipes
+    # use it); all_but_ssm: all except what mamba-ssm marks ``_no_weight_decay`` (Mamba-2's
+    # A_log, D, dt_bias), Mamba's own exemption.
     decay: str = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
@@ -236,7 +239,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         one_of(self.impl, ("auto", "torch", "deepspeed"), "optim.impl")
-        one_of(self.decay, ("matrices", "all"), "optim.decay")
+        one_of(self.decay, ("matrices", "all", "all_but_ssm"), "optim.decay")
         require(self.lr > 0, "optim.lr", "must be positive")
         require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -354,7 +357,10 @@ class TrainConfig:
     max_steps: Optional[int] = None
     global_batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per rank per forward pass
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # fp32 | bf16 | fp16 (DeepSpeed casts every parameter) | bf16_mixed: fp32 parameters, the
+    # forward under bf16 autocast (DeepSpeed's torch_autocast; Lightning's "bf16-mixed", as
+    # Bi-Mamba trains): Mamba's A_log, dt_bias, D and the scheme scales stay fp32.
+    precision: str = "fp32"
     resume: str = "auto"  # auto | true | false
     checkpoint_every: int = 50
     checkpoint_keep: int = 2  # newest complete checkpoints kept; older ones are deleted
@@ -379,7 +385,9 @@ class TrainConfig:
         if self.max_steps is None:
             self.max_steps = self.schedule_steps()
         require(self.max_steps > 0, "max_steps", "must be positive")
-        one_of(self.precision, ("fp32", "bf16", "fp16"), "precision")
+        one_of(self.precision, ("fp32", "bf16", "fp16", "bf16_mixed"), "precision")
+        require(self.seed >= 0, "seed", f"got {self.seed}; choose a non-negative integer "
+                "(numpy's generators, which order the data, refuse negative seeds)")
         one_of(self.resume, ("auto", "true", "false"), "resume")
         require(self.checkpoint_every > 0, "checkpoint_every", "must be positive")
         require(self.checkpoint_keep > 0, "checkpoint_keep", "must be positive")
@@ -392,7 +400,8 @@ class TrainConfig:
                     f"{path} does not exist; name jsonl files or folders of minimal pairs "
                     "(e.g. data/blimp), or eval_blimp=[] for none")
         require(
-            self.zero.grad_dtype == "model" or self.precision == "fp32" or self.zero.stage > 0,
+            self.zero.grad_dtype == "model" or self.precision in ("fp32", "bf16_mixed")
+            or self.zero.stage > 0,
             "zero.grad_dtype",
             "fp32 gradients of a bf16/fp16 model need ZeRO stage 1-3 in DeepSpeed 0.19 (stage 0 "
             "refuses the mix); use zero=stage1 or higher, or zero.grad_dtype=model",

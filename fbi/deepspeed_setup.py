@@ -47,7 +47,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     if zero.offload_params:
         zero_section["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     torch_adam = uses_torch_adam(cfg)
-    fp32_grads = zero.grad_dtype == "fp32" and cfg.precision != "fp32"
+    fp32_grads = zero.grad_dtype == "fp32" and cfg.precision in ("bf16", "fp16")
     return {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -66,6 +66,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "zero_force_ds_cpu_optimizer": not torch_adam,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        # fp32 parameters, the engine's forward under torch.autocast(bfloat16)
+        "torch_autocast": {"enabled": cfg.precision == "bf16_mixed", "dtype": "bfloat16"},
         "zero_optimization": zero_section,
         **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
            if fp32_grads else {}),
@@ -92,14 +94,17 @@ def lr_lambda(cfg: TrainConfig):
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay: str) -> list[dict]:
     """``decay="matrices"``: decay only 2-D tensors named ``weight``, not norms, not scheme
-    scales (alpha, beta); ``"all"``: every parameter, as the official FBI-LLM code does."""
+    scales (alpha, beta); ``"all"``: every parameter, as the official FBI-LLM code does;
+    ``"all_but_ssm"``: every parameter but those marked ``_no_weight_decay`` (mamba-ssm's
+    convention: Mamba-2's A_log, D, dt_bias)."""
     decayed, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # Under zero.Init a parameter is an empty shard; ds_shape is its real shape.
         is_matrix = name.endswith(".weight") and len(getattr(p, "ds_shape", p.shape)) >= 2
-        (decayed if decay == "all" or is_matrix else no_decay).append(p)
+        exempt = decay == "all_but_ssm" and getattr(p, "_no_weight_decay", False)
+        (decayed if (decay != "matrices" and not exempt) or is_matrix else no_decay).append(p)
     groups = [
         {"params": decayed, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

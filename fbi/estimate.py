@@ -12,8 +12,10 @@ recipe is counted in seconds on any machine. Figures are per rank and in GiB:
   moments (12 bytes per parameter, 8 in fp32 training);
 - activations of one block per token in 16-bit, from the architecture's registry entry
   (``fbi.models``; a transformer block with fused attention keeps 34 bytes per hidden unit,
-  Korthikanti et al., 2022); with activation checkpointing only each block's input is kept,
-  plus one block recomputed;
+  Korthikanti et al., 2022; a Mamba-2 block counts the scan that will run: mamba-ssm's fused
+  kernel, or the PyTorch chunked scan's fp32 intermediates where the package does not
+  import); with activation checkpointing only each block's input is kept, plus one block
+  recomputed;
 - the logits, the teacher's logits and the loss's gradient buffer: three fp32
   ``micro_batch x seq x vocab`` tensors;
 - an online teacher's weights in its dtype, whole on every rank unless ``teacher.zero3``.
@@ -37,6 +39,7 @@ from fbi.binarize import binarized_layers
 from fbi.config import ConfigError, TrainConfig
 from fbi.configure import compose
 from fbi.models import architecture, build_model
+from fbi.models.mamba2 import scan_that_runs
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -90,14 +93,17 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     total, binary = count_parameters(cfg)
     stage, w = cfg.zero.stage, world_size
-    width = DTYPE_BYTES[cfg.precision]
+    # bf16_mixed: fp32 parameters (no master copy), 16-bit activations under autocast
+    width = 4 if cfg.precision == "bf16_mixed" else DTYPE_BYTES[cfg.precision]
+    act_width = 2 if cfg.precision == "bf16_mixed" else width
     grad_width = 4 if cfg.zero.grad_dtype == "fp32" else width
     optim_width = 8 + (4 if width == 2 else 0)  # Adam moments (+ fp32 master copy)
     tokens = cfg.micro_batch_size * cfg.data.seq_len
     d, layers = cfg.model.d_model, cfg.model.n_layers
     block = architecture(cfg.model).activation_bytes(cfg.model)
-    if cfg.zero.activation_checkpointing:
-        activations = layers * tokens * d * width + tokens * block
+    if cfg.zero.activation_checkpointing:  # each block's input: the residual stream
+        resid_width = 4 if getattr(cfg.model, "residual_in_fp32", False) else act_width
+        activations = layers * tokens * d * resid_width + tokens * block
     else:
         activations = layers * tokens * block
     logit_tensors = 3 if cfg.teacher.kind != "none" else 2
@@ -107,7 +113,7 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
         "gradients": total * grad_width / (w if stage >= 2 else 1),
         "optimizer": 0.0 if cfg.zero.offload_optimizer else
         total * optim_width / (w if stage >= 1 else 1),
-        "activations": activations * (1 if width == 2 else 2),
+        "activations": activations * (1 if act_width == 2 else 2),
         "logits": logit_tensors * tokens * vocab * 4,
         "teacher": teacher_params * teacher_width / (w if cfg.teacher.zero3 else 1),
     }
@@ -138,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({est.binary_parameters / 1e6:.1f}M binarized), {cfg.precision}, ZeRO stage "
           f"{cfg.zero.stage}, {args.world_size} ranks, micro-batch {cfg.micro_batch_size} x "
           f"{cfg.data.seq_len}, activation checkpointing "
-          f"{'on' if cfg.zero.activation_checkpointing else 'off'}")
+          f"{'on' if cfg.zero.activation_checkpointing else 'off'}"
+          + (f", {scan_that_runs(cfg.model)} scan" if cfg.model.arch == "mamba2" else ""))
     for kind, value in est.bytes.items():
         print(f"  {kind:<12} {value / GIB:8.2f} GiB")
     verdict = "fits" if est.total <= args.gpu_gib * GIB else "does NOT fit"

@@ -13,6 +13,7 @@ import torch
 from fbi import checkpoint
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import builder_for, corpus_files
+from fbi.models.ssd import mamba_ssm_kernel
 
 
 def check_precision(cfg: TrainConfig) -> None:
@@ -21,6 +22,19 @@ def check_precision(cfg: TrainConfig) -> None:
         raise ConfigError(
             "precision: fp16 needs a GPU (DeepSpeed's CPU path has no fp16 optimizer); this "
             "process trains on the CPU: use precision=fp32 (or bf16)"
+        )
+
+
+def check_scan(cfg: TrainConfig) -> None:
+    """A Mamba-2 recipe sized for mamba-ssm's fused scan (``model.scan=mamba_ssm``) refuses
+    to start without it instead of running the PyTorch scan, which keeps several times the
+    activations (fbi.models.mamba2.activation_bytes)."""
+    if getattr(cfg.model, "scan", None) == "mamba_ssm" and mamba_ssm_kernel() is None:
+        raise ConfigError(
+            "model.scan: mamba_ssm, but the mamba-ssm package does not import here. This "
+            "configuration's memory plan assumes its fused scan; install requirements-mamba.txt "
+            "on the CUDA machines, or run the PyTorch scan with model.scan=auto and "
+            "zero.activation_checkpointing=true (check the fit with python -m fbi.estimate)"
         )
 
 
@@ -68,6 +82,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path:
     """Every refusal that reads only; returns the run directory."""
     cfg.grad_accum_steps(world_size)
     check_precision(cfg)
+    check_scan(cfg)
     check_teacher(cfg)
     check_data_files(cfg)
     run_dir = Path(cfg.run_dir).expanduser().resolve()

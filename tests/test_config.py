@@ -102,12 +102,18 @@ def test_a_run_dir_of_another_model_is_refused(tmp_path):
         check_same_student(compose(["experiment=demo", "scheme=fp"]), tmp_path)
 
 
+# Bi-Mamba's train_bimamba.py (tangshengku/bi-mamba): 360 Amber chunks of 1,706,976 sequences
+# of 2048 tokens, 256 sequences per optimizer step (GPUs x per-device batch x accumulation).
+BIMAMBA_STEPS = 360 * 1_706_976 // 256
+
+
 @pytest.mark.parametrize("recipe,size", [("bimamba_780m", 780e6), ("bimamba_1p3b", 1.3e9),
                                          ("bimamba_2p7b", 2.7e9)])
-def test_bimamba_recipes_build_the_named_mamba2_size_on_fbi_llms_schedule(recipe, size):
+def test_bimamba_recipes_compose_to_the_references_lr_batch_and_schedule(recipe, size):
     """Built on the meta device with the Mamba-2 tokenizer's 50,280 tokens: the published
-    sizes; only in_proj/out_proj binary; FBI-LLM's one pass over Amber in bf16 with fp32
-    gradient accumulation and reduction."""
+    sizes, only in_proj/out_proj binary; AdamW lr 2.5e-4 warmed up over 2000 steps then cosine
+    to 2.5e-5 at the end of one pass over Amber, 256 sequences per step, weight decay 0.1 on
+    every parameter, bf16 autocast over fp32 parameters, the residual stream in fp32."""
     import torch
 
     from fbi.binarize.fbi import FBILinear
@@ -118,8 +124,50 @@ def test_bimamba_recipes_build_the_named_mamba2_size_on_fbi_llms_schedule(recipe
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(size, rel=0.04)
     binary = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, FBILinear)}
     assert binary == {"in_proj", "out_proj"}
-    assert cfg.train_tokens == 1_258_448_486_400 and cfg.data.seq_len == 2048
-    assert cfg.precision == "bf16" and cfg.zero.grad_dtype == "fp32" and cfg.optim.decay == "all"
+    assert (cfg.global_batch_size, cfg.data.seq_len) == (256, 2048)
+    assert cfg.schedule_steps() == cfg.max_steps == BIMAMBA_STEPS
+    assert cfg.train_tokens == 360 * 1_706_976 * 2048
+    lr, floor, warmup = cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps
+    assert (lr, floor, warmup) == (2.5e-4, 2.5e-5, 2000)
+    factor = lr_lambda(cfg)
+    for step in (1000, 100_000, 1_200_000, 2_300_000):  # the reference's warmup, then cosine
+        expected = (lr * step / warmup if step < warmup else floor + (lr - floor) * 0.5 * (
+            1 + math.cos(math.pi * (step - warmup) / (BIMAMBA_STEPS - warmup))))
+        assert lr * factor(step) == pytest.approx(expected, rel=2e-3 if step < warmup else 1e-12)
+    assert (cfg.optim.weight_decay, cfg.optim.decay) == (0.1, "all")
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.grad_clip) == (0.9, 0.95, 1.0)
+    assert cfg.precision == "bf16_mixed" and cfg.model.residual_in_fp32
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not ds["bf16"]["enabled"] and "data_types" not in ds
+
+
+def test_all_but_ssm_exempts_what_mamba_ssm_marks():
+    """optim.decay=all_but_ssm: Mamba's own exemption (A_log, D, dt_bias), everything else
+    decayed; the recipes' ``all`` decays them too, as the reference does."""
+    cfg = compose(["experiment=bimamba_demo", "model.vocab_size=64", "model.n_layers=2",
+                   "optim.decay=all_but_ssm"])
+    model = build_model(cfg.model, cfg.scheme)
+    decayed, kept = param_groups(model, 0.1, "all_but_ssm")
+    exempt = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
+              if any(p is q for q in kept["params"])}
+    assert exempt == {"A_log", "D", "dt_bias"} and kept["weight_decay"] == 0.0
+    assert count([decayed]) == [sum(p.numel() for p in model.parameters()) - count([kept])[0]]
+    assert count(param_groups(model, 0.1, "all")) == [sum(p.numel() for p in model.parameters())]
+
+
+@pytest.mark.parametrize("seed", [-1, -7])
+def test_a_negative_seed_is_refused_naming_the_field(seed):
+    with pytest.raises(ConfigError, match="seed: got -"):
+        compose(["experiment=demo", f"seed={seed}"])
+
+
+def test_train_py_refuses_a_negative_seed_before_the_run_directory_exists(tmp_path):
+    from fbi_testing import run_train
+
+    proc = run_train(["experiment=demo", "seed=-1", f"run_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 2 and "seed: got -1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("overrides,message", [

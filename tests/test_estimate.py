@@ -1,5 +1,6 @@
 """The memory estimate counts what a real model and optimizer hold."""
 
+import pytest
 import torch
 
 from fbi.binarize.fbi import FBILinear
@@ -53,3 +54,32 @@ def test_bimamba_counts_match_the_materialized_model():
     assert est.binary_parameters == sum(
         m.weight.numel() for m in model.modules() if isinstance(m, FBILinear)) > 0
     assert est.bytes["parameters"] == 4 * est.parameters
+
+
+def test_the_pytorch_scans_activations_are_what_it_keeps_for_backward():
+    """activation_bytes counts the scan that runs: with the PyTorch chunked scan, what its
+    autograd graph keeps (distinct storages, inputs excluded), measured on a shape unlike the
+    ones its per-token terms were read from."""
+    from fbi.config import Mamba2Config
+    from fbi.models.mamba2 import activation_bytes
+    from fbi.models.ssd import chunked_scan
+
+    cfg = Mamba2Config(d_model=80, d_state=24, head_dim=20, chunk_size=40, scan="torch")
+    b, length, h, p, n = 2, 4 * cfg.chunk_size, cfg.n_heads, cfg.head_dim, cfg.d_state
+    inputs = [torch.randn(b, length, h, p), torch.rand(b, length, h) + 0.01, -torch.rand(h),
+              torch.randn(b, length, 1, n), torch.randn(b, length, 1, n), torch.randn(h)]
+    inputs = [t.requires_grad_() for t in inputs]
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_scan(*inputs, chunk_size=cfg.chunk_size)
+    measured = sum(kept.values()) / (b * length)
+    fused = activation_bytes(Mamba2Config(d_model=80, d_state=24, head_dim=20, chunk_size=40,
+                                          scan="mamba_ssm"))
+    assert activation_bytes(cfg) - fused == pytest.approx(measured, rel=0.03)

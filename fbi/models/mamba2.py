@@ -45,6 +45,13 @@ class Mamba2Config:
     dt_min: float = 0.001  # initial time steps, log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
     dt_floor: float = 1e-4
+    # A = -exp(A_log) starts uniform in [a_init_min, a_init_max] per head, as mamba-ssm and
+    # Bi-Mamba draw it (transformers starts A at -1..-heads instead).
+    a_init_min: float = 1.0
+    a_init_max: float = 16.0
+    # Keep the residual stream in fp32 between blocks (mamba-ssm's residual_in_fp32, on in
+    # Bi-Mamba's configs); the blocks still compute in the model's dtype.
+    residual_in_fp32: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -63,6 +70,8 @@ class Mamba2Config:
         require((inner // self.head_dim) % self.n_groups == 0, "model.n_groups",
                 f"{self.n_groups} must divide the {inner // self.head_dim} heads")
         require(0 < self.dt_min <= self.dt_max, "model.dt_min", "needs 0 < dt_min <= dt_max")
+        require(0 < self.a_init_min <= self.a_init_max, "model.a_init_min",
+                "needs 0 < a_init_min <= a_init_max (mamba-ssm: 1 and 16)")
         one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
 
     @property
@@ -102,9 +111,13 @@ class Mixer(nn.Module):
         dt = torch.exp(torch.rand(self.n_heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
                        + math.log(cfg.dt_min)).clamp(min=cfg.dt_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        # S4D-real: A_h = -h, one decay rate per head.
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        # One decay rate per head, A = -exp(A_log) uniform in [a_init_min, a_init_max] as
+        # mamba-ssm and Bi-Mamba draw it (1..16: most heads start with short memory, some long).
+        a = torch.empty(self.n_heads).uniform_(cfg.a_init_min, cfg.a_init_max)
+        self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(self.n_heads))
+        for p in (self.dt_bias, self.A_log, self.D):  # mamba-ssm's mark (optim.decay=all_but_ssm)
+            p._no_weight_decay = True
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.n_groups, cfg.norm_eps)
         # Residual-branch outputs scaled by 1/sqrt(layers) (GPT-2; Mamba's prenorm rescale).
         self.out_proj = make_linear(f"{prefix}.out_proj", self.d_inner, cfg.d_model,
@@ -126,13 +139,18 @@ class Mixer(nn.Module):
 
 
 class Block(nn.Module):
+    """``x + mixer(norm(x))``; with ``residual_in_fp32`` the sum is kept in fp32 (mamba-ssm's
+    option) while the norm's output goes to the mixer in the parameters' dtype."""
+
     def __init__(self, cfg: Mamba2Config, index: int, make_linear: LinearFactory) -> None:
         super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Mixer(cfg, f"backbone.layers.{index}.mixer", make_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
+        residual = x.float() if self.residual_in_fp32 else x
+        return residual + self.mixer(self.norm(x).to(self.norm.weight.dtype))
 
 
 class Backbone(nn.Module):
@@ -150,9 +168,6 @@ class Mamba2LM(nn.Module):
 
     def __init__(self, cfg: Mamba2Config, make_linear: LinearFactory) -> None:
         super().__init__()
-        if cfg.scan == "mamba_ssm" and mamba_ssm_kernel() is None:
-            raise ValueError("model.scan=mamba_ssm: the mamba-ssm package does not import here; "
-                             "install it (CUDA machines), or use model.scan=auto")
         self.cfg = cfg
         self.backbone = Backbone(cfg, make_linear)
         self.lm_head = make_linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.init_std)
@@ -163,17 +178,32 @@ class Mamba2LM(nn.Module):
         x = self.backbone.embeddings(input_ids)
         for layer in self.backbone.layers:
             x = layer(x)
-        return self.lm_head(self.backbone.norm_f(x))
+        return self.lm_head(self.backbone.norm_f(x).to(self.backbone.norm_f.weight.dtype))
+
+
+def scan_that_runs(cfg: Mamba2Config) -> str:
+    """``mamba_ssm`` or ``torch``: what ``model.scan`` resolves to here (auto takes mamba-ssm's
+    kernels where the package imports, which it does on CUDA machines only)."""
+    if cfg.scan == "mamba_ssm" or (cfg.scan == "auto" and mamba_ssm_kernel() is not None):
+        return "mamba_ssm"
+    return "torch"
 
 
 def activation_bytes(cfg: Mamba2Config) -> float:
-    """Per token and block in 16-bit training with a fused scan (mamba-ssm), counting what
-    backward keeps: the block input and norm output (2 d), in_proj's output (2 di + 2 gn + h),
-    the conv output before and after SiLU (2 (di + 2 gn)), dt in fp32 (2 h), the scan output
-    and the gated product in fp32 (4 di) and out_proj's input (di); di = expand d, gn =
-    groups x state, h = heads. The PyTorch chunked scan keeps (Q x Q) scores per head on top."""
+    """Per token and block in 16-bit training, counting what backward keeps: the block input
+    and norm output (2 d), in_proj's output (2 di + 2 gn + h), the conv output before and after
+    SiLU (2 (di + 2 gn)), dt in fp32 (2 h), the scan output and the gated product in fp32
+    (4 di) and out_proj's input (di); di = expand d, gn = groups x state, h = heads. That is
+    all with mamba-ssm's fused scan. The PyTorch chunked scan (``scan_that_runs``) keeps its
+    fp32 intermediates on top, measured on fbi.models.ssd.chunked_scan (chunk Q, state N,
+    head dim P): the (Q x Q) decays and scores per head (12 h Q), B and C per head (20 h N),
+    x and x dt copies (16 h P), the chunk states (8 h P N / Q) and per-head decays (12 h)."""
     di, gn, h = cfg.expand * cfg.d_model, cfg.n_groups * cfg.d_state, cfg.n_heads
-    return 2.0 * (2 * cfg.d_model + 9 * di + 6 * gn + 3 * h)
+    fused = 2.0 * (2 * cfg.d_model + 9 * di + 6 * gn + 3 * h)
+    if scan_that_runs(cfg) == "mamba_ssm":
+        return fused
+    q, n, p = cfg.chunk_size, cfg.d_state, cfg.head_dim
+    return fused + h * (12 * q + 20 * n + 16 * p + 8 * p * n / q + 12)
 
 
 def flops_per_token(cfg: Mamba2Config, seq_len: int) -> float:
@@ -199,7 +229,7 @@ def to_hf_config(cfg: Mamba2Config):
         use_bias=False, use_conv_bias=cfg.conv_bias, hidden_act="silu",
         layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
         time_step_min=cfg.dt_min, time_step_max=cfg.dt_max, time_step_floor=cfg.dt_floor,
-        time_step_limit=(0.0, float("inf")), residual_in_fp32=False,
+        time_step_limit=(0.0, float("inf")), residual_in_fp32=cfg.residual_in_fp32,
         tie_word_embeddings=cfg.tie_embeddings,
     )
 
@@ -214,7 +244,7 @@ def from_hf_config(hf) -> Mamba2Config:
         n_groups=hf.n_groups, chunk_size=hf.chunk_size, conv_bias=hf.use_conv_bias,
         dt_min=hf.time_step_min, dt_max=hf.time_step_max, dt_floor=hf.time_step_floor,
         norm_eps=hf.layer_norm_epsilon, init_std=hf.initializer_range,
-        tie_embeddings=bool(hf.tie_word_embeddings),
+        tie_embeddings=bool(hf.tie_word_embeddings), residual_in_fp32=bool(hf.residual_in_fp32),
     )
 
 

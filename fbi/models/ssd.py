@@ -27,6 +27,21 @@ def _per_head(m: torch.Tensor, heads: int) -> torch.Tensor:
     return m.repeat_interleave(heads // m.shape[-2], dim=-2)
 
 
+def segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """(..., q) -> (..., q, q): ``[t, s] = sum_{s < i <= t} a_i``, -inf where s > t.
+
+    Each entry sums only its own terms (a masked cumulative sum, the Mamba-2 reference's
+    ``segsum``), instead of subtracting two running sums: in fp32 those differ by up to the
+    whole chunk's log-decay (hundreds at chunk 256), and their difference loses that much
+    absolute precision before it is exponentiated."""
+    q = a.shape[-1]
+    below = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
+    terms = a[..., :, None].expand(*a.shape, q).masked_fill(~below, 0.0)  # [i, s] = a_i if i > s
+    sums = terms.cumsum(dim=-2)
+    return sums.masked_fill(~below.logical_or(torch.eye(q, dtype=torch.bool, device=a.device)),
+                            float("-inf"))
+
+
 def sequential_scan(x, dt, A, Bm, Cm, D):
     heads = x.shape[2]
     Bm, Cm = _per_head(Bm, heads), _per_head(Cm, heads)
@@ -53,18 +68,18 @@ def chunked_scan(x, dt, A, Bm, Cm, D, chunk_size: int):
     Bm, Cm = _per_head(Bm, heads), _per_head(Cm, heads)
     dt = dt.reshape(b, c, q, heads)
     xdt = x * dt[..., None]
-    # Log-decay accumulated inside each chunk, (b, heads, c, q).
-    log_decay = torch.cumsum((dt * A.to(work)).permute(0, 3, 1, 2), dim=-1)
+    # Log-decay per step, (b, heads, c, q), and summed from a chunk's start.
+    steps = (dt * A.to(work)).permute(0, 3, 1, 2)
+    log_decay = torch.cumsum(steps, dim=-1)
+    # [t, s]: the decay from step s to step t of a chunk, as a sum of its own steps.
+    segments = segment_sums(steps)
 
-    # Within chunks: y_t += sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s.
-    diff = log_decay[..., :, None] - log_decay[..., None, :]
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    weights = torch.exp(diff.masked_fill(~causal, float("-inf")))
-    scores = torch.einsum("bcthn,bcshn->bhcts", Cm, Bm) * weights
+    # Within chunks: y_t += sum_{s<=t} (C_t . B_s) exp(sum_{s<i<=t} dt_i A) dt_s x_s.
+    scores = torch.einsum("bcthn,bcshn->bhcts", Cm, Bm) * torch.exp(segments)
     y = torch.einsum("bhcts,bcshp->bcthp", scores, xdt)
 
     # Each chunk's own contribution to the state at its end, (b, c, heads, p, n).
-    to_end = torch.exp(log_decay[..., -1:] - log_decay)
+    to_end = torch.exp(segments[..., -1, :])
     chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", to_end, Bm, xdt)
     # Across chunks: the state entering chunk k, decayed by each whole chunk on the way.
     chunk_decay = torch.exp(log_decay[..., -1])  # (b, heads, c)

@@ -10,6 +10,7 @@ from transformers import Mamba2Config as HFMamba2Config, Mamba2ForCausalLM
 
 from fbi.binarize import SCHEMES, scheme_config
 from fbi.binarize.fp import DenseLinear
+from fbi.config import ConfigError
 from fbi.configure import compose
 from fbi.models.mamba2 import Mamba2Config
 from fbi.models import build_model, from_hf, to_hf
@@ -50,6 +51,37 @@ def tiny_hf(tie: bool = True) -> Mamba2ForCausalLM:
             if name.endswith(("norm.weight", "norm_f.weight", ".D", "dt_bias", "conv1d.bias")):
                 p.add_(0.2 * torch.randn_like(p))
     return hf
+
+
+def test_fp32_scan_at_chunk_256_is_within_1e_5_of_float64():
+    """Mamba-2's initialization (dt from softplus of dt_bias in [1e-3, 0.1] plus noise, A in
+    [-16, -1]) over two chunks of 256: each decay summed from its own steps (segment sums),
+    not as a difference of running sums, keeps the fp32 output within 1e-5 of a float64
+    recurrence and its gradients within 2e-6 of their largest value (the running-sum
+    difference: 9e-5 and up to 1.4e-5)."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    b, length, heads, p, n = 1, 512, 8, 16, 32
+    dt0 = torch.exp(torch.rand(heads, generator=g) * math.log(100) + math.log(1e-3)).double()
+    dt = torch.nn.functional.softplus(torch.randn(b, length, heads, generator=g, dtype=torch.float64)
+                                      + dt0 + torch.log(-torch.expm1(-dt0)))
+    inputs = [torch.randn(b, length, heads, p, generator=g, dtype=torch.float64), dt,
+              -(torch.rand(heads, generator=g, dtype=torch.float64) * 15 + 1),
+              torch.randn(b, length, 1, n, generator=g, dtype=torch.float64),
+              torch.randn(b, length, 1, n, generator=g, dtype=torch.float64),
+              torch.ones(heads, dtype=torch.float64)]
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    ours_in = [t.float().requires_grad_() for t in inputs]
+    # The float64 reference chunked otherwise: equal to the recurrence to 1e-10 (test above).
+    ref, ours = chunked_scan(*ref_in, chunk_size=64), chunked_scan(*ours_in, chunk_size=256)
+    assert ours.dtype == torch.float32
+    assert (ours.double() - ref).abs().max() <= 1e-5
+    weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), ref_in)
+    our_grads = torch.autograd.grad((ours * weights.float()).sum(), ours_in)
+    for a, r in zip(our_grads, ref_grads):
+        assert (a.double() - r).abs().max() <= 2e-6 * r.abs().max()
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -108,10 +140,23 @@ def test_paper_sizes_on_the_meta_device(size, expected):
 
 
 @pytest.mark.skipif(mamba_ssm_kernel() is not None, reason="mamba-ssm is installed")
-def test_asking_for_mamba_ssm_without_it_is_refused():
-    cfg = Mamba2Config(n_layers=1, d_model=32, d_state=8, head_dim=16, vocab_size=40, scan="mamba_ssm")
-    with pytest.raises(ValueError, match="model.scan=mamba_ssm"):
-        build_model(cfg, "fbi")
+def test_asking_for_mamba_ssm_without_it_is_refused_before_anything_runs():
+    """At start-up (preflight, before any run file), naming the way out; the 780M recipe is
+    sized for the fused scan, so it refuses here; the estimate still counts it."""
+    from fbi.estimate import estimate
+    from fbi.preflight import check_scan
+
+    recipe = ["experiment=bimamba_780m", "teacher.path=/t", "data.shards_dir=/s",
+              "model.vocab_size=32000"]
+    cfg = compose(recipe)
+    assert cfg.model.scan == "mamba_ssm" and not cfg.zero.activation_checkpointing
+    with pytest.raises(ConfigError, match="model.scan: mamba_ssm, but the mamba-ssm package does "
+                                          "not import here.*zero.activation_checkpointing=true"):
+        check_scan(cfg)
+    check_scan(compose(recipe + ["model.scan=auto", "zero.activation_checkpointing=true"]))
+    fused = estimate(cfg, world_size=4).bytes["activations"]
+    torch_scan = estimate(compose(recipe + ["model.scan=auto"]), world_size=4).bytes["activations"]
+    assert torch_scan > 4 * fused  # the PyTorch scan's fp32 intermediates
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or mamba_ssm_kernel() is None,
@@ -121,3 +166,37 @@ def test_mamba_ssm_kernels_equal_the_chunked_scan():
     ours = chunked_scan(*inputs, chunk_size=32)
     theirs = mamba_ssm_scan(*inputs, chunk_size=32)
     torch.testing.assert_close(theirs, ours, rtol=2e-3, atol=2e-3)
+
+
+def test_a_starts_uniform_in_1_to_16_as_mamba_ssm_draws_it():
+    cfg = Mamba2Config(n_layers=1, d_model=1280, d_state=8, head_dim=16, vocab_size=40)
+    torch.manual_seed(0)
+    a = torch.exp(build_model(cfg, "fp").backbone.layers[0].mixer.A_log.detach())
+    assert a.numel() == 160 and a.min() >= 1 and a.max() <= 16
+    assert 7.0 < a.mean() < 10.0 and (a > 8.5).float().mean().item() == pytest.approx(0.5, abs=0.15)
+    narrow = Mamba2Config(n_layers=1, d_model=64, d_state=8, head_dim=16, vocab_size=40,
+                          a_init_min=2.0, a_init_max=3.0)
+    a = torch.exp(build_model(narrow, "fp").backbone.layers[0].mixer.A_log.detach())
+    assert a.min() >= 2 - 1e-6 and a.max() <= 3 + 1e-6
+
+
+def test_residual_in_fp32_keeps_the_stream_fp32_in_a_bf16_model():
+    """mamba-ssm's residual_in_fp32: the blocks' sum is fp32, the mixer computes in bf16, and
+    transformers' Mamba2 gets the flag."""
+    torch.manual_seed(0)
+    base = dict(n_layers=2, d_model=32, d_state=8, head_dim=16, chunk_size=8, vocab_size=50)
+    ids = torch.randint(0, 50, (2, 17))
+    fp32 = build_model(Mamba2Config(**base), "fbi")
+    outs = {}
+    for flag in (False, True):
+        model = build_model(Mamba2Config(**base, residual_in_fp32=flag), "fbi")
+        model.load_state_dict(fp32.state_dict())
+        model = model.to(torch.bfloat16)
+        block = model.backbone.layers[0]
+        x = model.backbone.embeddings(ids)
+        assert block(x).dtype == (torch.float32 if flag else torch.bfloat16)
+        assert block.mixer(block.norm(x).to(torch.bfloat16)).dtype == torch.bfloat16
+        outs[flag] = model(ids).float()
+    exact = fp32(ids)
+    assert (outs[True] - exact).abs().mean() < (outs[False] - exact).abs().mean()
+    assert to_hf(fp32, Mamba2Config(**base, residual_in_fp32=True)).config.residual_in_fp32
