@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from fbi import checkpoint
+from fbi.binarize import SCHEMES
+from fbi.binarize.sign_only import verify_sign_only
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import builder_for, corpus_files
 from fbi.models.ssd import mamba_ssm_kernel
@@ -36,6 +38,13 @@ def check_scan(cfg: TrainConfig) -> None:
             "on the CUDA machines, or run the PyTorch scan with model.scan=auto and "
             "zero.activation_checkpointing=true (check the fit with python -m fbi.estimate)"
         )
+
+
+def check_sign_route(cfg: TrainConfig) -> None:
+    """``zero.gather_signs``: the scheme's ``SIGN_ONLY`` probed on a small layer, not taken on
+    trust (fbi.binarize.sign_only)."""
+    if cfg.zero.gather_signs:
+        verify_sign_only(SCHEMES[cfg.scheme.name], cfg.scheme)
 
 
 def check_teacher(cfg: TrainConfig) -> None:
@@ -83,6 +92,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path:
     cfg.grad_accum_steps(world_size)
     check_precision(cfg)
     check_scan(cfg)
+    check_sign_route(cfg)
     check_teacher(cfg)
     check_data_files(cfg)
     run_dir = Path(cfg.run_dir).expanduser().resolve()

@@ -19,8 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fbi import atomic, checkpoint
-from fbi.binarize import SCHEMES, scale_parameter_names
-from fbi.binarize.sign_only import verify_sign_only
+from fbi.binarize import scale_parameter_names
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
@@ -130,8 +129,6 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     cache = Path(cfg.cache_dir).expanduser().resolve()
     grad_accum = cfg.grad_accum_steps(dist_info.world_size)
     ds_config = deepspeed_config(cfg, dist_info.world_size)
-    if cfg.zero.gather_signs:  # the scheme's SIGN_ONLY probed, not taken on trust
-        verify_sign_only(SCHEMES[cfg.scheme.name], cfg.scheme)
     # The newest checkpoint whose files are intact (damaged newer ones are set aside).
     resume_tag = checkpoint.choose_resume(cfg, run_dir, dist_info.rank, dist_info.world_size)
     if dist_info.is_main:

@@ -86,3 +86,26 @@ def test_a_binary_file_named_txt_is_refused_naming_the_byte(tmp_path, corpus):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"data.files: {files / 'b.txt'} is not UTF-8 text (byte 15" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_misdeclared_sign_only_scheme_is_refused_before_anything_is_created(tmp_path, monkeypatch):
+    """zero.gather_signs on a scheme that declares SIGN_ONLY but reads |W|: the declaration
+    passes config validation, the probe (fbi.binarize.sign_only) refuses it at preflight."""
+    from fbi.binarize import SCHEMES
+    from fbi.binarize.fp import DenseLinear
+    from fbi.binarize.packing import sign_ste
+
+    class Liar(DenseLinear):
+        SIGN_ONLY = True
+
+        def weight_formula(self, weight):
+            return sign_ste(weight) * weight.detach().abs().mean()
+
+    monkeypatch.setitem(SCHEMES, "liar", Liar)
+    run_dir = tmp_path / "run"
+    route = ["zero=stage3", "zero.gather_signs=true", "scheme=onebit_fold"]
+    cfg = compose(tiny(run_dir, *route, "scheme.name=liar"))
+    with pytest.raises(ConfigError, match="zero.gather_signs: scheme=liar declares SIGN_ONLY"):
+        preflight(cfg, 1)
+    assert not run_dir.exists()
+    preflight(compose(tiny(run_dir, *route)), 1)  # a true declaration passes

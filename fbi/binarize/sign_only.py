@@ -46,7 +46,7 @@ def magnitude_dependence(cls: type[DenseLinear], cfg: SchemeConfig) -> list[str]
 def verify_sign_only(cls: type[DenseLinear], cfg: SchemeConfig) -> None:
     """Raise ``ConfigError`` if scheme layer ``cls`` (with options ``cfg``) is not
     ``SIGN_ONLY`` or its computation depends on ``|W|`` (``magnitude_dependence``): checked at
-    start-up, before the run directory exists, when ``zero.gather_signs=true``."""
+    start-up (fbi.preflight, before the run directory exists) when ``zero.gather_signs=true``."""
     name = cfg.name
     if not cls.SIGN_ONLY:
         raise ConfigError(
