@@ -60,7 +60,7 @@ def test_the_pytorch_scans_activations_are_what_it_keeps_for_backward():
     """activation_bytes counts the scan that runs: with the PyTorch chunked scan, what its
     autograd graph keeps (distinct storages, inputs excluded), measured on a shape unlike the
     ones its per-token terms were read from."""
-    from fbi.config import Mamba2Config
+    from fbi.models.mamba2 import Mamba2Config
     from fbi.models.mamba2 import activation_bytes
     from fbi.models.ssd import chunked_scan
 

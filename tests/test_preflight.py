@@ -104,7 +104,8 @@ def test_a_misdeclared_sign_only_scheme_is_refused_before_anything_is_created(tm
     monkeypatch.setitem(SCHEMES, "liar", Liar)
     run_dir = tmp_path / "run"
     route = ["zero=stage3", "zero.gather_signs=true", "scheme=onebit_fold"]
-    cfg = compose(tiny(run_dir, *route, "scheme.name=liar"))
+    cfg = compose(tiny(run_dir, *route))
+    cfg.scheme.name = "liar"  # as if registered declaring SIGN_ONLY: validation trusts that
     with pytest.raises(ConfigError, match="zero.gather_signs: scheme=liar declares SIGN_ONLY"):
         preflight(cfg, 1)
     assert not run_dir.exists()

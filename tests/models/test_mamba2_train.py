@@ -53,7 +53,7 @@ import json, os, sys, copy, torch, deepspeed
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 deepspeed.init_distributed("gloo")
-from fbi.config import compose
+from fbi.configure import compose
 from fbi.deepspeed_setup import deepspeed_config, initialize
 from fbi.models import build_model
 cfg = compose(["experiment=bimamba_demo", f"precision={sys.argv[1]}", "model.n_layers=2",
