@@ -65,11 +65,12 @@ def check_export(args, found) -> None:
     if found.kind == "hf":
         raise ValueError(f"MODEL: {args.model} is a Hugging Face checkpoint, not an fbi model; "
                          "export a run directory or a packed export")
-    if args.format == "hf" and SCHEMES[found.scheme].QUANTIZES_ACTIVATIONS:
+    reason = SCHEMES[found.scheme].fold_refusal() if args.format == "hf" else None
+    if reason:
         raise ValueError(
-            f"--format hf: scheme {found.scheme} quantizes its input activations, so its layers "
-            "are not dense linear maps and a transformers checkpoint cannot compute the same "
-            "function; export it with --format packed instead")
+            f"--format hf: scheme {found.scheme} {reason}, so its layers are not dense linear "
+            "maps and a transformers checkpoint cannot compute the same function; export it "
+            "with --format packed instead")
 
 
 def check_eval(args, found) -> None:

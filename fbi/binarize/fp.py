@@ -78,9 +78,10 @@ class DenseLinear(nn.Linear):
         return self.normalize_output(recomputed_linear(
             self.weight_formula, self.quantize_input(x), *self.weight_params()))
 
-    def fold_refusal(self) -> str | None:
-        """Why the forward is not a dense linear map of x (None: it folds)."""
-        if self.QUANTIZES_ACTIVATIONS:
+    @classmethod
+    def fold_refusal(cls) -> str | None:
+        """Why the scheme's forward is not a dense linear map of x (None: it folds)."""
+        if cls.QUANTIZES_ACTIVATIONS:
             return "quantizes its input activations"
         return None
 

@@ -82,7 +82,8 @@ class OneBitLinear(DenseLinear):
     def normalize_output(self, y: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(y, (self.out_features,), eps=LAYERNORM_EPS)
 
-    def fold_refusal(self) -> str | None:
+    @classmethod
+    def fold_refusal(cls) -> str | None:
         return "normalizes its output (the paper's LayerNorm; scheme=onebit_fold folds)"
 
     @torch.no_grad()
@@ -119,5 +120,6 @@ class OneBitFoldLinear(OneBitLinear):
     def normalize_output(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def fold_refusal(self) -> str | None:
+    @classmethod
+    def fold_refusal(cls) -> str | None:
         return None

@@ -43,7 +43,8 @@ def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]
 def to_transformers(trained: Trained) -> torch.nn.Module:
     """The architecture's ``transformers`` model (``LlamaForCausalLM``, ``Mamba2ForCausalLM``:
     the mapping of ``fbi.models.ARCHITECTURES``) with every scheme layer folded, in memory.
-    Raises CannotFold for schemes that quantize activations."""
+    Raises CannotFold for schemes whose forward is not linear in x (activation quantizers,
+    OneBit's output LayerNorm)."""
     import transformers
 
     from fbi.models import architecture

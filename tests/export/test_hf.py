@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fbi.binarize import SCHEMES, scheme_config
+from fbi.binarize import SCHEMES
 from fbi.export.hf import CannotFold, export_hf
 from fbi.export.packed import export_packed
 from fbi.generate import generate_ids
@@ -52,7 +52,7 @@ def test_tied_fbi_model_folds_into_transformers(tmp_path, tokenizer_dir, arch, v
         torch.testing.assert_close(model(ids).logits, source.logits(ids))
 
 
-REFUSED = {n: SCHEMES[n](8, 8, cfg=scheme_config(n)).fold_refusal() for n in sorted(SCHEMES)}
+REFUSED = {n: SCHEMES[n].fold_refusal() for n in sorted(SCHEMES)}
 
 
 @pytest.mark.parametrize("scheme", [n for n, reason in REFUSED.items() if reason])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fbi.binarize import SCHEMES, linear_factory, scheme_config
+from fbi.binarize import SCHEMES, linear_factory
 from fbi.binarize.fp import DenseLinear
 from fbi.config import ConfigError, SchemeConfig
 from fbi.configure import compose
@@ -56,8 +56,7 @@ def test_model_arch_chooses_the_schema_and_names_bad_fields():
         compose(["experiment=none", "max_steps=1", "model=bimamba_tiny", "model.head_dim=7"])
 
 
-FOLDABLE = sorted(n for n, layer in SCHEMES.items()
-                  if not layer(8, 8, cfg=scheme_config(n)).fold_refusal())
+FOLDABLE = sorted(n for n, layer in SCHEMES.items() if not layer.fold_refusal())
 
 
 @pytest.mark.parametrize("scheme", FOLDABLE)
