@@ -100,7 +100,8 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
     optim_width = 8 + (4 if width == 2 else 0)  # Adam moments (+ fp32 master copy)
     tokens = cfg.micro_batch_size * cfg.data.seq_len
     d, layers = cfg.model.d_model, cfg.model.n_layers
-    block = architecture(cfg.model).activation_bytes(cfg.model)
+    # counted in 16-bit by the architecture: twice that in fp32
+    block = architecture(cfg.model).activation_bytes(cfg.model) * (1 if act_width == 2 else 2)
     if cfg.zero.activation_checkpointing:  # each block's input: the residual stream
         resid_width = 4 if getattr(cfg.model, "residual_in_fp32", False) else act_width
         activations = layers * tokens * d * resid_width + tokens * block
@@ -113,7 +114,7 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
         "gradients": total * grad_width / (w if stage >= 2 else 1),
         "optimizer": 0.0 if cfg.zero.offload_optimizer else
         total * optim_width / (w if stage >= 1 else 1),
-        "activations": activations * (1 if act_width == 2 else 2),
+        "activations": activations,
         "logits": logit_tensors * tokens * vocab * 4,
         "teacher": teacher_params * teacher_width / (w if cfg.teacher.zero3 else 1),
     }
