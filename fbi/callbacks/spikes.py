@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import deque
 from pathlib import Path
 
 from fbi.callbacks import Callback, Control
@@ -50,13 +51,15 @@ class SpikeDetector(Callback):
         self.cfg, self.skips, self.is_main = cfg, skips, is_main
         self.path = run_dir / "spikes.jsonl"
         self.can_rewind = can_rewind  # () -> bool: is there a checkpoint to go back to
-        self.losses: dict[int, float] = {}  # step -> loss, spikes left out
+        # (step, loss) of the last spike_window finite steps, spikes left out: bounded, so
+        # the work per step does not grow with the length of the run.
+        self.losses: deque[tuple[int, float]] = deque(maxlen=cfg.spike_window)
 
     def after_step(self, run, state, metrics, control: Control) -> None:
         step, loss = state["step"], metrics["loss"]
         if self.cfg.spike_action == "off" or metrics.get("skipped") or not math.isfinite(loss):
             return
-        window = [self.losses[s] for s in sorted(self.losses)[-self.cfg.spike_window:]]
+        window = [value for _, value in self.losses]
         if len(window) >= self.cfg.spike_window // 2:
             mean = sum(window) / len(window)
             std = math.sqrt(sum((x - mean) ** 2 for x in window) / len(window))
@@ -64,7 +67,7 @@ class SpikeDetector(Callback):
             if z > self.cfg.spike_z:
                 self._spike(state, metrics, control, mean, std, z)
                 return
-        self.losses[step] = loss
+        self.losses.append((step, loss))
 
     def _spike(self, state, metrics, control, mean, std, z) -> None:
         step = state["step"]
@@ -80,7 +83,7 @@ class SpikeDetector(Callback):
                 f.write(json.dumps(record) + "\n")
         log.warning("loss spike at step %d: %.4f is %.1f standard deviations above the mean "
                     "%.4f of the last %d steps%s", step, metrics["loss"], z, mean,
-                    min(len(self.losses), self.cfg.spike_window),
+                    len(self.losses),
                     "; rewinding to the newest checkpoint and skipping this batch" if rewind
                     else "")
         if rewind:
@@ -89,8 +92,8 @@ class SpikeDetector(Callback):
             control.rewind, control.save_allowed = True, False
 
     def state_dict(self) -> dict:
-        recent = sorted(self.losses)[-self.cfg.spike_window:]
-        return {"losses": [[s, self.losses[s]] for s in recent]}
+        return {"losses": [[s, v] for s, v in self.losses]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.losses = {int(s): float(v) for s, v in state.get("losses", [])}
+        saved = sorted((int(s), float(v)) for s, v in state.get("losses", []))
+        self.losses = deque(saved, maxlen=self.cfg.spike_window)
