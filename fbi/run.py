@@ -142,7 +142,7 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
     train_data = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
     val_data = TokenShards(shards, "val", cfg.data.seq_len, cfg.data.verify_checksums)
-    val_data.check_ids(tokenizer.vocab_size)
+    val_data.check_ids(tokenizer.vocab_size, cfg.eval_batches * cfg.micro_batch_size)
 
     universal = bool(resume_tag) and checkpoint.needs_universal(
         run_dir, resume_tag, dist_info.world_size, cfg.zero.stage

@@ -1,26 +1,51 @@
-"""Corpus -> token shards. Text, jsonl and parquet files are read through ``datasets``."""
+"""Corpus -> token shards, as a job of independent workers that a cheap step merges.
+
+The order rule, which makes the shards independent of how many workers wrote them: input
+files are sorted by path and numbered; file ``j`` is tokenized by worker ``j mod workers``,
+in row order, into its own shards ``d<j>_<k>.bin`` (documents kept for training) and
+``d<j>_val_<k>.bin`` (documents held out), cut every ``data.shard_tokens`` tokens, with their
+document boundaries in ``d<j>.docs`` and ``d<j>_val.docs``. A row goes to validation when a
+hash of (``split_seed``, the file's name, its row) falls below ``val_fraction``, so the choice
+is made where the row is read. A file that is one document (text, 1-D ``.npy``, flat ``.bin``)
+is not split; when no row is held out (such files, or few rows), whole files are: the fewest
+from the end of a ``split_seed`` order of the files reaching ``val_fraction`` of the tokens,
+the rule train.py applied to documents before preparation ran as workers.
+
+When a file is done, its record ``progress/d<j>.json`` is written (atomically, last): a killed
+worker restarts at the first file without one and writes it again byte for byte. The worker
+that finds every record present writes ``manifest.json`` (the train split: the files' kept
+shards in file order; val: their held-out shards), reading only the records.
+
+Run it as ``python -m fbi data prepare`` (see ``fbi.data.cli``), under torchrun or as a SLURM
+array; train.py runs it in-process, one worker, when its shards are missing.
+"""
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from fbi.atomic import write_json
 from fbi.config import ConfigError, DataConfig
-from fbi.atomic import staging_dir
-from fbi.data.shards import MANIFEST, Manifest, ShardWriter, token_dtype
+from fbi.data.readers import check_utf8, kind_of, one_document, read_documents, yields_tokens
+from fbi.data.sampler import mix64, splitmix64
+from fbi.data.shards import DOCS_DTYPE, FORMAT, MANIFEST, Manifest, ShardInfo, ShardWriter, token_dtype
 from fbi.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PROGRESS = "progress"
+DOC_COLUMNS = ["file", "row", "offset"]
+BATCH_CHARS = 1 << 20  # texts handed to the tokenizer at once (about 1 MB)
+CHUNK_TOKENS = 1 << 24  # ids made elsewhere are copied and checked this many at a time
 
 
 def corpus_files(cfg: DataConfig, cache_dir: Path) -> list[str]:
@@ -36,78 +61,28 @@ def corpus_files(cfg: DataConfig, cache_dir: Path) -> list[str]:
 
 
 def builder_for(files: list[str]) -> str:
-    """The ``datasets`` builder that reads ``files`` (all of one kind)."""
-    kinds = {Path(f).suffix.lower() for f in files}
-    unknown = kinds - BUILDERS.keys()
-    if unknown or len({BUILDERS[k] for k in kinds}) != 1:
-        raise ConfigError(
-            f"data.files: got extensions {sorted(kinds)}; use files of one kind among "
-            f"{sorted(BUILDERS)}"
-        )
-    return BUILDERS[kinds.pop()]
-
-
-def load_documents(cfg: DataConfig, files: list[str], cache_dir: Path):
-    """A ``datasets.Dataset`` with one document per row in column ``text``."""
-    import datasets
-
-    builder = builder_for(files)
-    extra = {"sample_by": "document"} if builder == "text" else {}
-    if builder == "text":
-        for f in files:
-            check_utf8(f)
-    try:
-        ds = datasets.load_dataset(
-            builder, data_files=files, split="train", cache_dir=str(cache_dir / "datasets"), **extra
-        )
-    except Exception as err:  # datasets' parse errors: name the setting and the files
-        raise ConfigError(
-            f"data.files: {builder} files {files[:3]}{' ...' if len(files) > 3 else ''} could "
-            f"not be read ({type(err).__name__}: {str(err).splitlines()[0][:300]}); fix or "
-            "remove the file"
-        ) from err
-    if cfg.text_field not in ds.column_names:
-        raise ConfigError(
-            f"data.text_field: {cfg.text_field!r} is not a column of {files[0]}; "
-            f"columns are {ds.column_names}"
-        )
-    if cfg.text_field != "text":
-        ds = ds.rename_column(cfg.text_field, "text")
-    return ds.select_columns(["text"])
-
-
-def check_utf8(path: str, chunk: int = 1 << 20) -> None:
-    """Refuse a text file that is not UTF-8 text (a binary file named .txt), naming the byte."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            bad = None
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as err:
-                bad = (err.start, err.reason)
-            nul = block.find(b"\0")
-            if nul >= 0 and (bad is None or nul < bad[0]):
-                bad = (nul, "a NUL byte")
-            if bad:
-                raise ConfigError(
-                    f"data.files: {path} is not UTF-8 text (byte {offset + bad[0]}: {bad[1]}); "
-                    "convert it (iconv -t UTF-8) or remove it from data.files"
-                )
-            if not block:
-                return
-            offset += len(block)
+    """The reader kind of ``files`` (all of one kind); refuses a mixture of kinds."""
+    return kind_of(files)
 
 
 def iter_texts(cfg: DataConfig, cache_dir: Path) -> Iterator[str]:
-    for row in load_documents(cfg, corpus_files(cfg, cache_dir), cache_dir):
-        yield row["text"]
+    """The corpus's documents as texts. Files are checked here, before the first text is
+    taken: a consumer such as sentencepiece's trainer would hide our message inside its own."""
+    files = corpus_files(cfg, cache_dir)
+    kind = kind_of(files)
+    if yields_tokens(cfg, kind):
+        raise ConfigError("tokenizer.path: the corpus is token ids already, so no tokenizer "
+                          "can be trained on it; name the tokenizer that made them")
+    if kind == "text":
+        for path in files:
+            check_utf8(path)
+    return (text for path in files for _, text in read_documents(cfg, path, kind))
 
 
 def separator_ids(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids written before and after every document (``data.separator``)."""
+    if cfg.separator == "none":
+        return [], []
     if cfg.separator == "eos":
         return [], [tokenizer.eos_id]
     if cfg.separator == "bos_eos":
@@ -121,62 +96,26 @@ def separator_ids(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[int], lis
     if token is None:
         raise ConfigError(
             f"data.separator: {cfg.separator!r} is not a token of {tokenizer.source}; use eos, "
-            "bos_eos or one of its special tokens"
+            "bos_eos, none or one of its special tokens"
         )
     return [], [token]
 
 
 def document_start_id(data: DataConfig, tokenizer: Tokenizer) -> int:
     """The token that precedes every document in training: the BOS of ``bos_eos``, else the
-    separator written after the previous document."""
+    separator written after the previous document; with ``none`` (ids that carry their own
+    separators), the tokenizer's BOS, else its EOS."""
     before, after = separator_ids(data, tokenizer)
-    return (before or after)[-1]
+    fallback = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    return (before or after or [fallback])[-1]
 
 
-def build_shards(
-    cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path, sources: dict
-) -> Manifest:
-    """Tokenize every document with its separators, shuffle document order, and hold out
-    whole documents from the end of that order until ``val_fraction`` of the tokens is
-    reached, so that no document is split between training and validation."""
-    docs = load_documents(cfg, corpus_files(cfg, cache_dir), cache_dir)
-    docs = docs.add_column("doc", list(range(len(docs))))
-    docs = docs.shuffle(seed=cfg.split_seed).flatten_indices()
-    before, after = separator_ids(cfg, tokenizer)
-
-    def encode(batch: dict) -> dict:
-        ids = [before + doc + after for doc in tokenizer.encode(batch["text"])]
-        return {"ids": ids, "n": [len(doc) for doc in ids]}
-
-    tokenized = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
-    lengths = np.asarray(tokenized["n"], dtype=np.int64)
-    if len(lengths) < 2:
-        raise ConfigError(
-            f"data: {len(lengths)} document(s) found; the split needs at least two (one for "
-            "validation), so add text or split it into several files/rows"
-        )
-    # Validation: the fewest whole documents from the end that reach val_fraction.
-    from_end = np.cumsum(lengths[::-1])
-    n_val_docs = min(len(lengths) - 1, int(np.searchsorted(from_end, lengths.sum() * cfg.val_fraction)) + 1)
-    first_val = len(lengths) - n_val_docs
-    dtype = token_dtype(tokenizer.vocab_size)
-    with staging_dir(out_dir) as tmp:  # the manifest is written last, the folder renamed
-        writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-        for start in range(0, len(lengths), 1024):
-            batch = tokenized[start : start + 1024]
-            for i, ids in enumerate(batch["ids"], start):
-                writers["train" if i < first_val else "val"].write(np.asarray(ids, np.int64))
-        manifest = Manifest(
-            tokenizer_fingerprint=tokenizer.fingerprint, tokenizer_source=tokenizer.source,
-            vocab_size=tokenizer.vocab_size, dtype=dtype.name,
-            splits={s: w.close() for s, w in writers.items()},
-            sources=sources,
-            documents={"train": tokenized["doc"][:first_val], "val": tokenized["doc"][first_val:]},
-        )
-        manifest.save(tmp)
-    log.info("wrote %d train + %d val tokens (%d + %d documents) to %s",
-             lengths[:first_val].sum(), lengths[first_val:].sum(), first_val, n_val_docs, out_dir)
-    return manifest
+def held_out(cfg: DataConfig, path: str, rows: np.ndarray) -> np.ndarray:
+    """Which ``rows`` of file ``path`` go to validation: a hash of (split_seed, the file's
+    name, row) below ``val_fraction``; the name, not the path, so a moved corpus splits alike."""
+    name_key = hashlib.sha256(f"{cfg.split_seed}:{Path(path).name}".encode()).digest()[:8]
+    u = mix64(rows.astype(np.uint64), splitmix64(int.from_bytes(name_key, "little")))
+    return (u >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < cfg.val_fraction
 
 
 def source_key(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> dict:
@@ -184,11 +123,207 @@ def source_key(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> dict:
     tokenizer, and the settings that shape the split. Its hash names the cache folder."""
     files = corpus_files(cfg, cache_dir)
     return {
+        "format": FORMAT,
         "files": [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files],
-        "text_field": cfg.text_field, "tokenizer": tokenizer.fingerprint,
+        "text_field": cfg.text_field, "token_field": cfg.token_field,
+        "token_dtype": cfg.token_dtype, "tokenizer": tokenizer.fingerprint,
         "separator": cfg.separator, "val_fraction": cfg.val_fraction,
         "split_seed": cfg.split_seed, "shard_tokens": cfg.shard_tokens,
     }
+
+
+class FileTokenizer:
+    """Turns one input file into its two shard streams, side files and record."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, kind: str) -> None:
+        self.cfg, self.tokenizer, self.out_dir, self.kind = cfg, tokenizer, out_dir, kind
+        self.before, self.after = (np.asarray(ids, dtype=np.int64)
+                                   for ids in separator_ids(cfg, tokenizer))
+        self.dtype = token_dtype(tokenizer.vocab_size)
+
+    def run(self, number: int, path: str) -> dict:
+        started = time.perf_counter()
+        prefix = f"d{number:06d}"
+        for stale in self.out_dir.glob(f"{prefix}[._]*"):  # a killed attempt's leftovers
+            stale.unlink()
+        writers = {s: ShardWriter(self.out_dir, prefix + tail, self.dtype, self.cfg.shard_tokens)
+                   for s, tail in (("train", ""), ("val", "_val"))}
+        docs = {"train": [], "val": []}
+        whole = one_document(path, self.kind)
+        for rows, arrays in self._batches(path):
+            val = held_out(self.cfg, path, np.asarray(rows, dtype=np.int64)) & (not whole)
+            for row, ids, is_val in zip(rows, arrays, val):
+                split = "val" if is_val else "train"
+                docs[split].append((number, row, writers[split].written))
+                self._write(writers[split], ids, path, row)
+        record = {"input": [path, os.stat(path).st_size, os.stat(path).st_mtime_ns],
+                  "seconds": time.perf_counter() - started}
+        for split, tail in (("train", ""), ("val", "_val")):
+            table = np.asarray(docs[split], dtype=DOCS_DTYPE).reshape(-1, len(DOC_COLUMNS))
+            table.tofile(self.out_dir / f"{prefix}{tail}.docs")
+            record[split] = {
+                "shards": [vars(s) for s in writers[split].close()],
+                "documents": {"file": f"{prefix}{tail}.docs", "columns": DOC_COLUMNS,
+                              "count": len(table)},
+            }
+        write_json(self.out_dir / PROGRESS / f"{prefix}.json", record)
+        return record
+
+    def _batches(self, path: str) -> Iterator[tuple[list[int], list]]:
+        """Rows of ``path`` with their documents as token ids (lists or arrays), in batches
+        of about ``BATCH_CHARS`` characters or tokens."""
+        rows, items, size = [], [], 0
+        for row, doc in read_documents(self.cfg, path, self.kind):
+            rows.append(row)
+            items.append(doc)
+            size += len(doc)
+            if size >= BATCH_CHARS:
+                yield rows, self._encode(items)
+                rows, items, size = [], [], 0
+        if rows:
+            yield rows, self._encode(items)
+
+    def _encode(self, items: list) -> list:
+        return self.tokenizer.encode(items) if isinstance(items[0], str) else items
+
+    def _write(self, writer: ShardWriter, ids, path: str, row: int) -> None:
+        """One document with its separators; ids made elsewhere are checked against the
+        vocabulary, a chunk at a time (a flat .bin may be one document of billions)."""
+        writer.write(self.before)
+        if isinstance(ids, list):
+            writer.write(np.asarray(ids, dtype=np.int64))
+        else:
+            for start in range(0, len(ids), CHUNK_TOKENS):
+                chunk = np.asarray(ids[start: start + CHUNK_TOKENS])
+                check_vocabulary(chunk, self.tokenizer, path, row, start)
+                writer.write(chunk)
+        writer.write(self.after)
+
+
+def check_vocabulary(ids: np.ndarray, tokenizer: Tokenizer, path: str, row: int,
+                     offset: int = 0) -> None:
+    """Refuse ids outside ``[0, vocab_size)``, naming the file, the document (row) and the
+    position in it (``offset`` + index in ``ids``)."""
+    bad = np.flatnonzero((ids < 0) | (ids >= tokenizer.vocab_size))
+    if bad.size:
+        at = int(bad[0]) + offset
+        raise ConfigError(
+            f"data.files: {path}, document {row}, position {at} holds token id {int(ids[at - offset])}, "
+            f"outside the vocabulary of {tokenizer.vocab_size} of {tokenizer.source}; name the "
+            "tokenizer the ids were made with (tokenizer.path=...)"
+        )
+
+
+def prepare(cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Path,
+            sources: dict, worker: int = 0, workers: int = 1) -> dict:
+    """Worker ``worker`` of ``workers``: tokenize input files ``worker, worker + workers, ...``
+    not yet recorded as done, then write the manifest if every file is done.
+
+    Returns what this worker did: files, tokens, seconds, tokens_per_s, and ``manifest``
+    (whether this worker wrote it).
+    """
+    if not 0 <= worker < workers:
+        raise ConfigError(f"--worker: {worker} is not in [0, {workers}); number the workers "
+                          "0 .. workers - 1")
+    files = [f for f, _, _ in sources["files"]]
+    kind = kind_of(files)
+    (out_dir / PROGRESS).mkdir(parents=True, exist_ok=True)
+    claim_settings(out_dir, sources)
+    job = FileTokenizer(cfg, tokenizer, out_dir, kind)
+    done = {"worker": worker, "workers": workers, "files": 0, "tokens": 0, "seconds": 0.0}
+    for number in range(worker, len(files), workers):
+        if recorded(out_dir, number, sources["files"][number]) is not None:
+            continue
+        record = job.run(number, files[number])
+        tokens = sum(s["tokens"] for split in ("train", "val") for s in record[split]["shards"])
+        done["files"] += 1
+        done["tokens"] += tokens
+        done["seconds"] += record["seconds"]
+        log.info("worker %d/%d: %s -> %d tokens in %.1f s (%.0f tokens/s)", worker, workers,
+                 files[number], tokens, record["seconds"], tokens / max(record["seconds"], 1e-9))
+    done["tokens_per_s"] = done["tokens"] / done["seconds"] if done["seconds"] else None
+    done["manifest"] = merge(cfg, tokenizer, out_dir, sources) is not None
+    return done
+
+
+def claim_settings(out_dir: Path, sources: dict) -> None:
+    """Record the settings of the preparation in ``out_dir``; refuse a folder that holds
+    one with other settings (its records would be mixed with ours)."""
+    path = out_dir / PROGRESS / "settings.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != json.loads(json.dumps(sources)):
+            raise ConfigError(
+                f"data.shards_dir: {out_dir} holds a preparation with other sources or settings "
+                f"({path}); name another data.shards_dir, or delete the folder to start over"
+            )
+    else:
+        write_json(path, sources)
+
+
+def recorded(out_dir: Path, number: int, source: list) -> dict | None:
+    """The record of input file ``number`` if it is done and the file unchanged since."""
+    path = out_dir / PROGRESS / f"d{number:06d}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record["input"] == list(source) else None
+
+
+def merge(cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, sources: dict) -> Manifest | None:
+    """Write the manifest from the records, if every input file has one; else None."""
+    records = []
+    for number, source in enumerate(sources["files"]):
+        record = recorded(out_dir, number, source)
+        if record is None:
+            return None
+        records.append(record)
+    split_of = file_split(cfg, records) if not any(r["val"]["shards"] for r in records) else None
+    splits: dict[str, list] = {"train": [], "val": []}
+    documents: dict[str, list] = {"train": [], "val": []}
+    for number, record in enumerate(records):
+        for part in ("train", "val"):
+            split = part if split_of is None else split_of[number]
+            splits[split] += [ShardInfo(**s) for s in record[part]["shards"]]
+            documents[split].append(record[part]["documents"])
+    manifest = Manifest(
+        tokenizer_fingerprint=tokenizer.fingerprint, tokenizer_source=tokenizer.source,
+        vocab_size=tokenizer.vocab_size, dtype=token_dtype(tokenizer.vocab_size).name,
+        splits=splits, sources=sources, documents=documents, format=FORMAT,
+    )
+    manifest.save(out_dir)
+    n_docs = {s: sum(d["count"] for d in documents[s]) for s in documents}
+    log.info("wrote the manifest of %s: %d train + %d val tokens (%d + %d documents)", out_dir,
+             manifest.tokens("train"), manifest.tokens("val"), n_docs["train"], n_docs["val"])
+    return manifest
+
+
+def file_split(cfg: DataConfig, records: list[dict]) -> list[str]:
+    """When no document drew validation: hold out whole files, the fewest from the end of a
+    ``split_seed`` order of the files that reach ``val_fraction`` of the tokens."""
+    tokens = np.array([sum(s["tokens"] for s in r["train"]["shards"]) for r in records])
+    n_docs = sum(r["train"]["documents"]["count"] for r in records)
+    if n_docs < 2:
+        raise ConfigError(
+            f"data: {n_docs} document(s) found; the split needs at least two (one for "
+            "validation), so add text or split it into several files/rows"
+        )
+    if (tokens > 0).sum() < 2:
+        raise ConfigError(
+            f"data.val_fraction: none of the {n_docs} documents drew a place in validation "
+            f"at {cfg.val_fraction}, and whole files cannot be held out from "
+            f"{(tokens > 0).sum()} file(s) with tokens; raise data.val_fraction or add files"
+        )
+    order = np.random.default_rng(cfg.split_seed).permutation(len(records))
+    from_end = np.cumsum(tokens[order][::-1])
+    count = int(np.searchsorted(from_end, tokens.sum() * cfg.val_fraction)) + 1
+    val = set(order[::-1][:count].tolist())
+    if len(val) == len(records) or not tokens[sorted(set(range(len(records))) - val)].sum():
+        raise ConfigError(
+            f"data.val_fraction: {cfg.val_fraction} of {len(records)} files leaves nothing for "
+            "training; lower it or add files"
+        )
+    return ["val" if i in val else "train" for i in range(len(records))]
 
 
 def shards_dir(cfg: DataConfig, key: dict | None, cache_dir: Path) -> Path:
@@ -199,7 +334,8 @@ def shards_dir(cfg: DataConfig, key: dict | None, cache_dir: Path) -> Path:
 
 
 def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
-    """Build the shards unless a manifest is there; refuse shards of another tokenizer."""
+    """Prepare the shards (one worker, in this process) unless a manifest is there; refuse
+    shards of another tokenizer."""
     key = None if cfg.shards_dir else source_key(cfg, tokenizer, cache_dir)
     directory = shards_dir(cfg, key, cache_dir)
     if not (directory / MANIFEST).exists():
@@ -208,8 +344,9 @@ def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Pat
                 f"data.shards_dir: {directory} has no {MANIFEST} and no data.corpus or "
                 "data.files is given to build it from"
             )
-        build_shards(cfg, tokenizer, directory, cache_dir,
-                     key or source_key(cfg, tokenizer, cache_dir))
+        prepare(cfg, tokenizer, directory, cache_dir, key or source_key(cfg, tokenizer, cache_dir))
+        if not (directory / MANIFEST).exists():
+            raise RuntimeError(f"preparation of {directory} ended without a manifest")
     manifest = Manifest.load(directory)
     if manifest.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ConfigError(

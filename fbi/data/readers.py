@@ -1,0 +1,214 @@
+"""Documents of one input file, read as a stream: texts, or token ids already made.
+
+Kinds, by extension (all files of a corpus are of one kind):
+
+- ``.txt``/``.text``: the whole file is one document (UTF-8, universal newlines);
+- ``.jsonl``/``.json``: a row per line (or a JSON array), its ``data.text_field``, or with
+  ``data.token_field`` a list of token ids (Amber's ``token_ids``);
+- ``.parquet``: a row per record, the same fields;
+- ``.npy``: token ids; a 1-D array is one document, a 2-D array a document per row;
+- ``.bin``: a flat array of ``data.token_dtype`` ids: one document, or with a Megatron
+  ``.idx`` of the same stem beside it (``MMIDIDX`` format, version 1), its documents.
+
+Each yields ``(row, document)`` with ``row`` counting from 0 within the file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from fbi.config import ConfigError, DataConfig
+
+KINDS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
+         ".parquet": "parquet", ".npy": "npy", ".bin": "bin"}
+TOKEN_KINDS = ("npy", "bin")
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+# Megatron-LM's DType codes (megatron/core/datasets/indexed_dataset.py).
+MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+                   6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+def kind_of(files: list[str]) -> str:
+    """The kind that reads ``files`` (all of one kind)."""
+    kinds = {Path(f).suffix.lower() for f in files}
+    unknown = kinds - KINDS.keys()
+    if unknown or len({KINDS[k] for k in kinds}) != 1:
+        raise ConfigError(
+            f"data.files: got extensions {sorted(kinds)}; use files of one kind among "
+            f"{sorted(KINDS)}"
+        )
+    return KINDS[kinds.pop()]
+
+
+def yields_tokens(cfg: DataConfig, kind: str) -> bool:
+    return kind in TOKEN_KINDS or bool(cfg.token_field)
+
+
+def one_document(path: str, kind: str) -> bool:
+    """Whether the file is read as a single document (never split by rows)."""
+    if kind == "npy":
+        return np.load(path, mmap_mode="r").ndim == 1
+    return kind == "text" or (kind == "bin" and not Path(path).with_suffix(".idx").exists())
+
+
+def check_utf8(path: str, chunk: int = 1 << 20) -> None:
+    """Refuse a text file that is not UTF-8 text (a binary file named .txt), naming the byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            bad = None
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                bad = (err.start, err.reason)
+            nul = block.find(b"\0")
+            if nul >= 0 and (bad is None or nul < bad[0]):
+                bad = (nul, "a NUL byte")
+            if bad:
+                raise ConfigError(
+                    f"data.files: {path} is not UTF-8 text (byte {offset + bad[0]}: {bad[1]}); "
+                    "convert it (iconv -t UTF-8) or remove it from data.files"
+                )
+            if not block:
+                return
+            offset += len(block)
+
+
+def read_documents(cfg: DataConfig, path: str, kind: str) -> Iterator[tuple[int, object]]:
+    """``(row, text)`` or, for token kinds and ``data.token_field``, ``(row, ids)`` with ids
+    a 1-D integer array (not yet checked against a vocabulary)."""
+    if kind == "text":
+        check_utf8(path)
+        with open(path, encoding="utf-8") as f:
+            yield 0, f.read()
+    elif kind == "json":
+        yield from _json_rows(cfg, path)
+    elif kind == "parquet":
+        yield from _parquet_rows(cfg, path)
+    elif kind == "npy":
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim not in (1, 2) or arr.dtype.kind not in "iu":
+            raise ConfigError(f"data.files: {path} holds a {arr.ndim}-D {arr.dtype} array; "
+                              "token ids are a 1-D or 2-D integer array")
+        yield from enumerate([arr] if arr.ndim == 1 else arr)
+    else:
+        yield from _bin_documents(cfg, path)
+
+
+def _field(cfg: DataConfig) -> str:
+    return cfg.token_field or cfg.text_field
+
+
+def _value(cfg: DataConfig, row: dict, path: str, where: str):
+    name = _field(cfg)
+    if not isinstance(row, dict) or name not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        setting = "data.token_field" if cfg.token_field else "data.text_field"
+        raise ConfigError(f"{setting}: {name!r} is not a field of {path} ({where}); "
+                          f"its fields are {keys}")
+    value = row[name]
+    if cfg.token_field:
+        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+            raise ConfigError(f"data.token_field: {path} ({where}) holds "
+                              f"{type(value).__name__} in {name!r}, not a list of token ids")
+        return np.asarray(value, dtype=np.int64)
+    if not isinstance(value, str):
+        raise ConfigError(f"data.text_field: {path} ({where}) holds {type(value).__name__} in "
+                          f"{name!r}, not text; name the text field, or set data.token_field "
+                          "for token ids")
+    return value
+
+
+def _json_rows(cfg: DataConfig, path: str) -> Iterator[tuple[int, object]]:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):  # one JSON array of rows (small files only: read whole)
+            rows = _parse(f.read(), path, "the file")
+            for row, value in enumerate(rows):
+                yield row, _value(cfg, value, path, f"row {row}")
+            return
+        row = 0
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield row, _value(cfg, _parse(line, path, f"line {number}"), path, f"line {number}")
+                row += 1
+
+
+def _parse(text: str, path: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"data.files: {path} ({where}) is not JSON ({err.msg}); fix or "
+                          "remove the file") from None
+
+
+def _parquet_rows(cfg: DataConfig, path: str) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow's own error types: name the file
+        raise ConfigError(f"data.files: {path} could not be read as parquet "
+                          f"({type(err).__name__}: {err}); fix or remove the file") from None
+    name = _field(cfg)
+    if name not in table.schema_arrow.names:
+        setting = "data.token_field" if cfg.token_field else "data.text_field"
+        raise ConfigError(f"{setting}: {name!r} is not a column of {path}; columns are "
+                          f"{table.schema_arrow.names}")
+    row = 0
+    for batch in table.iter_batches(columns=[name], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield row, _value(cfg, {name: value}, path, f"row {row}")
+            row += 1
+
+
+def _bin_documents(cfg: DataConfig, path: str) -> Iterator[tuple[int, np.ndarray]]:
+    idx = Path(path).with_suffix(".idx")
+    if idx.exists():
+        dtype, lengths, pointers, doc_starts = read_megatron_index(idx)
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        for row, (first, end) in enumerate(zip(doc_starts[:-1], doc_starts[1:])):
+            if end > first:
+                begin = pointers[first] // dtype.itemsize
+                yield row, tokens[begin: pointers[end - 1] // dtype.itemsize + lengths[end - 1]]
+        return
+    if not cfg.token_dtype:
+        raise ConfigError(f"data.token_dtype: {path} is a flat array of token ids with no "
+                          "Megatron .idx beside it; name its dtype, e.g. data.token_dtype=uint16")
+    try:
+        dtype = np.dtype(cfg.token_dtype)
+    except TypeError:
+        raise ConfigError(f"data.token_dtype: {cfg.token_dtype!r} is not a numpy dtype; use "
+                          "uint16, uint32, int32 or int64") from None
+    size = Path(path).stat().st_size
+    if dtype.kind not in "iu" or size % dtype.itemsize:
+        raise ConfigError(f"data.token_dtype: {path} ({size} bytes) is not a whole array of "
+                          f"{dtype.name} ids; name the dtype it was written with")
+    yield 0, np.memmap(path, dtype=dtype, mode="r")
+
+
+def read_megatron_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """(dtype, sequence lengths, sequence byte offsets, document start sequences with the end
+    appended) of a Megatron-LM ``.idx`` file."""
+    with open(path, "rb") as f:
+        magic = f.read(9)
+        version = int.from_bytes(f.read(8), "little")
+        code = int.from_bytes(f.read(1), "little")
+        sequences = int.from_bytes(f.read(8), "little")
+        documents = int.from_bytes(f.read(8), "little")
+        offset = f.tell()
+    if magic != MEGATRON_MAGIC or version != 1 or code not in MEGATRON_DTYPES:
+        raise ConfigError(f"data.files: {path} is not a Megatron index (MMIDIDX version 1); "
+                          "remove it or name the .bin with data.token_dtype")
+    lengths = np.memmap(path, np.int32, "r", offset, (sequences,))
+    pointers = np.memmap(path, np.int64, "r", offset + 4 * sequences, (sequences,))
+    doc_starts = np.memmap(path, np.int64, "r", offset + 12 * sequences, (documents,))
+    return np.dtype(MEGATRON_DTYPES[code]), lengths, pointers, doc_starts
