@@ -136,6 +136,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class MixEntry:
+    """One shard set of a mixture (``data.mix``) and its weight (relative to the others)."""
+
+    shards_dir: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(bool(self.shards_dir), "data.mix", "each entry needs shards_dir (a prepared folder)")
+        require(self.weight > 0, "data.mix", f"weight {self.weight} of {self.shards_dir}: "
+                "weights must be positive")
+
+
+@dataclass
 class DataConfig:
     """Where text comes from and where its token shards go."""
 
@@ -170,12 +183,17 @@ class DataConfig:
     # Sample order per epoch: feistel (computed per position, memory independent of the
     # corpus) or full (numpy's permutation held in memory: the order of runs started before).
     shuffle: str = "feistel"
+    # Train on several prepared shard sets at once, sampled by weight (fbi.data.mixture):
+    # data.mix='[{shards_dir:/shards/web,weight:3},{shards_dir:/shards/code,weight:1}]'.
+    # Validation is the first entry's val split.
+    mix: list[MixEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(
-            bool(self.corpus) or bool(self.files) or bool(self.shards_dir),
+            bool(self.corpus) or bool(self.files) or bool(self.shards_dir) or bool(self.mix),
             "data",
-            "name a source: data.corpus=shakespeare, data.files=[...], or data.shards_dir=...",
+            "name a source: data.corpus=shakespeare, data.files=[...], data.shards_dir=... or "
+            "data.mix=[...]",
         )
         require(
             0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)"
@@ -410,6 +428,8 @@ class TrainConfig:
         require(self.checkpoint_keep_every is None or self.checkpoint_keep_every > 0,
                 "checkpoint_keep_every", "must be positive (or null)")
         require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        require(not (self.data.mix and self.teacher.kind == "cache"), "data.mix",
+                "a logit cache is written for one shard set; use teacher=hf with a mixture")
         require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate at the end only)")
         for path in self.eval_blimp:
             require(Path(path).expanduser().exists(), "eval_blimp",

@@ -18,8 +18,8 @@ from fbi.callbacks.hang import HangWatch
 from fbi.callbacks.nonfinite import NonFiniteGuard, nonfinite_update, update_skipped
 from fbi.callbacks.spikes import SkippedBatches, SpikeDetector
 from fbi.config import TrainConfig
+from fbi.data.mixture import make_sampler
 from fbi.data.prepare import document_start_id
-from fbi.data.sampler import GlobalSampler
 from fbi.deepspeed_setup import init_distributed
 from fbi.distributed import detect
 from fbi.distill.loss import distillation_loss
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     cfg, rank, world = run.cfg, run.dist.rank, run.dist.world_size
-    sampler = GlobalSampler(run.train_data.num_samples, cfg.seed, cfg.data.shuffle)
+    sampler = make_sampler(run.train_data, cfg.data, cfg.seed)
     skips = SkippedBatches(run.run_dir, cfg.global_batch_size, run.dist.is_main)
     newest = lambda: (checkpoint.complete_tags(run.run_dir) or [None])[-1]  # noqa: E731
     callbacks = [

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from fbi import atomic, checkpoint
 from fbi.binarize import scale_parameter_names
 from fbi.config import ConfigError, TrainConfig
+from fbi.data.mixture import MixedShards, open_train
 from fbi.data.prepare import ensure_shards, iter_texts
 from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
@@ -41,7 +42,7 @@ class Run:
     run_dir: Path
     device: torch.device
     tokenizer: Tokenizer
-    train_data: TokenShards
+    train_data: TokenShards | MixedShards
     val_data: TokenShards
     engine: object  # deepspeed.DeepSpeedEngine
     teacher: TeacherSource  # online, cache or none: the loop asks it for targets
@@ -140,7 +141,7 @@ def build_run(cfg: TrainConfig, dist_info: Dist) -> Run:
     if resume_tag:
         check_same_tokenizer(run_dir, tokenizer)
     shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
-    train_data = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
+    train_data = open_train(cfg.data, shards)
     val_data = TokenShards(shards, "val", cfg.data.seq_len, cfg.data.verify_checksums)
     val_data.check_ids(tokenizer.vocab_size, cfg.eval_batches * cfg.micro_batch_size)
 

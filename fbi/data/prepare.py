@@ -335,7 +335,11 @@ def shards_dir(cfg: DataConfig, key: dict | None, cache_dir: Path) -> Path:
 
 def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Path:
     """Prepare the shards (one worker, in this process) unless a manifest is there; refuse
-    shards of another tokenizer."""
+    shards of another tokenizer. With ``data.mix``, check every entry and return the first
+    (whose val split is the run's)."""
+    if cfg.mix:
+        dirs = [check_tokenizer(Path(m.shards_dir).expanduser(), tokenizer) for m in cfg.mix]
+        return dirs[0]
     key = None if cfg.shards_dir else source_key(cfg, tokenizer, cache_dir)
     directory = shards_dir(cfg, key, cache_dir)
     if not (directory / MANIFEST).exists():
@@ -347,6 +351,13 @@ def ensure_shards(cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> Pat
         prepare(cfg, tokenizer, directory, cache_dir, key or source_key(cfg, tokenizer, cache_dir))
         if not (directory / MANIFEST).exists():
             raise RuntimeError(f"preparation of {directory} ended without a manifest")
+    return check_tokenizer(directory, tokenizer)
+
+
+def check_tokenizer(directory: Path, tokenizer: Tokenizer) -> Path:
+    if not (directory / MANIFEST).exists():
+        raise FileNotFoundError(f"data.mix: {directory} has no {MANIFEST}; prepare it first "
+                                "(python -m fbi data prepare ... data.shards_dir=DIR)")
     manifest = Manifest.load(directory)
     if manifest.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ConfigError(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import SlurmCluster, steps_logged, why_not_slurm
+from cluster import SlurmCluster, steps_logged
 from fbi_testing import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -25,20 +25,6 @@ log = logging.getLogger(__name__)
 SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
 # The script's #SBATCH lines are for a GPU cluster; the fixture's nodes have CPUs only.
 CPU_JOB = ["--partition=debug", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = why_not_slurm()
-    if reason:
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        seconds = cluster.start()
-        log.warning("SLURM fixture up in %.1f s", seconds)
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def submit(slurm: SlurmCluster, run_dir: Path, overrides: list[str], *sbatch_args: str) -> int:
