@@ -40,10 +40,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fbi.config import compose  # noqa: E402
+from fbi.configure import compose  # noqa: E402
 from fbi.data.shards import FORMAT, Manifest, ShardInfo  # noqa: E402
 from fbi.data.tokenizer import load_tokenizer  # noqa: E402
-from fbi.distill.teacher import resolve_path  # noqa: E402
+from fbi.distill.teacher_checkpoint import resolve_path  # noqa: E402
 
 SHARD = 50_000_000
 

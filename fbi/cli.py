@@ -188,9 +188,10 @@ def lm_eval(argv: list[str]) -> None:
 
 def data(argv: list[str]) -> None:
     from fbi.data.cli import main as data_main
-    from fbi.distill.teacher import resolve_path
+    from fbi.configure import compose
+    from fbi.distill.teacher_checkpoint import resolve_path
 
-    result = data_main(argv, lambda cfg: resolve_path(cfg.teacher))
+    result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
     print(json.dumps(result, indent=1))
     if result.get("ok") is False:
         sys.exit(1)

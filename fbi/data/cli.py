@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch.distributed as dist
 
-from fbi.config import ConfigError, DistributedConfig, TrainConfig, compose
+from fbi.config import ConfigError, DistributedConfig, TrainConfig
 from fbi.data.prepare import prepare, shards_dir, source_key
 from fbi.data.shards import DOCS_DTYPE, FORMAT, Manifest, verify_checksums
 from fbi.data.tokenizer import load_tokenizer
@@ -35,7 +35,7 @@ from fbi.distributed import detect, init_distributed
 log = logging.getLogger(__name__)
 
 
-def prepare_command(args, overrides: list[str],
+def prepare_command(args, overrides: list[str], compose: Callable[[list[str]], TrainConfig],
                     teacher_path: Callable[[TrainConfig], object]) -> dict:
     cfg = compose(overrides)
     if not (cfg.data.corpus or cfg.data.files):
@@ -109,10 +109,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str], teacher_path: Callable[[TrainConfig], object]) -> dict:
-    """Run a data verb and return its result (``ok`` False: verification failed);
-    ``teacher_path`` gives the teacher checkpoint whose tokenizer
-    ``prepare`` uses when ``tokenizer.path`` is unset (resolved by the caller)."""
+def main(argv: list[str], compose: Callable[[list[str]], TrainConfig],
+         teacher_path: Callable[[TrainConfig], object]) -> dict:
+    """Run a data verb and return its result (``ok`` False: verification failed). The caller
+    (the entry, above the registries) hands ``compose`` (overrides -> TrainConfig) and
+    ``teacher_path`` (the teacher checkpoint whose tokenizer ``prepare`` uses when
+    ``tokenizer.path`` is unset)."""
     args, overrides = parser().parse_known_args(argv)
     if args.verb != "prepare" and overrides:
         raise SystemExit(f"data {args.verb}: unexpected arguments {overrides}")
@@ -120,5 +122,5 @@ def main(argv: list[str], teacher_path: Callable[[TrainConfig], object]) -> dict
     if bad_override:
         raise SystemExit(f"data prepare: unknown option(s) {bad_override}")
     if args.verb == "prepare":
-        return prepare_command(args, overrides, teacher_path)
+        return prepare_command(args, overrides, compose, teacher_path)
     return verify_command(args) if args.verb == "verify" else convert_command(args)
