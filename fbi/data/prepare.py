@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from array import array
 from pathlib import Path
 from typing import Iterator
 
@@ -148,18 +149,19 @@ class FileTokenizer:
             stale.unlink()
         writers = {s: ShardWriter(self.out_dir, prefix + tail, self.dtype, self.cfg.shard_tokens)
                    for s, tail in (("train", ""), ("val", "_val"))}
-        docs = {"train": [], "val": []}
+        docs = {"train": array("q"), "val": array("q")}  # 24 bytes a document, not objects
         whole = one_document(path, self.kind)
         for rows, arrays in self._batches(path):
             val = held_out(self.cfg, path, np.asarray(rows, dtype=np.int64)) & (not whole)
             for row, ids, is_val in zip(rows, arrays, val):
                 split = "val" if is_val else "train"
-                docs[split].append((number, row, writers[split].written))
+                docs[split].extend((number, row, writers[split].written))
                 self._write(writers[split], ids, path, row)
         record = {"input": [path, os.stat(path).st_size, os.stat(path).st_mtime_ns],
                   "seconds": time.perf_counter() - started}
         for split, tail in (("train", ""), ("val", "_val")):
-            table = np.asarray(docs[split], dtype=DOCS_DTYPE).reshape(-1, len(DOC_COLUMNS))
+            table = np.frombuffer(docs[split], dtype=np.int64).astype(DOCS_DTYPE).reshape(
+                -1, len(DOC_COLUMNS))
             table.tofile(self.out_dir / f"{prefix}{tail}.docs")
             record[split] = {
                 "shards": [vars(s) for s in writers[split].close()],

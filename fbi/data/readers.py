@@ -115,10 +115,11 @@ def _value(cfg: DataConfig, row: dict, path: str, where: str):
                           f"its fields are {keys}")
     value = row[name]
     if cfg.token_field:
-        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        ids = np.asarray(value) if isinstance(value, list) else None
+        if ids is None or ids.ndim != 1 or (len(ids) and ids.dtype.kind not in "iu"):
             raise ConfigError(f"data.token_field: {path} ({where}) holds "
                               f"{type(value).__name__} in {name!r}, not a list of token ids")
-        return np.asarray(value, dtype=np.int64)
+        return ids.astype(np.int64)
     if not isinstance(value, str):
         raise ConfigError(f"data.text_field: {path} ({where}) holds {type(value).__name__} in "
                           f"{name!r}, not text; name the text field, or set data.token_field "
