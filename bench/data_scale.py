@@ -1,7 +1,8 @@
 """The data path at two corpus sizes, and preparation with 1 and 2 workers, side by side.
 
     python bench/data_scale.py [--small 20e6] [--large 2e9] [--out DIR] [--baseline-repo DIR]
-                               [--prep-tokens 3e6] [--skip-train] [--skip-prepare]
+                               [--prep-tokens 3e6] [--skip-train] [--skip-train-py]
+                               [--skip-prepare] [--keep]
 
 1. Writes two synthetic shard sets of random uint16 ids (``--small`` and ``--large`` tokens,
    50M-token shards, one random block written to every shard: generated in seconds, checksums
@@ -11,8 +12,9 @@
    peak resident set (``wait4``). The page cache is dropped before each run where this process may
    (``/proc/sys/vm/drop_caches``). With ``--baseline-repo`` (a checkout of an older fbi, e.g.
    one before issue 18), the same runs with that code on the same shards (format-1 manifest).
-   Also the data path alone in a fresh process: open the split, build the sampler, read a
-   batch far into the run (seconds and peak RSS).
+   Also the data path alone in a fresh process (after its imports): open the split, build
+   the sampler, read a batch far into the run (seconds and peak RSS; median of 3 rounds,
+   the two sets alternating).
 3. Manifest size of each set.
 4. Preparation tokens/s: ``python -m fbi data prepare`` on a text corpus (WikiText-2 cut into
    jsonl files) with 1 worker, then 2 workers at once; and on the same corpus as token ids
@@ -128,9 +130,9 @@ def train_start(repo: Path, shards: Path, run_dir: Path) -> dict:
 
 DATA_ALONE = """
 import resource, sys, time
-t = time.perf_counter()
 from fbi.data.mixture import make_sampler, open_train
 from fbi.config import DataConfig
+t = time.perf_counter()
 cfg = DataConfig(corpus=None, shards_dir=sys.argv[1], seq_len=2048)
 data = open_train(cfg, cfg.shards_dir)
 sampler = make_sampler(data, cfg, 0)
@@ -140,12 +142,18 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def data_alone(shards: Path) -> dict:
+    """Open the train split, build the sampler and read one batch half an epoch into the
+    second epoch, in a fresh process after its imports, cold cache: seconds and peak RSS."""
     drop_caches()
     out = subprocess.run([sys.executable, "-c", DATA_ALONE, str(shards)], cwd=REPO,
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     seconds, rss = map(float, out.stdout.split())
     return {"open_sample_read_s": seconds, "peak_rss_mb": rss}
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
 
 
 def prep_corpus(directory: Path, tokens: float, tokenizer, ids: bool) -> Path:
@@ -199,7 +207,9 @@ def main() -> None:
     p.add_argument("--prep-tokens", type=float, default=3e6)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--baseline-repo", type=Path, default=None)
-    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-train", action="store_true", help="no shard sets, no start-up")
+    p.add_argument("--skip-train-py", action="store_true",
+                   help="shard sets and the data path alone, without train.py runs")
     p.add_argument("--skip-prepare", action="store_true")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
@@ -215,10 +225,13 @@ def main() -> None:
             report[f"{name}_tokens"] = tokens
             report[f"{name}_generate_s"] = time.perf_counter() - t
             report[f"{name}_manifest_bytes"] = (sets[name] / "manifest.json").stat().st_size
+        rounds = [{name: data_alone(shards) for name, shards in sets.items()} for _ in range(3)]
+        for name in sets:
+            report[f"{name}_data_alone"] = median_of([r[name] for r in rounds])
         for name, shards in sets.items():
-            report[f"{name}_data_alone"] = data_alone(shards)
-            report[f"{name}_train"] = train_start(REPO, shards, out / f"run-{name}")
-        if args.baseline_repo:
+            if not args.skip_train_py:
+                report[f"{name}_train"] = train_start(REPO, shards, out / f"run-{name}")
+        if args.baseline_repo and not args.skip_train_py:
             for name, shards in sets.items():
                 old = out / f"{name}-format1"
                 old.mkdir()
@@ -227,7 +240,9 @@ def main() -> None:
                 write_format1(Manifest.load(shards), old)
                 report[f"{name}_train_baseline"] = train_start(args.baseline_repo.resolve(), old,
                                                                out / f"run-old-{name}")
-        for key in ("train", "data_alone") + (("train_baseline",) if args.baseline_repo else ()):
+        keys = ("data_alone",) + (() if args.skip_train_py else ("train",)) + (
+            ("train_baseline",) if args.baseline_repo and not args.skip_train_py else ())
+        for key in keys:
             small, large = report[f"small_{key}"], report[f"large_{key}"]
             seconds = "open_sample_read_s" if key == "data_alone" else "to_first_step_s"
             report[f"large_minus_small_{key}"] = {
