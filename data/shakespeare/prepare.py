@@ -7,7 +7,8 @@ embedded SmolLM2), or ``tokenizer.path``. Takes the same Hydra overrides as trai
     python data/shakespeare/prepare.py [teacher.path=... | tokenizer.path=...] [cache_dir=...]
 
 On a cluster, run it once on a shared filesystem before launching, with the ``cache_dir``
-(or ``data.shards_dir``) the runs will use.
+(or ``data.shards_dir``) the runs will use. A corpus of many files is prepared by many
+workers with ``python -m fbi data prepare`` (torchrun, or launch/slurm/prepare_data.sbatch).
 """
 
 import logging
