@@ -35,6 +35,10 @@ def schedule(weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Largest remainders get the slots left (ties to the earlier entry).
     order = np.lexsort((np.arange(len(w)), -(share - counts)))
     counts[order[: BLOCK - counts.sum()]] += 1
+    if not counts.all():
+        raise ConfigError(f"data.mix: weights {list(weights)} leave entry "
+                          f"{int(np.argmin(counts))} no slot of {BLOCK}; its weight must be at "
+                          f"least 1/{2 * BLOCK} of the total")
     entry = np.concatenate([np.full(n, k) for k, n in enumerate(counts)])
     rank = np.concatenate([np.arange(n) for n in counts])
     time = (rank + 0.5) / np.repeat(np.maximum(counts, 1), counts)

@@ -69,6 +69,8 @@ def test_global_ids_read_the_entry_they_name(tmp_path):
 def test_a_mixture_with_a_logit_cache_or_a_bad_weight_is_refused():
     with pytest.raises(ConfigError, match="data.mix: weight -1"):
         MixEntry("/x", -1.0)
+    with pytest.raises(ConfigError, match="leave entry 1 no slot of 4096"):
+        schedule([1.0, 1e-5])
     from fbi.configure import compose
 
     with pytest.raises(ConfigError, match="data.mix: a logit cache is written for one shard set"):
