@@ -187,14 +187,21 @@ def lm_eval(argv: list[str]) -> None:
 
 
 def data(argv: list[str]) -> None:
-    from fbi.data.cli import main as data_main
+    from fbi.config import ConfigError
     from fbi.configure import compose
+    from fbi.data.cli import main as data_main
     from fbi.distill.teacher_checkpoint import resolve_path
 
-    result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
-    print(json.dumps(result, indent=1))
+    stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON
+            result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
+    except ConfigError as err:  # a refusal explains itself: one paragraph, exit 2
+        print(f"python -m fbi data: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(result, indent=1), file=stdout)
     if result.get("ok") is False:
-        sys.exit(1)
+        raise SystemExit(1)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -195,3 +195,14 @@ def test_a_flat_bin_without_dtype_or_index_is_refused_naming_the_setting(tmp_pat
     cfg = DataConfig(name="t", corpus=None, files=[str(tmp_path / "ids.bin")])
     with pytest.raises(ConfigError, match="data.token_dtype: .*ids.bin is a flat array"):
         ensure_shards(cfg, load_tokenizer(str(tokenizer_dir)), tmp_path / "cache")
+
+
+def test_the_command_refuses_bad_input_in_one_paragraph(tmp_path, tokenizer_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fbi", "data", "prepare", "teacher=none",
+         f"tokenizer.path={tokenizer_dir}", "data=files", f"data.files=[{tmp_path}/none*.jsonl]"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"python -m fbi data: data.files: no file matches ['{tmp_path}/none*.jsonl']" \
+        in proc.stderr
