@@ -10,9 +10,11 @@ from typing import Iterable
 import torch
 import torch.utils.checkpoint
 
-from fbi import distributed
+from fbi import distributed, sign_gather
 from fbi.config import DistributedConfig, TrainConfig
 from fbi.distributed import Dist
+from fbi.models import architecture
+from fbi.sign_buckets import checkpoint_contexts
 
 
 def init_distributed(settings: DistributedConfig | None = None) -> Dist:
@@ -114,23 +116,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: str) -> lis
 
 def activation_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Recompute each block (the architecture's ``blocks``) in backward instead of keeping its
-    activations: the block's forward is wrapped from outside, its module path unchanged."""
-    from fbi.models import architecture
-
+    activations: the block's forward is wrapped from outside, its module path unchanged. On
+    the 1-bit route the recomputation reuses the signs the forward gathered
+    (``fbi.sign_buckets.checkpoint_contexts``)."""
     if not cfg.zero.activation_checkpointing:
         return
+    contexts = (checkpoint_contexts if cfg.zero.gather_signs
+                else torch.utils.checkpoint.noop_context_fn)
     for block in architecture(cfg.model).blocks(model):
-        block.forward = _checkpointed(block)
+        block.forward = _checkpointed(block, contexts)
 
 
-def _checkpointed(block: torch.nn.Module):
+def _checkpointed(block: torch.nn.Module, contexts):
     def forward(*args, **kwargs):
         # Looked up at call time, so that the class's forward stays the one that runs.
         run = type(block).forward.__get__(block)
         if not torch.is_grad_enabled():
             return run(*args, **kwargs)
         # Non-reentrant, so that ZeRO-3's parameter-gather hooks fire again on recompute.
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
+                                                 context_fn=contexts, **kwargs)
 
     return forward
 
@@ -156,15 +161,18 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     if cfg.zero.gather_signs:
-        from fbi import sign_gather
-
-        routed, whole = sign_gather.install(engine)
-        logging.getLogger("fbi").log(
-            logging.INFO if routed else logging.WARNING,
+        routes = sign_gather.install(engine, architecture(cfg.model).blocks(engine.module))
+        log = logging.getLogger("fbi")
+        log.log(
+            logging.INFO if routes.routed else logging.WARNING,
             "zero.gather_signs: %d binarized layers all-gather packed signs instead of their "
-            "latent weights; %d have weights below zero.param_persistence_threshold=%d, which "
-            "DeepSpeed keeps whole on every rank (nothing to gather)", len(routed), len(whole),
+            "latent weights, in %d gathers per forward; %d have weights below "
+            "zero.param_persistence_threshold=%d, which DeepSpeed keeps whole on every rank "
+            "(nothing to gather)", len(routes.routed), routes.buckets, len(routes.whole),
             cfg.zero.param_persistence_threshold)
+        for name, others in routes.shared.items():
+            log.warning("zero.gather_signs: %s keeps the plain route: its weight is shared with "
+                        "%s, which needs it whole", name, ", ".join(others))
     return engine
 
 

@@ -120,8 +120,10 @@ def estimate(cfg: TrainConfig, world_size: int, teacher_params: int | None = Non
     }
     if cfg.zero.offload_params:
         parts["parameters"] = 0.0
-    if cfg.zero.gather_signs and not cfg.zero.activation_checkpointing:
-        parts["parameters"] += binary / 8  # each layer's gathered signs, kept for backward
+    if cfg.zero.gather_signs:
+        # each layer's gathered signs, kept for backward (with activation checkpointing, for
+        # the recomputation: fbi.sign_buckets)
+        parts["parameters"] += binary / 8
     return Estimate(total, binary, parts)
 
 
