@@ -16,8 +16,9 @@ needed only by the optimizer that owns each shard. So, for such layers:
   ``sign`` of it again. Autograd saves that tensor for backward as the gathered bytes (1/16
   of bf16), handed to an outer saved-tensor policy if one is active (activation
   checkpointing drops them; save_on_cpu offloads them). Where saved-tensor hooks are disabled
-  (``torch.autograd.graph.disable_saved_tensors_hooks``, as inside ``torch.func``
-  transforms) autograd keeps the +-1 tensor itself, as large as the plain route's weight.
+  (``torch.autograd.graph.disable_saved_tensors_hooks``) autograd keeps the +-1 tensor
+  itself, as large as the plain route's weight. Inside ``torch.func`` transforms the layer
+  refuses to run, saying why.
 - Backward hands the scheme's gradient for the weight (full shape, as the plain route makes it)
   to the weight parameter, where DeepSpeed's own hook reduce-scatters it into the owner's
   shard: the optimizer, its state and checkpoints are untouched.
@@ -129,6 +130,12 @@ class _GatheredForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer, weight = self.layer, self.weight
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise RuntimeError(
+                f"zero.gather_signs: {type(layer).__name__} on the 1-bit route cannot run inside "
+                "a torch.func transform (grad, vmap, ...): its weight's gradient reaches the "
+                "ZeRO-3 shard through autograd hooks that functorch does not run; set "
+                "zero.gather_signs=false for this")
         packed = packed_signs(weight, self.bucket)
         with _full_shaped(weight):
             signs = _SignsOf.apply(weight, signs_from_gathered(packed, weight))
@@ -136,7 +143,7 @@ class _GatheredForward:
         params["weight"] = signs  # the scheme's forward reads its weight here; sign(+-1) = +-1
         try:
             if not torch._C._autograd._saved_tensors_hooks_is_enabled():
-                # Disabled (torch.func transforms): autograd keeps the +-1 tensor itself.
+                # Hooks disabled: autograd keeps the +-1 tensor itself.
                 return type(layer).forward(layer, x)
             with torch.autograd.graph.saved_tensors_hooks(*_saved_as_bytes(signs, packed, weight)):
                 return type(layer).forward(layer, x)

@@ -3,7 +3,7 @@
 # the other hosts over pdsh/ssh, runs one process per slot, with the first host as master.
 # The repository and RUN_DIR must be at the same path on every host (shared filesystem).
 #
-#   launch/deepspeed_hostfile.sh hostfile experiment=fbi_7b zero=stage3_offload
+#   launch/deepspeed_hostfile.sh hostfile experiment=fbi_7b zero=stage3_offload zero.gather_signs=false
 #
 # Handled here: --no_local_rank (Hydra would refuse the --local_rank argument; fbi reads
 # LOCAL_RANK from the environment), and OMP_NUM_THREADS, which the launcher does not pass

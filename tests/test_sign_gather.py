@@ -117,6 +117,15 @@ def test_a_routed_layer_computes_the_plain_layer_bitwise(one_rank, scheme, dtype
     assert routed.weight.shape == (0,) and routed.weight.grad.shape == (24, 64)
 
 
+def test_a_routed_layer_refuses_torch_func_transforms(one_rank):
+    """functorch runs neither the autograd hooks that take the weight's gradient to its shard
+    nor the scheme's straight-through Function: a clear refusal, not an internal assert."""
+    layer = partitioned(SCHEMES["fbi"](16, 8, cfg=scheme_config("fbi")))
+    with pytest.raises(RuntimeError, match="zero.gather_signs: FBILinear on the 1-bit route "
+                                           "cannot run inside a torch.func transform"):
+        torch.func.grad(lambda x: layer(x).sum())(torch.randn(2, 16))
+
+
 class Gathers:
     """The all-gathers issued, and weak references to the bytes layers took."""
 
@@ -222,7 +231,8 @@ def test_shared_weights_are_found():
 
 @pytest.mark.parametrize("scheme,precision,extra,resume,nproc", [
     ("fbi", "bf16", ["micro_batch_size=2"], True, 2),  # 2 micro-batches per step: accumulation
-    # backward re-gathers; 3 ranks: shards of 1,366 elements, neither whole bytes nor even
+    # the recomputation takes the tape's bytes; 3 ranks: shards of 1,366 elements, neither whole
+    # bytes nor even
     ("onebit_fold", "fp32", ["zero.activation_checkpointing=true", "global_batch_size=6",
                         "micro_batch_size=2"], False, 3),
     ("fbi", "fp32", MAMBA, False, 2),  # Bi-Mamba: in_proj and out_proj binarized
