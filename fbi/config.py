@@ -230,7 +230,8 @@ class ZeroConfig:
         require(self.stage in (0, 1, 2, 3), "zero.stage", f"got {self.stage}; use 0, 1, 2 or 3")
         require(not self.gather_signs or self.stage == 3, "zero.gather_signs",
                 "gathering signs replaces ZeRO-3's parameter all-gather; use zero=stage3 (the "
-                "other stages keep every weight whole on every rank)")
+                "other stages keep every weight whole on every rank), or set "
+                "zero.gather_signs=false (fbi_7b and bimamba_2p7b turn it on)")
         require(not (self.gather_signs and self.offload_params), "zero.gather_signs",
                 "not supported with zero.offload_params=true; turn one of them off")
         require(self.param_persistence_threshold >= 0, "zero.param_persistence_threshold",
