@@ -26,7 +26,7 @@ import torch.distributed as dist
 from fbi import sign_buckets, sign_gather
 from fbi.binarize import SCHEMES, scheme_config
 from fbi.binarize.packing import pack_signs, sign
-from fbi.config import compose
+from fbi.configure import compose
 from fbi.models import build_model
 from fbi_testing import REPO, run_train
 
