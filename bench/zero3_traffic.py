@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "bf16_mixed"), default="bf16")
     parser.add_argument("--grad-dtype", choices=("model", "fp32"), default="model",
                         help="zero.grad_dtype: reduce-scatter bf16 gradients as they are, or fp32")
     parser.add_argument("--checkpointing", action="store_true",
@@ -187,11 +187,11 @@ def meta_counts(models: list[str], vocab: int) -> None:
 def recipe_counts(recipes: list[str], vocab: int, world: int) -> None:
     gib, share = 2**30, (world - 1) / world
     print(f"{world} ranks, vocab {vocab}; GiB received per rank and optimizer step (micro-batches "
-          "per rank and step: the average), gradients reduce-scattered in fp32 (the recipes' "
-          "zero.grad_dtype) or bf16:")
-    print("| recipe | micro-batches | parameters: plain | 1-bit route | gradients fp32 | bf16 "
-          "| whole step: plain, fp32 | route, fp32 | route, bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "per rank and step: the average); gradients in the recipe's dtype, and in bf16 where "
+          "the parameters are bf16:")
+    print("| recipe | precision | micro-batches | parameters: plain | 1-bit route | gradients "
+          "| bf16 | whole step: plain | route | route, bf16 gradients |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in recipes:
         cfg = compose([f"experiment={name}", f"model.vocab_size={vocab}", "max_steps=1",
                        "teacher.path=/unused", "data.shards_dir=/unused"])
@@ -205,16 +205,20 @@ def recipe_counts(recipes: list[str], vocab: int, world: int) -> None:
         gathered = sum(n for n in params.values() if n > threshold)
         persistent = sum(n for n in params.values() if n <= threshold)
         total = sum(params.values())
+        width = 2 if cfg.precision in ("bf16", "fp16") else 4  # bf16_mixed: fp32 parameters
+        grad_width = 4 if width == 4 or cfg.zero.grad_dtype == "fp32" else 2
         micro = cfg.global_batch_size / (world * cfg.micro_batch_size)
-        plain = (2 * 2 * gathered * micro + 2 * persistent) * share
-        route = (2 * 2 * (gathered - signs) * micro + signs / 8 * micro
-                 + 2 * persistent) * share
-        grads = {g: total * g * micro * share for g in (4, 2)}
-        print(f"| {name} | {micro:g} | {plain / gib:.2f} | {route / gib:.2f} | "
-              f"{grads[4] / gib:.2f} | {grads[2] / gib:.2f} | {(plain + grads[4]) / gib:.2f} | "
-              f"{(route + grads[4]) / gib:.2f} ({(route + grads[4]) / (plain + grads[4]):.2f}x) | "
-              f"{(route + grads[2]) / gib:.2f} ({(route + grads[2]) / (plain + grads[4]):.2f}x) |")
-
+        plain = (2 * width * gathered * micro + width * persistent) * share
+        route = (2 * width * (gathered - signs) * micro + signs / 8 * micro
+                 + width * persistent) * share
+        grads = total * grad_width * micro * share
+        bf16 = total * 2 * micro * share if width == 2 else None
+        print(f"| {name} | {cfg.precision} | {micro:g} | {plain / gib:.2f} | {route / gib:.2f} | "
+              f"{grads / gib:.2f} | {'–' if bf16 is None else f'{bf16 / gib:.2f}'} | "
+              f"{(plain + grads) / gib:.2f} | {(route + grads) / gib:.2f} "
+              f"({(route + grads) / (plain + grads):.2f}×) | " + (
+                  "–" if bf16 is None else
+                  f"{(route + bf16) / gib:.2f} ({(route + bf16) / (plain + grads):.2f}×)") + " |")
 
 if __name__ == "__main__":
     main()
