@@ -78,7 +78,8 @@ def write_caches(out, steps, dist_info) -> dict[str, float]:
             cfg.teacher, cache=dataclasses.replace(cfg.teacher.cache, max_parts=parts)))
         start = time.perf_counter()
         write_cache(cfg, dist_info)
-        m = load_manifest(directory := cache_dir(cfg, shards_of(cfg)))
+        directory = cache_dir(cfg, shards_of(cfg), Path(cfg.teacher.path).expanduser())
+        m = load_manifest(directory)
         size = sum((directory / f).stat().st_size for f in file_names(m))
         bytes_per_token[name] = size / (m["num_samples"] * m["seq_len"])
         print(f"cache {name}: {parts} parts in {time.perf_counter() - start:.0f} s, "
