@@ -274,7 +274,7 @@ def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_pa
     source, train = open_cache(base, copy)
     shard, row = train.locate(sample)
     assert shard == 0
-    ids = np.memmap(copy / "train_00000.ids", np.uint16, "r+", shape=(-1, 32, 8))
+    ids = np.memmap(copy / "train_00000.ids", np.uint16, "r+").reshape(-1, 32, 8)
     ids[row, 4, 1] = 600  # beyond the 512-token vocabulary
     ids.flush()
     with pytest.raises(CacheRowError, match=rf"row {row} of train_00000.ids/.vals \(sample id "
@@ -283,7 +283,7 @@ def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_pa
         open_cache(base, copy)[0].targets([int(order[0]), sample], None)
     ids[row] = 0  # a row never written
     ids.flush()
-    vals = np.memmap(copy / "train_00000.vals", np.float32, "r+", shape=(-1, 32, 8))
+    vals = np.memmap(copy / "train_00000.vals", np.float32, "r+").reshape(-1, 32, 8)
     vals[row] = 0
     vals.flush()
     with pytest.raises(CacheRowError, match=rf"row {row} .* position 0, holds a token id listed"):
