@@ -43,7 +43,8 @@ from fbi.run import build_run  # noqa: E402
 SOURCES = {
     "ce": [],  # the online run's setup (same tokenizer and vocabulary), teacher replaced by none
     "online": [],
-    "topk32": ["teacher=cache", "teacher.cache.k=32"],
+    "topk32": ["teacher=cache", "teacher.cache.k=32", "teacher.cache.value_dtype=float16",
+               "teacher.cache.tail=lumped"],
     "sampled32": ["teacher=cache", "teacher.cache.mode=sampled", "teacher.cache.draws=32"],
 }
 
@@ -70,7 +71,7 @@ def shards_of(cfg) -> Path:
 def write_caches(out, steps, dist_info) -> dict[str, float]:
     bytes_per_token = {}
     for name, extra in [("topk32", SOURCES["topk32"]), ("sampled32", SOURCES["sampled32"]),
-                        ("topk64", ["teacher=cache", "teacher.cache.k=64"])]:
+                        ("topk64", SOURCES["topk32"] + ["teacher.cache.k=64"])]:
         cfg = config(out, name, steps, extra)
         parts = 0 if name == "topk64" else math.ceil(
             (steps + 1) * cfg.global_batch_size / cfg.teacher.cache.part_samples)

@@ -25,7 +25,7 @@ WRITER = REPO / "fbi" / "distill" / "cache_writer.py"
 @pytest.fixture(scope="module")
 def base(tiny_run) -> list[str]:
     return tiny_run + ["teacher=cache", "teacher.cache.k=8", "teacher.cache.part_samples=8",
-                       "teacher.cache.value_dtype=float32"]
+                       "teacher.cache.value_dtype=float32", "teacher.cache.tail=lumped"]
 
 
 def write(base, directory: Path, *extra, nproc=1) -> subprocess.CompletedProcess:
@@ -299,3 +299,21 @@ def test_the_default_cache_folder_is_keyed_by_the_teacher(base, tmp_path, tokeni
     a, b = cache_dir(cfg, tmp_path / "shards", teacher_dir), cache_dir(cfg, tmp_path / "shards",
                                                                        other)
     assert a != b and a.parent.parent == b.parent.parent
+
+
+def test_uint8_cache_with_the_label_tail_matches_the_float_cache(base, topk_cache, tmp_path):
+    from fbi.distill.cache import file_names, load_manifest
+
+    extra = ["teacher.cache.value_dtype=uint8", "teacher.cache.tail=label"]
+    write(base, tmp_path / "u8", *extra)
+    assert file_names(load_manifest(tmp_path / "u8"))[:2] == ["train_00000.ids",
+                                                              "train_00000.vals"]
+    assert not (tmp_path / "u8" / "train_00000.tail").exists()  # implied by the units
+    exact, train = open_cache(base, topk_cache)
+    compact, _ = open_cache(base, tmp_path / "u8", *extra)
+    ids = [3, 1, 4, 15]
+    want, got = exact.targets(ids, None), compact.targets(ids, None)
+    labels = torch.from_numpy(train.batch(ids)[:, 1:].astype(np.int64))
+    assert torch.equal(got.ids[..., :8], want.ids) and torch.equal(got.ids[..., 8], labels)
+    assert (got.weights[..., :8] - want.weights).abs().max() < 1 / 255
+    torch.testing.assert_close(got.weights.sum(-1) + got.tail, torch.ones(4, 32))
