@@ -132,8 +132,7 @@ def walk_order(manifest: dict) -> np.ndarray:
     n = manifest["num_samples"]
     if manifest["order"] == "sequential":
         return np.arange(n, dtype=np.int64)
-    sampler = GlobalSampler(n, manifest["seed"])
-    return np.array([sampler.sample_id(p) for p in range(n)], dtype=np.int64)
+    return GlobalSampler(n, manifest["seed"]).sample_ids(0, n)
 
 
 def num_parts(manifest: dict) -> int:
