@@ -43,7 +43,8 @@ from fbi.run import build_run  # noqa: E402
 SOURCES = {
     "ce": [],  # the online run's setup (same tokenizer and vocabulary), teacher replaced by none
     "online": [],
-    "topk32": ["teacher=cache", "teacher.cache.k=32"],
+    "topk32": ["teacher=cache", "teacher.cache.k=32", "teacher.cache.value_dtype=float16",
+               "teacher.cache.tail=lumped"],
     "sampled32": ["teacher=cache", "teacher.cache.mode=sampled", "teacher.cache.draws=32"],
 }
 
@@ -70,7 +71,7 @@ def shards_of(cfg) -> Path:
 def write_caches(out, steps, dist_info) -> dict[str, float]:
     bytes_per_token = {}
     for name, extra in [("topk32", SOURCES["topk32"]), ("sampled32", SOURCES["sampled32"]),
-                        ("topk64", ["teacher=cache", "teacher.cache.k=64"])]:
+                        ("topk64", SOURCES["topk32"] + ["teacher.cache.k=64"])]:
         cfg = config(out, name, steps, extra)
         parts = 0 if name == "topk64" else math.ceil(
             (steps + 1) * cfg.global_batch_size / cfg.teacher.cache.part_samples)
@@ -78,7 +79,8 @@ def write_caches(out, steps, dist_info) -> dict[str, float]:
             cfg.teacher, cache=dataclasses.replace(cfg.teacher.cache, max_parts=parts)))
         start = time.perf_counter()
         write_cache(cfg, dist_info)
-        m = load_manifest(directory := cache_dir(cfg, shards_of(cfg)))
+        directory = cache_dir(cfg, shards_of(cfg), Path(cfg.teacher.path).expanduser())
+        m = load_manifest(directory)
         size = sum((directory / f).stat().st_size for f in file_names(m))
         bytes_per_token[name] = size / (m["num_samples"] * m["seq_len"])
         print(f"cache {name}: {parts} parts in {time.perf_counter() - start:.0f} s, "

@@ -71,22 +71,35 @@ class CacheConfig:
     mode: str = "topk"  # topk: the k most likely ids + log-probs + tail | sampled: drawn ids + counts
     k: int = 32  # topk: ids kept per position
     draws: int = 32  # sampled: tokens drawn from the teacher per position (with replacement)
-    value_dtype: str = "float16"  # topk log-probs: float16 | bfloat16 | float32
+    # topk: float16 | bfloat16 | float32 log-probs, or uint8 probabilities in units of 1/255
+    # (unbiased rounding, no tail file: fbi/distill/rows.py)
+    value_dtype: str = "float16"
+    # topk, when reading: lumped (the mass outside the ids is one class) | label (it goes to
+    # the true next token where that is not listed: fbi/distill/targets.py)
+    tail: str = "lumped"
     part_samples: int = 16  # samples per part: the unit of work, completion and resume
     order: str = "trainer"  # trainer: the training sampler's order (streaming) | sequential
-    wait_s: float = 600.0  # how long training waits for an entry the cache job has not written
+    wait_s: float = 600.0  # how long training waits for a cache job that has not started
+    heartbeat_s: float = 10.0  # cache job: how often each writer records that it is alive
+    # Training waiting for a part stops (after a checkpoint) when no writer has beaten for this long.
+    dead_after_s: float = 90.0
     verify: bool = False  # sha256 of every cache file at start-up (slow for large caches)
     # Cache job: stop after this many parts per rank (time-limited jobs; run it again to go on).
     max_parts: Optional[int] = None
 
     def __post_init__(self) -> None:
         one_of(self.mode, ("topk", "sampled"), "teacher.cache.mode")
-        one_of(self.value_dtype, ("float16", "bfloat16", "float32"), "teacher.cache.value_dtype")
+        one_of(self.value_dtype, ("float16", "bfloat16", "float32", "uint8"),
+               "teacher.cache.value_dtype")
         one_of(self.order, ("trainer", "sequential"), "teacher.cache.order")
+        one_of(self.tail, ("lumped", "label"), "teacher.cache.tail")
         require(self.k > 0, "teacher.cache.k", "must be a positive integer")
         require(0 < self.draws < 2**16, "teacher.cache.draws", "must be in [1, 65535]")
         require(self.part_samples > 0, "teacher.cache.part_samples", "must be positive")
         require(self.wait_s >= 0, "teacher.cache.wait_s", "must be >= 0")
+        require(self.heartbeat_s > 0, "teacher.cache.heartbeat_s", "must be positive")
+        require(self.dead_after_s > 2 * self.heartbeat_s, "teacher.cache.dead_after_s",
+                "must exceed twice teacher.cache.heartbeat_s, or live writers look dead")
         require(self.max_parts is None or self.max_parts >= 0, "teacher.cache.max_parts",
                 "must be >= 0 or null")
 

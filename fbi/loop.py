@@ -149,7 +149,16 @@ def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
     monitor = Monitor(run.run_dir, cfg.logging, cfg.max_steps,
                       cfg.global_batch_size * cfg.data.seq_len, rank, dataclasses.asdict(cfg),
                       utilization, start_step=state["step"])
-    preemption, stop = preemption or PreemptionFlag(), False
+
+    def save(state: dict, metrics: dict | None) -> None:
+        saved = {cb.__class__.__name__: cb.state_dict() for cb in callbacks}
+        started = time.monotonic()
+        folder = checkpoint.save(run.engine, run.run_dir, {**state, "callbacks": saved}, rank,
+                                 world, cfg.checkpoint_keep, cfg.checkpoint_keep_every)
+        if run.dist.is_main and metrics:  # the grace a stop needs, from this save's measured rate
+            advise_after_save(folder, time.monotonic() - started, metrics)
+
+    preemption, stop, saveable, metrics = preemption or PreemptionFlag(), False, True, None
     preemption.device = run.device
     while state["step"] < cfg.max_steps and not stop:
         consumed = skips.cursor(state["consumed"])
@@ -157,6 +166,17 @@ def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
             sampler.micro_batch_ids(consumed, cfg.micro_batch_size, accum, rank, world)
             for accum in range(run.grad_accum)
         ]
+        # A teacher cache still being written may make the step wait; a signal or the cache
+        # job's death ends the wait, and the run stops as at this step boundary.
+        ended = run.teacher.wait(micro_batches, lambda: preemption.received)
+        if ended is not None:
+            if saveable and state["step"] > 0 and newest() != f"step_{state['step']:08d}":
+                save(state, metrics)
+            if ended.fatal:
+                raise TrainingHalted(f"{ended.reason} (after step {state['step']}, "
+                                     f"checkpoint {newest()}; resume=auto continues)")
+            stop = True
+            break
         metrics = train_step(run, micro_batches)
         state = {"step": state["step"] + 1, "consumed": consumed + cfg.global_batch_size}
         control = Control()
@@ -177,13 +197,9 @@ def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
             if scores is not None:
                 monitor.write({"step": state["step"], **scores})
         due = stop or state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps
-        if due and control.save_allowed:
-            saved = {cb.__class__.__name__: cb.state_dict() for cb in callbacks}
-            started = time.monotonic()
-            folder = checkpoint.save(run.engine, run.run_dir, {**state, "callbacks": saved}, rank,
-                                     world, cfg.checkpoint_keep, cfg.checkpoint_keep_every)
-            if run.dist.is_main:  # the grace a stop needs, from this save's measured rate
-                advise_after_save(folder, time.monotonic() - started, metrics)
+        saveable = control.save_allowed
+        if due and saveable:
+            save(state, metrics)
     hangs.close()
     # The final checkpoint is written: a signal during evaluation only cuts evaluation short.
     scores = None

@@ -4,20 +4,30 @@ Layout of ``teacher.cache.dir`` (written by ``python -m fbi.distill.cache_writer
 
     manifest.json        what the cache was made from and how (see ``describe``); ``complete``
     <shard>.ids          (samples, seq_len, slots) token ids, uint16 when the vocabulary fits
-    <shard>.vals         topk: log-probs (value_dtype); sampled: draw counts (uint8/uint16)
-    <shard>.tail         topk only: (samples, seq_len) log of the probability outside the ids
-    parts/NNNNNNNN       marker: part N's rows are written and flushed
+    <shard>.vals         topk: log-probs (value_dtype) or uint8 units of 1/255 (fbi/distill/
+                         rows.py); sampled: draw counts (uint8/uint16)
+    <shard>.tail         topk in a float format: (samples, seq_len) log of the probability
+                         outside the ids
+    teacher_blocks/      sha256 of every MiB of the teacher's weight files, hashed once when
+                         the cache was created (``teacher_weights`` in the manifest)
+    progress/, writers/  which parts are written, and whether the writers live
+                         (fbi/distill/progress.py: a few files per writer process)
 
 One set of files per token shard of the train split, row ``i`` of a file holding the targets
 of the shard's sample ``i``: a global sample id addresses its entry the way it addresses its
-tokens. Slots are k (topk) or draws (sampled). Bytes per token at k=32 with a 49k vocabulary:
-32 * (2 + 2) + 2 = 130.
+tokens. Slots are k (topk) or draws (sampled). Bytes per token with a 49k vocabulary: top-k
+32 in float16 32 * (2 + 2) + 2 = 130, in uint8 32 * (2 + 1) = 96, top-k 12 in uint8 36;
+sampled: 3 per draw. Every row read is checked (``rows.bad_rows``): a row never written, an
+id outside the vocabulary or weights that do not sum to one stop the run, naming the row.
 
 Work is cut into parts of ``part_samples`` samples taken in the walk order (the training
 sampler's epoch-0 permutation for ``order=trainer``, ids in order for ``sequential``).
-A part is computed as one teacher batch and its marker appears only after its rows are on
-disk, so an interrupted job redoes exactly the parts without a marker, with identical bytes,
-and a trainer following a running job reads an entry once its part's marker exists.
+A part is computed as one teacher batch and its number enters its writer's progress log only
+after its rows are on disk, so an interrupted job redoes exactly the parts not logged, with
+identical bytes, and a trainer following a running job reads an entry once its part is logged.
+The loop asks ``CacheTeacher.wait`` before each step (all ranks together): it returns when the
+step's parts are written, or says why the wait ended (a signal; writers gone), so that the
+loop checkpoints and stops as at a step boundary.
 """
 
 from __future__ import annotations
@@ -26,21 +36,25 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.sampler import GlobalSampler
 from fbi.data.shards import Manifest as ShardManifest, TokenShards, sha256_file, token_dtype
-from fbi.distill.targets import SparseTargets
-from fbi.distill.teacher_checkpoint import Measure, teacher_info
+from fbi.distill.progress import Liveness, Progress
+from fbi.distill.rows import bad_rows, decode_units, decode_values, sum_tolerance
+from fbi.distill.targets import SparseTargets, label_tail
+from fbi.distill.teacher_checkpoint import Measure, WaitEnded, check_weights, teacher_info
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 1: a marker file per part (python -m fbi.distill.progress convert DIR)
+POLL_S = 0.2  # how often a waiting trainer looks at the progress logs
 # Must agree for a trainer to use the cache: they decide what the targets mean.
 CONTENT_KEYS = ("format", "mode", "slots", "temperature", "seq_len", "vocab_size", "teacher",
                 "tokenizer_fingerprint", "token_shards")
@@ -48,12 +62,15 @@ CONTENT_KEYS = ("format", "mode", "slots", "temperature", "seq_len", "vocab_size
 LAYOUT_KEYS = ("value_dtype", "id_dtype", "count_dtype", "order", "seed", "part_samples")
 
 
-def cache_dir(cfg: TrainConfig, shards_dir: Path) -> Path:
+def cache_dir(cfg: TrainConfig, shards_dir: Path, teacher_path: Path) -> Path:
+    """``teacher.cache.dir``, or a folder per shards, teacher (its quick fingerprint) and
+    target kind under ``cache_dir``: a second teacher on the same shards gets its own."""
     c = cfg.teacher.cache
     if c.dir:
         return Path(c.dir).expanduser().resolve()
     detail = f"topk{c.k}" if c.mode == "topk" else f"sampled{c.draws}"
     return (Path(cfg.cache_dir).expanduser().resolve() / "logits" / shards_dir.name
+            / f"teacher-{teacher_info(teacher_path)['fingerprint']}"
             / f"{detail}-T{cfg.distill.temperature:g}-L{cfg.data.seq_len}")
 
 
@@ -72,7 +89,7 @@ def describe(cfg: TrainConfig, teacher_path: Path, shards_dir: Path,
         "temperature": cfg.distill.temperature,
         "seq_len": cfg.data.seq_len,
         "vocab_size": info["vocab_size"],
-        "teacher": info["fingerprint"],
+        "teacher": info["fingerprint"],  # quick; "teacher_weights" holds every byte's hash
         "tokenizer_fingerprint": shards.tokenizer_fingerprint,
         "token_shards": [{"file": s.file, "tokens": s.tokens, "sha256": s.sha256, "samples": n}
                          for s, n in zip(shards.splits["train"], train.samples_per_shard)],
@@ -89,6 +106,10 @@ def describe(cfg: TrainConfig, teacher_path: Path, shards_dir: Path,
 
 
 def refuse_mismatch(directory: Path, found: dict, expected: dict, keys: Sequence[str]) -> None:
+    if found.get("format") == 1:
+        raise ConfigError(f"teacher.cache.dir: {directory} is a format-1 cache (a marker file "
+                          f"per part); convert it once: python -m fbi.distill.progress convert "
+                          f"{directory}")
     for key in keys:
         if found.get(key) != expected[key]:
             what = {"teacher": "teacher (fingerprint of teacher.path)",
@@ -101,25 +122,30 @@ def refuse_mismatch(directory: Path, found: dict, expected: dict, keys: Sequence
             )
 
 
+def check_teacher(directory: Path, manifest: dict, teacher_path: Path) -> None:
+    check_weights(teacher_path, manifest["teacher_weights"], directory / "teacher_blocks",
+                  f"the cache {directory}")
+
+
 def walk_order(manifest: dict) -> np.ndarray:
     """Sample ids in the order the cache job writes them."""
     n = manifest["num_samples"]
     if manifest["order"] == "sequential":
         return np.arange(n, dtype=np.int64)
-    sampler = GlobalSampler(n, manifest["seed"])
-    return np.array([sampler.sample_id(p) for p in range(n)], dtype=np.int64)
+    return GlobalSampler(n, manifest["seed"]).sample_ids(0, n)
 
 
 def num_parts(manifest: dict) -> int:
     return -(-manifest["num_samples"] // manifest["part_samples"])
 
 
-def marker(directory: Path, part: int) -> Path:
-    return directory / "parts" / f"{part:08d}"
+def has_tail_file(manifest: dict) -> bool:
+    """Top-k in a float format stores the tail; uint8 units imply it, sampled has none."""
+    return manifest["mode"] == "topk" and manifest["value_dtype"] != "uint8"
 
 
 def file_names(manifest: dict) -> list[str]:
-    kinds = ("ids", "vals", "tail") if manifest["mode"] == "topk" else ("ids", "vals")
+    kinds = ("ids", "vals", "tail") if has_tail_file(manifest) else ("ids", "vals")
     return [f"{Path(s['file']).stem}.{k}" for s in manifest["token_shards"] for k in kinds]
 
 
@@ -143,7 +169,7 @@ class CacheArrays:
             ids = np.memmap(directory / f"{stem}.ids", ids_t, mode, shape=(n, seq, slots))
             vals = np.memmap(directory / f"{stem}.vals", vals_t, mode, shape=(n, seq, slots))
             tail = (np.memmap(directory / f"{stem}.tail", vals_t, mode, shape=(n, seq))
-                    if manifest["mode"] == "topk" else None)
+                    if has_tail_file(manifest) else None)
             self.shards.append((ids, vals, tail))
 
     @staticmethod
@@ -167,51 +193,60 @@ class CacheArrays:
                     a.flush()
 
 
-def encode_values(x: torch.Tensor, value_dtype: str) -> np.ndarray:
-    if value_dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return x.to(getattr(torch, value_dtype)).numpy()
-
-
-def decode_values(a: np.ndarray, value_dtype: str) -> torch.Tensor:
-    if value_dtype == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(a.astype(np.float32))
-
-
 def load_manifest(directory: Path) -> dict:
     return json.loads((directory / MANIFEST).read_text())
 
 
+class CacheRowError(ValueError):
+    """A row read from the cache cannot be a teacher's targets (see ``rows.bad_rows``)."""
+
+
+class CacheWaitError(RuntimeError):
+    """A read outside the loop (which asks ``wait`` first) found its part unwritten for good."""
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR over all ranks (a collective when the process group has several)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
 class CacheTeacher:
-    """Reads exactly the entries of each batch's sample ids, waiting for those a running
-    cache job has not written yet (``teacher.cache.wait_s``)."""
+    """Reads exactly the entries of each batch's sample ids; ``wait`` follows a running cache
+    job until they are written."""
 
     kind = "cache"
 
     def __init__(self, cfg: TrainConfig, teacher_path: Path, shards_dir: Path,
                  train: TokenShards, tokenizer_fingerprint: str, device: torch.device) -> None:
-        self.dir = cache_dir(cfg, shards_dir)
+        self.dir = cache_dir(cfg, shards_dir, teacher_path)
         self.wait_s, self.device = cfg.teacher.cache.wait_s, device
+        self.tail = cfg.teacher.cache.tail
         self.eval_key = {"batches": cfg.eval_batches, "batch_size": cfg.micro_batch_size}
         expected = describe(cfg, teacher_path, shards_dir, train)
         if expected["tokenizer_fingerprint"] != tokenizer_fingerprint:
             raise ConfigError(f"teacher.path: the student's tokenizer differs from the one the "
                               f"token shards in {shards_dir} were made with")
-        self._wait(lambda: (self.dir / MANIFEST).exists(), f"{self.dir / MANIFEST}")
+        self._wait_for_manifest()
         self.manifest = load_manifest(self.dir)
         refuse_mismatch(self.dir, self.manifest, expected, CONTENT_KEYS)
+        check_teacher(self.dir, self.manifest, teacher_path)
         if self.manifest["order"] == "trainer" and self.manifest["seed"] != cfg.seed:
             log.warning("teacher.cache: written in the order of seed %d, this run uses seed %d;"
                         " a run that follows a running cache job will wait more",
                         self.manifest["seed"], cfg.seed)
         self.vocab_size = self.manifest["vocab_size"]
         self.train = train
-        self.complete = self.manifest["complete"]
+        # Every rank must take the same branch in ``wait`` (a collective when not complete).
+        self.complete = not agree([not self.manifest["complete"]], device)[0]
         if self.complete and cfg.teacher.cache.verify:
             self._verify()
         self._part_of = None
-        self._done: set[int] = set()
+        self.progress = Progress(self.dir, num_parts(self.manifest))
+        self.liveness = Liveness(self.dir, cfg.teacher.cache.dead_after_s, self.wait_s)
         self._arrays = CacheArrays(self.dir, self.manifest)
         log.info("teacher targets from cache %s (%s, %d slots, %s)", self.dir,
                  self.manifest["mode"], self.manifest["slots"],
@@ -223,51 +258,108 @@ class CacheTeacher:
                 raise ConfigError(f"teacher.cache.dir: {self.dir / name} fails its sha256 "
                                   "checksum; delete the cache and write it again")
 
-    def _wait(self, ready, what: str) -> None:
-        if ready():
-            return
-        log.info("waiting for %s from the cache job (up to %.0f s)", what, self.wait_s)
+    def _wait_for_manifest(self) -> None:
+        """Before the loop: nothing to checkpoint yet, so a plain timeout."""
+        path = self.dir / MANIFEST
+        if not path.exists():
+            log.info("waiting for %s from the cache job (up to %.0f s)", path, self.wait_s)
         deadline = time.monotonic() + self.wait_s
-        while not ready():
+        while not path.exists():
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"teacher.cache: {what} not written after {self.wait_s:.0f} s; start (or "
+                    f"teacher.cache: {path} not written after {self.wait_s:.0f} s; start (or "
                     f"check) the cache job: python -m fbi.distill.cache_writer with this run's "
                     f"overrides, or raise teacher.cache.wait_s"
                 )
-            time.sleep(0.1)
+            time.sleep(POLL_S)
 
-    def _ensure_written(self, sample_ids: Sequence[int]) -> None:
-        if self.complete:
-            return
+    def _parts(self, sample_ids: Sequence[int]) -> list[int]:
         if self._part_of is None:  # sample id -> part, from the writer's walk order
             order = walk_order(self.manifest)
             self._part_of = np.empty_like(order)
             self._part_of[order] = np.arange(len(order)) // self.manifest["part_samples"]
-        waited = False
-        for part in {int(self._part_of[i]) for i in sample_ids} - self._done:
-            path = marker(self.dir, part)
-            waited |= not path.exists()
-            self._wait(path.exists, f"part {part} (sample ids {list(sample_ids)})")
-            self._done.add(part)
-        if waited:  # fresh maps: the rows were written after ours were made
+        return sorted({int(self._part_of[i]) for i in sample_ids})
+
+    def wait(self, micro_batches: Sequence[Sequence[int]],
+             interrupted: Callable[[], str | None]) -> WaitEnded | None:
+        """Return once every part of this step's sample ids is written on every rank (a
+        collective while the cache is incomplete: call it on all ranks before each step).
+
+        ``interrupted()`` names a signal received, or None. The wait ends early, with the
+        reason, on a signal or when the cache job's writers are gone (``Liveness``)."""
+        if self.complete:
+            return None
+        return self._wait(self._parts([i for ids in micro_batches for i in ids]), interrupted,
+                          micro_batches, self.device)
+
+    def _wait(self, parts: list[int], interrupted, micro_batches, device) -> WaitEnded | None:
+        """``wait``'s loop; ``device`` None: this rank alone (no collective)."""
+        waiting = False
+        while True:
+            missing = self.progress.missing(parts)
+            if missing:
+                self.progress.refresh()
+                missing = self.progress.missing(parts)
+            signal = interrupted()
+            gone = self.liveness.gone() if waiting else None
+            flags = [bool(missing), bool(signal), bool(gone)]
+            any_missing, any_signal, any_gone = flags if device is None else agree(flags, device)
+            if not any_missing:
+                break
+            if any_signal:
+                return WaitEnded(f"{signal or 'a signal to another rank'} while waiting for the "
+                                 "cache job", fatal=False)
+            if any_gone:
+                what = f"part {missing[0]} is not written and " if missing else ""
+                return WaitEnded(f"teacher.cache {self.dir}: {what}"
+                                 f"{gone or 'another rank found the writers gone'}", fatal=True)
+            if not waiting:
+                waiting = True
+                self.liveness.reset()
+                if missing:
+                    log.info("waiting for part %d (sample ids %s) from the cache job",
+                             missing[0], [list(ids) for ids in micro_batches])
+            time.sleep(POLL_S)
+        if waiting:  # fresh maps: the rows were written after ours were made
             self._arrays = CacheArrays(self.dir, self.manifest)
+        return None
 
     def targets(self, sample_ids: Sequence[int], inputs: torch.Tensor) -> SparseTargets:
-        self._ensure_written(sample_ids)
+        if not self.complete:
+            ended = self._wait(self._parts(sample_ids), lambda: None, [sample_ids], None)
+            if ended is not None:
+                raise CacheWaitError(ended.reason)
         m = self.manifest
         rows = [self.train.locate(int(i)) for i in sample_ids]
         ids = np.stack([self._arrays.shards[s][0][r] for s, r in rows])
         vals = np.stack([self._arrays.shards[s][1][r] for s, r in rows])
-        if m["mode"] == "topk":
+        if m["mode"] == "sampled":
+            weights, tail = torch.from_numpy(vals.astype(np.float32)) / m["slots"], None
+        elif m["value_dtype"] == "uint8":
+            weights, tail = decode_units(vals)
+        else:
             weights = decode_values(vals, m["value_dtype"]).exp()
             tail = decode_values(np.stack([self._arrays.shards[s][2][r] for s, r in rows]),
                                  m["value_dtype"]).exp()
-        else:
-            weights = torch.from_numpy(vals.astype(np.float32)) / m["slots"]
-            tail = None
-        ids = torch.from_numpy(ids.astype(np.int64))
-        return SparseTargets(ids, weights, tail).to(self.device)
+        self._check(sample_ids, rows, ids, weights, tail)
+        targets = SparseTargets(torch.from_numpy(ids.astype(np.int64)), weights, tail)
+        if self.tail == "label" and tail is not None:
+            labels = torch.from_numpy(self.train.batch(sample_ids)[:, 1:].astype(np.int64))
+            targets = label_tail(targets, labels)
+        return targets.to(self.device)
+
+    def _check(self, sample_ids, rows, ids, weights, tail) -> None:
+        m = self.manifest
+        tolerance = 1e-5 if m["mode"] == "sampled" else sum_tolerance(m["value_dtype"],
+                                                                       m["slots"])
+        for (b, position), what in bad_rows(ids, weights, tail, m["vocab_size"], tolerance):
+            shard, row = rows[b]
+            stem = Path(m["token_shards"][shard]["file"]).stem
+            raise CacheRowError(
+                f"teacher.cache {self.dir}: row {row} of {stem}.ids/.vals (sample id "
+                f"{sample_ids[b]}, part {self._parts([sample_ids[b]])[0]}), position "
+                f"{position}, holds {what}; the cache is damaged: delete it and write it "
+                "again with python -m fbi.distill.cache_writer")
 
     def val_ppl(self, measure: Measure) -> float | None:
         """The value the cache job measured on the same validation batches, if it has."""

@@ -7,14 +7,17 @@ Takes train.py's overrides, so it finds the same shards and writes where ``teach
 training reads (``teacher.cache.*``, fbi/distill/cache.py). Rank r of w writes parts
 r, r + w, r + 2w, ...: with ``teacher.cache.order=trainer`` (the default) parts follow the
 trainer's sample order, so training can start at once and follow behind. A job started
-again writes only the parts without a marker; a finished job records file checksums and the
-teacher's validation perplexity in the manifest.
+again writes only the parts no progress log holds; a finished job records file checksums and
+the teacher's validation perplexity in the manifest. Each writer process keeps a heartbeat
+and records why it stopped (fbi/distill/progress.py), so a trainer waiting on it can tell a
+job stopped by ``max_parts`` from one that died, and name the command that restarts it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fbi.atomic import write_json
@@ -32,10 +36,13 @@ from fbi.data.shards import TokenShards, sha256_file
 from fbi.deepspeed_setup import Dist, init_distributed
 from fbi.distributed import detect
 from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, CacheArrays, cache_dir,
-                               describe, encode_values, file_names, load_manifest, marker,
-                               num_parts, refuse_mismatch, walk_order)
+                               check_teacher, describe, file_names, load_manifest, num_parts,
+                               refuse_mismatch, walk_order)
+from fbi.distill.progress import (DONE, FAILED, MAX_PARTS, Heartbeat, Progress, ProgressLog,
+                                  writer_name)
+from fbi.distill.rows import encode_units, encode_values
 from fbi.distill.teacher import OnlineTeacher
-from fbi.distill.teacher_checkpoint import resolve_path
+from fbi.distill.teacher_checkpoint import hash_weights, resolve_path
 from fbi.eval.perplexity import perplexity
 from fbi.run import on_rank0_first, student_tokenizer
 
@@ -79,22 +86,32 @@ def part_seed(seed: int, part: int) -> int:
     return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
 
 
-def prepare(directory: Path, expected: dict) -> None:
-    """Rank 0: check an existing cache is this one (to resume it), or lay out a new one."""
+def prepare(directory: Path, expected: dict, teacher_path: Path) -> None:
+    """Rank 0: check an existing cache is this one (to resume it), or lay out a new one,
+    hashing every byte of the teacher's weights once."""
     if (directory / MANIFEST).exists():
-        refuse_mismatch(directory, load_manifest(directory), expected, CONTENT_KEYS + LAYOUT_KEYS)
+        found = load_manifest(directory)
+        refuse_mismatch(directory, found, expected, CONTENT_KEYS + LAYOUT_KEYS)
+        check_teacher(directory, found, teacher_path)
         return
-    (directory / "parts").mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     CacheArrays.create(directory, expected)
-    write_json(directory / MANIFEST, expected)  # last: a reader finds the files in place
+    record = hash_weights(teacher_path, directory / "teacher_blocks")
+    # last: a reader finds the files in place
+    write_json(directory / MANIFEST, {**expected, "teacher_weights": record})
 
 
 def write_part(arrays: CacheArrays, train: TokenShards, teacher: OnlineTeacher, manifest: dict,
-               sample_ids: np.ndarray, part: int, device: torch.device) -> None:
+               sample_ids: np.ndarray, part: int, device: torch.device,
+               progress: ProgressLog) -> None:
     batch = torch.from_numpy(train.batch(sample_ids)).to(device)
     logits = teacher.logits(batch[:, :-1])
     T = manifest["temperature"]
-    if manifest["mode"] == "topk":
+    if manifest["mode"] == "topk" and manifest["value_dtype"] == "uint8":
+        ids, vals, tail = encode_topk(logits, manifest["slots"], T)
+        gen = torch.Generator(device=vals.device).manual_seed(part_seed(manifest["seed"], part))
+        vals, tail = encode_units(vals, tail, gen).cpu().numpy(), None
+    elif manifest["mode"] == "topk":
         ids, vals, tail = encode_topk(logits, manifest["slots"], T)
         vals = encode_values(vals.cpu(), manifest["value_dtype"])
         tail = encode_values(tail.cpu(), manifest["value_dtype"])
@@ -109,13 +126,20 @@ def write_part(arrays: CacheArrays, train: TokenShards, teacher: OnlineTeacher, 
         out_vals[row] = vals[j]
         if tail is not None:
             out_tail[row] = tail[j]
-    arrays.flush()  # the rows reach the file before the marker says they are there
-    marker(Path(arrays.directory), part).touch()
+    arrays.flush()  # the rows reach the file before the log says they are there
+    progress.append(part)
 
 
-def write_cache(cfg: TrainConfig, dist_info: Dist) -> int:
+def restart_command(overrides: list[str], world_size: int) -> str:
+    """How a user starts this job again, for the trainer's message when it stopped."""
+    launcher = ("python" if world_size == 1 else
+                f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world_size)}")
+    return f"{launcher} -m fbi.distill.cache_writer {shlex.join(overrides)}".rstrip()
+
+
+def write_cache(cfg: TrainConfig, dist_info: Dist, command: str = "") -> int:
     """Write this rank's missing parts (at most ``teacher.cache.max_parts``); returns how many
-    it wrote."""
+    it wrote. ``command`` restarts the job (recorded for a trainer that outlives it)."""
     from deepspeed.accelerator import get_accelerator
 
     if cfg.teacher.kind == "none":
@@ -126,32 +150,55 @@ def write_cache(cfg: TrainConfig, dist_info: Dist) -> int:
     tokenizer = on_rank0_first(dist_info, student_tokenizer, cfg, teacher_path, cache, cache)
     shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
     train = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
-    directory = cache_dir(cfg, shards)
+    directory = cache_dir(cfg, shards, teacher_path)
     expected = describe(cfg, teacher_path, shards, train)
     if dist_info.is_main:
-        prepare(directory, expected)
+        prepare(directory, expected, teacher_path)
     dist.barrier()
     manifest = load_manifest(directory)
     if manifest["complete"]:
         log.info("cache %s is already complete", directory)
         return 0
-    device = torch.device(get_accelerator().current_device_name())
-    teacher = OnlineTeacher(teacher_path, cfg.teacher.dtype, device, cfg.data.seq_len)
-    order, size = walk_order(manifest), manifest["part_samples"]
-    arrays = CacheArrays(directory, manifest, "r+")
-    todo = [p for p in range(dist_info.rank, num_parts(manifest), dist_info.world_size)
-            if not marker(directory, p).exists()][:cfg.teacher.cache.max_parts]
-    log.info("cache %s: rank %d writes %d parts of %d samples", directory, dist_info.rank,
-             len(todo), size)
-    for part in todo:
-        write_part(arrays, train, teacher, manifest, order[part * size:(part + 1) * size],
-                   part, device)
+    c, name = cfg.teacher.cache, writer_name()
+    heartbeat = Heartbeat(directory, name, c.heartbeat_s, command, dist_info.rank, c.max_parts)
+    try:  # a heartbeat from here on: loading a large teacher takes minutes
+        device = torch.device(get_accelerator().current_device_name())
+        teacher = OnlineTeacher(teacher_path, cfg.teacher.dtype, device, cfg.data.seq_len)
+        written, stopped_early = write_parts(cfg, dist_info, directory, manifest, train,
+                                             teacher, device, ProgressLog(directory, name),
+                                             heartbeat)
+    except BaseException:
+        heartbeat.stop(FAILED)
+        raise
+    heartbeat.stop(MAX_PARTS if stopped_early else DONE)
     dist.barrier()
-    done = [all(marker(directory, p).exists() for p in range(num_parts(manifest)))]
+    progress = Progress(directory, num_parts(manifest))
+    progress.refresh()
+    done = [progress.complete()]
     dist.broadcast_object_list(done, src=0)
     if done[0]:
         finish(cfg, dist_info, directory, manifest, teacher, shards, device)
-    return len(todo)
+    return written
+
+
+def write_parts(cfg, dist_info, directory, manifest, train, teacher, device, progress_log,
+                heartbeat) -> tuple[int, bool]:
+    """This rank's missing parts, at most ``max_parts``: (how many written, whether
+    ``max_parts`` left some)."""
+    order, size = walk_order(manifest), manifest["part_samples"]
+    arrays = CacheArrays(directory, manifest, "r+")
+    progress = Progress(directory, num_parts(manifest))
+    progress.refresh()
+    missing = progress.missing(range(dist_info.rank, num_parts(manifest), dist_info.world_size))
+    todo = missing[:cfg.teacher.cache.max_parts]
+    log.info("cache %s: rank %d writes %d parts of %d samples", directory, dist_info.rank,
+             len(todo), size)
+    for n, part in enumerate(todo):
+        write_part(arrays, train, teacher, manifest, order[part * size:(part + 1) * size],
+                   part, device, progress_log)
+        heartbeat.wrote(n + 1)
+    progress_log.close()
+    return len(todo), len(todo) < len(missing)
 
 
 def finish(cfg, dist_info, directory, manifest, teacher, shards, device) -> None:
@@ -178,8 +225,10 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    overrides = list(HydraConfig.get().overrides.task)
     cfg = validate(cfg)
-    write_cache(cfg, init_distributed(cfg.distributed))
+    dist_info = init_distributed(cfg.distributed)
+    write_cache(cfg, dist_info, restart_command(overrides, dist_info.world_size))
     dist.destroy_process_group()
 
 

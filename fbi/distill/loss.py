@@ -160,22 +160,20 @@ def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, wa
     s_k = s_T.gather(-1, ids)
     rows = total * lse_T - (w * s_k).sum(-1)
     p_s = (s_T - lse_T.unsqueeze(-1)).exp_() if want_grad or tail is not None else None
-    at_ids = -w
     if tail is not None:
         r = tail.float()
         # The student's mass outside the ids, summed directly (no 1 - sum cancellation);
-        # floored so that a student with none left gives a large loss, not inf.
-        rest = p_s.scatter(-1, ids, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+        # floored so that a student with none left gives a large loss, not inf. An id
+        # listed twice (a label-tail slot, fbi.distill.targets) is excluded once.
+        p_rest = p_s.scatter(-1, ids, 0.0)
+        rest = p_rest.sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
         rows = rows - r * (lse_T + rest.log())  # lse_rest = lse_T + log(rest)
-        # softmax_rest = p_s / rest outside the ids: fold r / rest into p_s's coefficient
-        # and add it back at the ids, so the gradient needs no second (rows, V) pass.
-        c = r / rest
-        total = total - c
-        at_ids = at_ids + c.unsqueeze(-1) * (s_k - lse_T.unsqueeze(-1)).exp()
     if not want_grad:
         return rows, None
     g = p_s.mul_(total.unsqueeze(-1))
-    g.scatter_add_(-1, ids, at_ids)
+    if tail is not None:  # - r softmax_rest(s) = - (r / rest) p_s outside the ids
+        g.sub_(p_rest.mul_((r / rest).unsqueeze(-1)))
+    g.scatter_add_(-1, ids, -w)
     return rows, g
 
 

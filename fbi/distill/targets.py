@@ -9,6 +9,9 @@ the loss needs about the mass that is not listed:
   class, so it compares K + 1 probabilities: the student's mass outside the k ids is pulled
   toward the teacher's (it is not renormalized away, which would make the student
   overconfident on the listed tokens).
+- top-k with the label tail (``label_tail``, ``teacher.cache.tail=label``): where the true
+  next token is outside the k ids, the tail mass goes to it, so the student's tail is shaped
+  by the data instead of only its total; where it is listed, the tail stays one class.
 - sampled (``tail`` None): tokens drawn from the teacher's distribution, each weighted by its
   count / draws (Anshumann et al., ACL 2025, "Sparse Logit Sampling"). The weights sum to 1
   and are an unbiased estimate of the teacher's distribution, so the loss and its gradient
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Union
 
+import torch
 from torch import Tensor
 
 
@@ -37,3 +41,14 @@ class SparseTargets(NamedTuple):
 
 
 Targets = Union[Tensor, SparseTargets]  # a Tensor is the teacher's dense (B, S, V) logits
+
+
+def label_tail(t: SparseTargets, labels: Tensor) -> SparseTargets:
+    """Top-k targets with one more slot: the (B, S) next-token ``labels``, weighted by the
+    tail mass where the label is not among the ids (then no tail is left), by 0 where it is
+    (the tail stays one class; the loss counts an id listed twice once)."""
+    labels = labels.to(t.ids.device).unsqueeze(-1)
+    listed = (t.ids == labels).any(-1)
+    ids = torch.cat([t.ids, labels.to(t.ids.dtype)], -1)
+    weights = torch.cat([t.weights, torch.where(listed, 0.0, t.tail).unsqueeze(-1)], -1)
+    return SparseTargets(ids, weights, torch.where(listed, t.tail, 0.0))

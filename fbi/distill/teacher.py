@@ -16,15 +16,24 @@ The checkpoint itself (where it is, what it is) and the interface are in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from fbi.distill.cache import CacheTeacher
-from fbi.distill.teacher_checkpoint import Measure, TeacherSource, check_context, teacher_info
+from fbi.distill.teacher_checkpoint import (Measure, TeacherSource, WaitEnded, check_context,
+                                            teacher_info)
 
 
-class NoTeacher:
+class Ready:
+    """Sources whose targets are always at hand: ``wait`` has nothing to wait for."""
+
+    def wait(self, micro_batches: Sequence[Sequence[int]],
+             interrupted: Callable[[], str | None]) -> WaitEnded | None:
+        return None
+
+
+class NoTeacher(Ready):
     kind = "none"
     vocab_size = None
 
@@ -35,7 +44,7 @@ class NoTeacher:
         return None
 
 
-class OnlineTeacher:
+class OnlineTeacher(Ready):
     """Frozen: eval mode, no gradients, never handed to the optimizer.
 
     ``zero3`` wraps it in its own DeepSpeed engine (stage 3, no optimizer), so each rank

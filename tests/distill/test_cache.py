@@ -25,7 +25,7 @@ WRITER = REPO / "fbi" / "distill" / "cache_writer.py"
 @pytest.fixture(scope="module")
 def base(tiny_run) -> list[str]:
     return tiny_run + ["teacher=cache", "teacher.cache.k=8", "teacher.cache.part_samples=8",
-                       "teacher.cache.value_dtype=float32"]
+                       "teacher.cache.value_dtype=float32", "teacher.cache.tail=lumped"]
 
 
 def write(base, directory: Path, *extra, nproc=1) -> subprocess.CompletedProcess:
@@ -93,20 +93,29 @@ def test_topk_round_trip_equals_the_teachers_own(base, topk_cache, teacher_dir):
         torch.testing.assert_close(from_cache.double(), reference, rtol=1e-5, atol=1e-6)
 
 
-def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_path):
+def written_parts(directory: Path) -> int:
     from fbi.distill.cache import load_manifest, num_parts
+    from fbi.distill.progress import Progress
+
+    progress = Progress(directory, num_parts(load_manifest(directory)))
+    progress.refresh()
+    return sum(progress.has(p) for p in range(progress.num_parts))
+
+
+def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_path):
+    from fbi.distill.cache import CacheWaitError, load_manifest, num_parts, walk_order
 
     directory = tmp_path / "cache"
     write(base, directory, "teacher.cache.max_parts=3")  # stops as a time-limited job would
     assert not load_manifest(directory)["complete"]
-    assert len(list((directory / "parts").iterdir())) == 3
-    from fbi.distill.cache import walk_order
-
-    source, _ = open_cache(base, directory, "teacher.cache.wait_s=0.3")
+    assert written_parts(directory) == 3
+    assert len(list(directory.rglob("*"))) < 20  # no file per part
+    source, _ = open_cache(base, directory)
     order = walk_order(load_manifest(directory))
     assert source.targets(order[:8].tolist(), None).ids.shape == (8, 32, 8)  # part 0: written
-    with pytest.raises(TimeoutError, match=r"part 10 .* not written after 0 s; start \(or check\) "
-                                           r"the cache job"):
+    with pytest.raises(CacheWaitError, match=r"part 10 is not written and the cache job "
+                                             r"stopped on purpose after teacher.cache.max_parts=3 "
+                                             r".*resume it .*: python -m fbi.distill.cache_writer"):
         source.targets(order[80:84].tolist(), None)
     with open(sorted(directory.glob("*.ids"))[0], "r+b") as f:  # a part cut off mid-write
         f.seek(20 * 32 * 8 * 2)
@@ -115,6 +124,29 @@ def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_pat
     total = num_parts(load_manifest(directory))
     assert f"writes {total - 3} parts" in proc.stderr  # only what was missing
     assert data_files(directory) == data_files(topk_cache)
+
+
+def test_a_format_1_cache_is_refused_with_the_command_that_converts_it(base, topk_cache,
+                                                                       tmp_path):
+    from fbi.config import ConfigError
+    from fbi.distill.cache import load_manifest, num_parts
+
+    old = tmp_path / "old"
+    shutil.copytree(topk_cache, old, ignore=shutil.ignore_patterns("progress", "writers"))
+    manifest = load_manifest(old)
+    (old / "parts").mkdir()
+    for part in range(num_parts(manifest)):  # format 1: a marker per part
+        (old / "parts" / f"{part:08d}").touch()
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ConfigError, match=f"format-1 cache .* python -m fbi.distill.progress "
+                                          f"convert {old}"):
+        open_cache(base, old)
+    subprocess.run([sys.executable, "-m", "fbi.distill.progress", "convert", str(old)],
+                   check=True, cwd=REPO)
+    assert not (old / "parts").exists() and written_parts(old) == num_parts(manifest)
+    source, _ = open_cache(base, old)
+    assert torch.equal(source.targets([5, 2], None).ids, open_cache(base, topk_cache)[0]
+                       .targets([5, 2], None).ids)
 
 
 @pytest.mark.multiprocess
@@ -199,33 +231,89 @@ def test_training_while_the_cache_is_written_equals_training_from_the_finished_c
         base, topk_cache, tmp_path):
     import os
 
-    args = base + ["max_steps=6", "optim.decay_steps=6", "teacher.cache.wait_s=300"]
+    args = base + ["max_steps=6", "optim.decay_steps=6", "teacher.cache.wait_s=300",
+                   "checkpoint_every=100"]
     run_train(args + [f"teacher.cache.dir={topk_cache}", f"run_dir={tmp_path / 'finished'}"])
-    streaming = tmp_path / "streaming"
+    streaming, follow = tmp_path / "streaming", tmp_path / "follow"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     trainer = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args, f"teacher.cache.dir={streaming}",
-         f"run_dir={tmp_path / 'follow'}"], cwd=REPO, env=env, text=True,
+         f"run_dir={follow}"], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen: list[str] = []
-
-    def wait_for(text):
-        for line in trainer.stdout:
-            seen.append(line)
-            if text in line:
-                return
-        raise AssertionError("".join(seen)[-4000:])
-
-    # The trainer starts first and waits for the job; the job writes one part (the first
-    # step's 8 samples, in the trainer's order) and stops; the trainer takes its step and
-    # waits for the next part; the job, started again, writes the rest.
-    wait_for("waiting for")
+    for line in trainer.stdout:  # the trainer starts first and waits for the job
+        seen.append(line)
+        if "waiting for" in line:
+            break
+    # The job writes one part (the first step's 8 samples, in the trainer's order) and stops
+    # on purpose; the trainer takes its step, finds the job stopped, checkpoints and says how
+    # to resume the job; resumed, the job writes the rest, and so does the trainer.
     write(base, streaming, "teacher.cache.max_parts=1")
-    wait_for("waiting for part 1 ")
-    write(base, streaming)
     log = "".join(seen) + trainer.communicate(timeout=600)[0]
-    assert trainer.returncode == 0, log[-4000:]
-    assert "step 1/6" in log.split("waiting for part 1 ")[0]
+    assert trainer.returncode == 3, log[-4000:]
+    assert ("part 1 is not written and the cache job stopped on purpose after "
+            "teacher.cache.max_parts=1 parts per rank; resume it") in log
+    command = log.split("(it writes only the missing parts): ")[1].split(" (after step")[0]
+    assert command.startswith("python -m fbi.distill.cache_writer ") and \
+        f"teacher.cache.dir={streaming}" in command
+    assert "after step 1, checkpoint step_00000001" in log
+    write(base, streaming)
+    run_train(args + [f"teacher.cache.dir={streaming}", f"run_dir={follow}", "resume=auto"])
     assert data_files(streaming) == data_files(topk_cache)
-    finished, followed = steps(tmp_path / "finished"), steps(tmp_path / "follow")
+    finished, followed = steps(tmp_path / "finished"), steps(follow)
     assert [s["loss"] for s in followed] == [s["loss"] for s in finished]
+
+
+def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_path):
+    from fbi.distill.cache import CacheRowError, load_manifest, walk_order
+
+    copy = tmp_path / "copy"
+    shutil.copytree(topk_cache, copy)
+    order = walk_order(load_manifest(copy))
+    sample = int(order[13])  # part 1 (parts of 8 samples in the walk order)
+    source, train = open_cache(base, copy)
+    shard, row = train.locate(sample)
+    assert shard == 0
+    ids = np.memmap(copy / "train_00000.ids", np.uint16, "r+").reshape(-1, 32, 8)
+    ids[row, 4, 1] = 600  # beyond the 512-token vocabulary
+    ids.flush()
+    with pytest.raises(CacheRowError, match=rf"row {row} of train_00000.ids/.vals \(sample id "
+                                            rf"{sample}, part 1\), position 4, holds a token id "
+                                            r">= the vocabulary size 512"):
+        open_cache(base, copy)[0].targets([int(order[0]), sample], None)
+    ids[row] = 0  # a row never written
+    ids.flush()
+    vals = np.memmap(copy / "train_00000.vals", np.float32, "r+").reshape(-1, 32, 8)
+    vals[row] = 0
+    vals.flush()
+    with pytest.raises(CacheRowError, match=rf"row {row} .* position 0, holds a token id listed"):
+        open_cache(base, copy)[0].targets([sample], None)
+
+
+def test_the_default_cache_folder_is_keyed_by_the_teacher(base, tmp_path, tokenizer_dir,
+                                                          teacher_dir):
+    from fbi.distill.cache import cache_dir
+
+    other = make_teacher(tmp_path / "other", tokenizer_dir, seed=1)
+    cfg = compose(base)
+    a, b = cache_dir(cfg, tmp_path / "shards", teacher_dir), cache_dir(cfg, tmp_path / "shards",
+                                                                       other)
+    assert a != b and a.parent.parent == b.parent.parent
+
+
+def test_uint8_cache_with_the_label_tail_matches_the_float_cache(base, topk_cache, tmp_path):
+    from fbi.distill.cache import file_names, load_manifest
+
+    extra = ["teacher.cache.value_dtype=uint8", "teacher.cache.tail=label"]
+    write(base, tmp_path / "u8", *extra)
+    assert file_names(load_manifest(tmp_path / "u8"))[:2] == ["train_00000.ids",
+                                                              "train_00000.vals"]
+    assert not (tmp_path / "u8" / "train_00000.tail").exists()  # implied by the units
+    exact, train = open_cache(base, topk_cache)
+    compact, _ = open_cache(base, tmp_path / "u8", *extra)
+    ids = [3, 1, 4, 15]
+    want, got = exact.targets(ids, None), compact.targets(ids, None)
+    labels = torch.from_numpy(train.batch(ids)[:, 1:].astype(np.int64))
+    assert torch.equal(got.ids[..., :8], want.ids) and torch.equal(got.ids[..., 8], labels)
+    assert (got.weights[..., :8] - want.weights).abs().max() < 1 / 255
+    torch.testing.assert_close(got.weights.sum(-1) + got.tail, torch.ones(4, 32))
