@@ -273,17 +273,17 @@ def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_pa
     sample = int(order[13])  # part 1 (parts of 8 samples in the walk order)
     source, train = open_cache(base, copy)
     shard, row = train.locate(sample)
-    assert shard == 0
-    ids = np.memmap(copy / "train_00000.ids", np.uint16, "r+").reshape(-1, 32, 8)
+    stem = Path(load_manifest(copy)["token_shards"][shard]["file"]).stem  # the sample's shard
+    ids = np.memmap(copy / f"{stem}.ids", np.uint16, "r+").reshape(-1, 32, 8)
     ids[row, 4, 1] = 600  # beyond the 512-token vocabulary
     ids.flush()
-    with pytest.raises(CacheRowError, match=rf"row {row} of train_00000.ids/.vals \(sample id "
+    with pytest.raises(CacheRowError, match=rf"row {row} of {stem}.ids/.vals \(sample id "
                                             rf"{sample}, part 1\), position 4, holds a token id "
                                             r">= the vocabulary size 512"):
         open_cache(base, copy)[0].targets([int(order[0]), sample], None)
     ids[row] = 0  # a row never written
     ids.flush()
-    vals = np.memmap(copy / "train_00000.vals", np.float32, "r+").reshape(-1, 32, 8)
+    vals = np.memmap(copy / f"{stem}.vals", np.float32, "r+").reshape(-1, 32, 8)
     vals[row] = 0
     vals.flush()
     with pytest.raises(CacheRowError, match=rf"row {row} .* position 0, holds a token id listed"):
@@ -306,9 +306,10 @@ def test_uint8_cache_with_the_label_tail_matches_the_float_cache(base, topk_cach
 
     extra = ["teacher.cache.value_dtype=uint8", "teacher.cache.tail=label"]
     write(base, tmp_path / "u8", *extra)
-    assert file_names(load_manifest(tmp_path / "u8"))[:2] == ["train_00000.ids",
-                                                              "train_00000.vals"]
-    assert not (tmp_path / "u8" / "train_00000.tail").exists()  # implied by the units
+    names = file_names(load_manifest(tmp_path / "u8"))
+    stem = names[0].removesuffix(".ids")
+    assert names[:2] == [f"{stem}.ids", f"{stem}.vals"]  # no .tail: implied by the units
+    assert not (tmp_path / "u8" / f"{stem}.tail").exists()
     exact, train = open_cache(base, topk_cache)
     compact, _ = open_cache(base, tmp_path / "u8", *extra)
     ids = [3, 1, 4, 15]
