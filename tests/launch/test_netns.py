@@ -62,6 +62,17 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+
+def both_succeed(procs: list[subprocess.Popen]) -> list[str]:
+    """The two nodes' outputs, once both exited 0 (their process groups stopped either way)."""
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            stop_group(p)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    return outs
+
 def output(tmp_path: Path) -> str:
     return (tmp_path / "out.txt").read_text()
 
@@ -108,12 +119,7 @@ def test_deepspeed_hostfile_across_two_namespaces(nodes, overrides, tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for i, node in enumerate(NODES)
     ]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            stop_group(p)
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    outs = both_succeed(procs)
     assert "world 2" in outs[0] and "deepspeed launch" in outs[0]
     assert steps_logged(run) == [1, 2, 3]
 
@@ -135,11 +141,6 @@ def test_unresolvable_hostnames_join_through_local_addr(nodes, overrides, tmp_pa
             start_new_session=True)
         for i, node in enumerate(NODES)
     ]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            stop_group(p)
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    outs = both_succeed(procs)
     assert f"via {nodes.addrs[NODES[0]]}" in outs[0] and "rank 0/2" in outs[0]
     assert steps_logged(run) == [1, 2]
