@@ -38,7 +38,8 @@ log = logging.getLogger("fbi")
 def train_step(run: Run, micro_batches: list[list[int]]) -> dict:
     """One optimizer step over this rank's ``grad_accum`` micro-batches of sample ids."""
     cfg, engine = run.cfg, run.engine
-    names = ["loss", "ce"] if run.teacher.kind == "none" else ["loss", "distill", "ce"]
+    # soft_ce: every teacher source's estimate of the full soft cross-entropy (fbi.distill.loss)
+    names = ["loss", "ce"] if run.teacher.kind == "none" else ["loss", "distill", "soft_ce", "ce"]
     totals = torch.zeros(len(names), device=run.device)  # NCCL reduces device tensors only
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in engine.step
     timer, skipped_before, grad_norm, dropped = StepTimer(run.device), engine.skipped_steps, None, False
@@ -168,7 +169,8 @@ def train_run(run: Run, preemption: PreemptionFlag | None = None) -> dict:
         ]
         # A teacher cache still being written may make the step wait; a signal or the cache
         # job's death ends the wait, and the run stops as at this step boundary.
-        ended = run.teacher.wait(micro_batches, lambda: preemption.received)
+        with hangs.suspended():  # the wait has its own deadline (teacher.cache.dead_after_s)
+            ended = run.teacher.wait(micro_batches, lambda: preemption.received)
         if ended is not None:
             if saveable and state["step"] > 0 and newest() != f"step_{state['step']:08d}":
                 save(state, metrics)

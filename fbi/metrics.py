@@ -129,7 +129,8 @@ class Monitor:
         self.logged_until = max(self.logged_until, step)
         if self.is_main:
             losses = "  ".join(
-                f"{k} {metrics[k]:.4f}" for k in ("loss", "distill", "ce") if k in metrics
+                f"{k} {metrics[k]:.4f}" for k in ("loss", "distill", "soft_ce", "ce")
+                if k in metrics
             )
             text = "%s  lr %.2e  %.0f tok/s%s%s" % (
                 losses, metrics["lr"], record["tokens_per_s"],

@@ -131,7 +131,9 @@ def figure(runs: list[dict]):
     fig, axes = plt.subplots(3, 3, figsize=(16, 12))
     (distill, ce, val), (lr, grad, speed), (split, mfu, flips) = axes
     for run in runs:
-        series(distill, run, "distill")
+        # soft_ce compares runs whose teacher sources differ; older logs have distill only
+        series(distill, run, "soft_ce" if any("soft_ce" in r for r in run["train"])
+               else "distill")
         series(ce, run, "ce")
         series(lr, run, "lr")
         series(grad, run, "grad_norm")
@@ -154,7 +156,7 @@ def figure(runs: list[dict]):
             for run, b in zip(runs, bottom)]
     split.bar([run["name"] for run in runs], rest, bottom=bottom, label="other (logging, ...)")
     panels = [
-        (distill, "distillation loss", "KL to the teacher (nats/token)"),
+        (distill, "distillation loss", "soft cross-entropy to the teacher (nats/token)"),
         (ce, "cross-entropy on the data", "nats/token"),
         (val, "validation perplexity", "perplexity (held-out split)"),
         (lr, "learning rate", "learning rate"),

@@ -75,3 +75,14 @@ def test_command_writes_a_png(tmp_path, capsys):
     main([str(tmp_path / "d"), "--out", str(tmp_path / "r.png")])
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "step 3" in capsys.readouterr().out
+
+
+def test_distillation_panel_plots_the_comparable_soft_ce_when_logged(tmp_path):
+    rows = step_rows(3)
+    for row in rows[:-1]:
+        row["soft_ce"] = row["distill"] + 2.0
+    axes = panels(figure([load(write_run(tmp_path / "d", rows)),
+                          load(write_run(tmp_path / "e", step_rows(3)))]))
+    new, old = axes["distillation loss"].lines
+    assert list(new.get_ydata()) == [5.0 / s + 2.0 for s in range(1, 4)]
+    assert list(old.get_ydata()) == [5.0 / s for s in range(1, 4)]  # logs before soft_ce

@@ -6,6 +6,8 @@
   ``step_timeout_s``, the rank prints every thread's Python stack (and goes on), so the rank
   that is stuck, not only the ones waiting for it, shows its frame. Before the timeout: once
   the waiting ranks' collectives time out they end, and their launcher kills the stuck rank;
+- a wait the loop knows may be long and has its own deadline (a teacher cache still being
+  written: ``teacher.cache.dead_after_s``) runs with the timer off (``suspended``);
 - after the first step (compilation, data preparation, the first checkpoint's load are
   behind) the collective timeout drops from ``distributed.timeout_s`` to
   ``distributed.step_timeout_s``, as torchtitan does (``comm.train_timeout_seconds``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import faulthandler
 import sys
+from contextlib import contextmanager
 
 from fbi.callbacks import Callback, Control
 from fbi.distributed import set_collective_timeout
@@ -31,7 +34,7 @@ class HangWatch(Callback):
 
     def __init__(self, step_timeout_s: float):
         self.step_timeout_s = step_timeout_s
-        self._shortened = False
+        self._shortened, self._armed = False, False
         faulthandler.enable(file=sys.stderr, all_threads=True)
 
     def after_step(self, run, state: dict, metrics: dict, control: Control) -> None:
@@ -40,9 +43,25 @@ class HangWatch(Callback):
         if not self._shortened:
             set_collective_timeout(self.step_timeout_s)
             self._shortened = True
+        self._arm()
+
+    def _arm(self) -> None:
         faulthandler.dump_traceback_later(DUMP_AT * self.step_timeout_s, repeat=False,
                                           file=sys.stderr)
+        self._armed = True
+
+    @contextmanager
+    def suspended(self):
+        """No stacks while inside; the step's timer starts again after."""
+        armed = self._armed
+        faulthandler.cancel_dump_traceback_later()
+        try:
+            yield
+        finally:
+            if armed:
+                self._arm()
 
     def close(self) -> None:
         """The steps are over (evaluation and teardown may take longer than one step)."""
         faulthandler.cancel_dump_traceback_later()
+        self._armed = False

@@ -92,6 +92,7 @@ class GlobalSampler:
         self.shuffle = shuffle
         self._epoch = -1
         self._perm = None
+        self._inverse, self._inverse_epoch = None, -1  # shuffle=full's inverse, when asked
 
     def _permutation(self, epoch: int):
         if epoch != self._epoch:
@@ -116,6 +117,19 @@ class GlobalSampler:
                 perm[indices] if self.shuffle == "full" else perm.forward(indices))
             position += take
         return out
+
+    def epoch_positions(self, sample_ids, epoch: int = 0) -> np.ndarray:
+        """Where ``sample_ids`` come within ``epoch`` (0 .. num_samples - 1): the inverse of
+        ``sample_ids`` over one epoch."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        perm = self._permutation(epoch)
+        if self.shuffle == "feistel":
+            return perm.inverse(ids)
+        if self._inverse_epoch != epoch:  # the legacy order: O(N), as its permutation
+            self._inverse = np.empty_like(perm)
+            self._inverse[perm] = np.arange(self.num_samples)
+            self._inverse_epoch = epoch
+        return self._inverse[ids]
 
     def sample_id(self, position: int) -> int:
         return int(self.sample_ids(position, position + 1)[0])

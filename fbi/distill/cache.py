@@ -20,8 +20,9 @@ tokens. Slots are k (topk) or draws (sampled). Bytes per token with a 49k vocabu
 sampled: 3 per draw. Every row read is checked (``rows.bad_rows``): a row never written, an
 id outside the vocabulary or weights that do not sum to one stop the run, naming the row.
 
-Work is cut into parts of ``part_samples`` samples taken in the walk order (the training
-sampler's epoch-0 permutation for ``order=trainer``, ids in order for ``sequential``).
+Work is cut into parts of ``part_samples`` samples taken in the walk order (``Walk``: the
+training sampler's epoch 0 for ``order=trainer``, ids in order for ``sequential``), computed
+per position both ways, so neither writer nor trainer holds the order of the whole split.
 A part is computed as one teacher batch and its number enters its writer's progress log only
 after its rows are on disk, so an interrupted job redoes exactly the parts not logged, with
 identical bytes, and a trainer following a running job reads an entry once its part is logged.
@@ -59,7 +60,8 @@ POLL_S = 0.2  # how often a waiting trainer looks at the progress logs
 CONTENT_KEYS = ("format", "mode", "slots", "temperature", "seq_len", "vocab_size", "teacher",
                 "tokenizer_fingerprint", "token_shards")
 # Must also agree for a writer to resume into the cache: they decide where each entry goes.
-LAYOUT_KEYS = ("value_dtype", "id_dtype", "count_dtype", "order", "seed", "part_samples")
+LAYOUT_KEYS = ("value_dtype", "id_dtype", "count_dtype", "order", "seed", "shuffle",
+               "part_samples")
 
 
 def cache_dir(cfg: TrainConfig, shards_dir: Path, teacher_path: Path) -> Path:
@@ -98,6 +100,7 @@ def describe(cfg: TrainConfig, teacher_path: Path, shards_dir: Path,
         "count_dtype": "uint8" if c.draws < 256 else "uint16",
         "order": c.order,
         "seed": cfg.seed,
+        "shuffle": cfg.data.shuffle,
         "part_samples": c.part_samples,
         "num_samples": train.num_samples,
         "teacher_path": str(teacher_path),
@@ -127,12 +130,30 @@ def check_teacher(directory: Path, manifest: dict, teacher_path: Path) -> None:
                   f"the cache {directory}")
 
 
-def walk_order(manifest: dict) -> np.ndarray:
-    """Sample ids in the order the cache job writes them."""
-    n = manifest["num_samples"]
-    if manifest["order"] == "sequential":
-        return np.arange(n, dtype=np.int64)
-    return GlobalSampler(n, manifest["seed"]).sample_ids(0, n)
+class Walk:
+    """The order the cache job writes samples in, evaluated per position: the training
+    sampler's epoch 0 (``order=trainer``, with the manifest's seed and ``shuffle``) or ids in
+    order (``sequential``). Memory does not grow with the split (but for the legacy
+    ``shuffle=full``, whose order is a stored permutation)."""
+
+    def __init__(self, manifest: dict) -> None:
+        self.num_samples, self.part_samples = manifest["num_samples"], manifest["part_samples"]
+        self.sampler = (None if manifest["order"] == "sequential" else
+                        GlobalSampler(self.num_samples, manifest["seed"], manifest["shuffle"]))
+
+    def part_ids(self, part: int) -> np.ndarray:
+        """The sample ids of ``part``, in the order the writer runs them as one batch."""
+        start = part * self.part_samples
+        stop = min(start + self.part_samples, self.num_samples)
+        if self.sampler is None:
+            return np.arange(start, stop, dtype=np.int64)
+        return self.sampler.sample_ids(start, stop)
+
+    def parts(self, sample_ids: Sequence[int]) -> list[int]:
+        """The parts that hold ``sample_ids``, sorted."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        positions = ids if self.sampler is None else self.sampler.epoch_positions(ids)
+        return sorted(set((positions // self.part_samples).tolist()))
 
 
 def num_parts(manifest: dict) -> int:
@@ -194,7 +215,9 @@ class CacheArrays:
 
 
 def load_manifest(directory: Path) -> dict:
-    return json.loads((directory / MANIFEST).read_text())
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest.setdefault("shuffle", "feistel")  # caches written before it was recorded
+    return manifest
 
 
 class CacheRowError(ValueError):
@@ -234,17 +257,18 @@ class CacheTeacher:
         self.manifest = load_manifest(self.dir)
         refuse_mismatch(self.dir, self.manifest, expected, CONTENT_KEYS)
         check_teacher(self.dir, self.manifest, teacher_path)
-        if self.manifest["order"] == "trainer" and self.manifest["seed"] != cfg.seed:
-            log.warning("teacher.cache: written in the order of seed %d, this run uses seed %d;"
-                        " a run that follows a running cache job will wait more",
-                        self.manifest["seed"], cfg.seed)
+        written = (self.manifest["seed"], self.manifest["shuffle"])
+        if self.manifest["order"] == "trainer" and written != (cfg.seed, cfg.data.shuffle):
+            log.warning("teacher.cache: written in the order of seed %d, data.shuffle=%s; this "
+                        "run uses seed %d, data.shuffle=%s: a run that follows a running cache "
+                        "job will wait more", *written, cfg.seed, cfg.data.shuffle)
         self.vocab_size = self.manifest["vocab_size"]
         self.train = train
         # Every rank must take the same branch in ``wait`` (a collective when not complete).
         self.complete = not agree([not self.manifest["complete"]], device)[0]
         if self.complete and cfg.teacher.cache.verify:
             self._verify()
-        self._part_of = None
+        self.walk = Walk(self.manifest)
         self.progress = Progress(self.dir, num_parts(self.manifest))
         self.liveness = Liveness(self.dir, cfg.teacher.cache.dead_after_s, self.wait_s)
         self._arrays = CacheArrays(self.dir, self.manifest)
@@ -273,13 +297,6 @@ class CacheTeacher:
                 )
             time.sleep(POLL_S)
 
-    def _parts(self, sample_ids: Sequence[int]) -> list[int]:
-        if self._part_of is None:  # sample id -> part, from the writer's walk order
-            order = walk_order(self.manifest)
-            self._part_of = np.empty_like(order)
-            self._part_of[order] = np.arange(len(order)) // self.manifest["part_samples"]
-        return sorted({int(self._part_of[i]) for i in sample_ids})
-
     def wait(self, micro_batches: Sequence[Sequence[int]],
              interrupted: Callable[[], str | None]) -> WaitEnded | None:
         """Return once every part of this step's sample ids is written on every rank (a
@@ -289,7 +306,7 @@ class CacheTeacher:
         reason, on a signal or when the cache job's writers are gone (``Liveness``)."""
         if self.complete:
             return None
-        return self._wait(self._parts([i for ids in micro_batches for i in ids]), interrupted,
+        return self._wait(self.walk.parts([i for ids in micro_batches for i in ids]), interrupted,
                           micro_batches, self.device)
 
     def _wait(self, parts: list[int], interrupted, micro_batches, device) -> WaitEnded | None:
@@ -326,7 +343,7 @@ class CacheTeacher:
 
     def targets(self, sample_ids: Sequence[int], inputs: torch.Tensor) -> SparseTargets:
         if not self.complete:
-            ended = self._wait(self._parts(sample_ids), lambda: None, [sample_ids], None)
+            ended = self._wait(self.walk.parts(sample_ids), lambda: None, [sample_ids], None)
             if ended is not None:
                 raise CacheWaitError(ended.reason)
         m = self.manifest
@@ -357,7 +374,7 @@ class CacheTeacher:
             stem = Path(m["token_shards"][shard]["file"]).stem
             raise CacheRowError(
                 f"teacher.cache {self.dir}: row {row} of {stem}.ids/.vals (sample id "
-                f"{sample_ids[b]}, part {self._parts([sample_ids[b]])[0]}), position "
+                f"{sample_ids[b]}, part {self.walk.parts([sample_ids[b]])[0]}), position "
                 f"{position}, holds {what}; the cache is damaged: delete it and write it "
                 "again with python -m fbi.distill.cache_writer")
 

@@ -37,7 +37,7 @@ from fbi.deepspeed_setup import Dist, init_distributed
 from fbi.distributed import detect
 from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, CacheArrays, cache_dir,
                                check_teacher, describe, file_names, load_manifest, num_parts,
-                               refuse_mismatch, walk_order)
+                               refuse_mismatch, Walk)
 from fbi.distill.progress import (DONE, FAILED, MAX_PARTS, Heartbeat, Progress, ProgressLog,
                                   writer_name)
 from fbi.distill.rows import encode_units, encode_values
@@ -185,16 +185,16 @@ def write_parts(cfg, dist_info, directory, manifest, train, teacher, device, pro
                 heartbeat) -> tuple[int, bool]:
     """This rank's missing parts, at most ``max_parts``: (how many written, whether
     ``max_parts`` left some)."""
-    order, size = walk_order(manifest), manifest["part_samples"]
+    walk = Walk(manifest)
     arrays = CacheArrays(directory, manifest, "r+")
     progress = Progress(directory, num_parts(manifest))
     progress.refresh()
     missing = progress.missing(range(dist_info.rank, num_parts(manifest), dist_info.world_size))
     todo = missing[:cfg.teacher.cache.max_parts]
     log.info("cache %s: rank %d writes %d parts of %d samples", directory, dist_info.rank,
-             len(todo), size)
+             len(todo), walk.part_samples)
     for n, part in enumerate(todo):
-        write_part(arrays, train, teacher, manifest, order[part * size:(part + 1) * size],
+        write_part(arrays, train, teacher, manifest, walk.part_ids(part),
                    part, device, progress_log)
         heartbeat.wrote(n + 1)
     progress_log.close()

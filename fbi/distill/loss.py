@@ -16,6 +16,15 @@ one class:
 
 Dense logits are the case w = p_t over all V ids, r = 0.
 
+Comparable across sources. ``distill`` is each source's own loss, and a lumped top-k tail
+leaves out the tail's spread, so it reads below the dense loss for the same student. ``soft_ce`` estimates the full-vocabulary term alike for every source:
+
+    soft_ce = distill + T**2 * mean_valid( r * H(p_s restricted to the ids not listed) )
+
+which is exact for dense logits, unbiased for sampled ones (r = 0: equal to ``distill``),
+and exact for top-k when the teacher's tail has the student's shape (the one assumption
+that needs nothing the cache does not store).
+
 Memory. The logits are the largest activations of an LLM (B*S*V), so the loss never holds a
 full-size fp32 copy of them: positions are processed `chunk_rows` at a time, each chunk is
 upcast to fp32, and the gradient w.r.t. the student logits is derived analytically and written
@@ -40,14 +49,16 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 class LossOutput(NamedTuple):
     """`loss` carries the autograd graph; the others are detached fp32 scalars for logging.
 
-    `distill` is None without a teacher. `ce` is the mean token NLL (the perplexity's log),
-    `tokens` the number of positions it averages over (labels != ignore_index).
+    `distill` and `soft_ce` are None without a teacher. `ce` is the mean token NLL (the
+    perplexity's log), `tokens` the number of positions it averages over
+    (labels != ignore_index).
     """
 
     loss: Tensor
     distill: Tensor | None
     ce: Tensor
     tokens: Tensor
+    soft_ce: Tensor | None
 
 
 def distillation_loss(
@@ -77,10 +88,12 @@ def distillation_loss(
     dense = teacher if isinstance(teacher, Tensor) else None
     args = (student_logits, dense, *sparse, labels, temperature, ce_weight, ignore_index, rows)
     if torch.is_grad_enabled() and student_logits.requires_grad:
-        loss, distill, ce, tokens = _ChunkedDistillation.apply(*args)
+        loss, distill, ce, tokens, soft_ce = _ChunkedDistillation.apply(*args)
     else:
-        loss, distill, ce, tokens = _loss_and_grad(*args, grad=None)
-    return LossOutput(loss, distill if teacher is not None else None, ce, tokens)
+        loss, distill, ce, tokens, soft_ce = _loss_and_grad(*args, grad=None)
+    if teacher is None:
+        distill = soft_ce = None
+    return LossOutput(loss, distill, ce, tokens, soft_ce)
 
 
 @torch.no_grad()
@@ -139,7 +152,8 @@ def _check_sparse(student: Tensor, t: SparseTargets) -> None:
 
 
 def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, want_grad: bool):
-    """Per-row soft cross-entropy (without T**2) and its gradient w.r.t. s_T for one chunk.
+    """Per-row soft cross-entropy (without T**2), the tail's part ``soft_ce`` adds (None
+    without a tail), and the gradient w.r.t. s_T for one chunk.
 
     target: ("dense", (rows, V) teacher logits) or ("sparse", ids, weights, tail), rows first.
     The gradient of  W lse - sum_k w_k s[id_k] - r lse_rest,  with W = sum_k w_k + r and
@@ -152,14 +166,15 @@ def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, wa
         # -sum_v p_t log p_s = lse_T - <p_t, s_T>, since each row of p_t sums to 1.
         rows = lse_T - torch.linalg.vecdot(p_t, s_T)
         if not want_grad:
-            return rows, None
-        return rows, (s_T - lse_T.unsqueeze(-1)).exp_().sub_(p_t)
+            return rows, None, None
+        return rows, None, (s_T - lse_T.unsqueeze(-1)).exp_().sub_(p_t)
     _, ids, w, tail = target
     ids, w = ids.long(), w.float()
     total = w.sum(-1) if tail is None else w.sum(-1) + tail.float()
     s_k = s_T.gather(-1, ids)
     rows = total * lse_T - (w * s_k).sum(-1)
     p_s = (s_T - lse_T.unsqueeze(-1)).exp_() if want_grad or tail is not None else None
+    spread = None
     if tail is not None:
         r = tail.float()
         # The student's mass outside the ids, summed directly (no 1 - sum cancellation);
@@ -168,13 +183,16 @@ def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, wa
         p_rest = p_s.scatter(-1, ids, 0.0)
         rest = p_rest.sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
         rows = rows - r * (lse_T + rest.log())  # lse_rest = lse_T + log(rest)
+        # r H(p_rest / rest) = r (log rest - sum_j p_rest_j (s_j - lse) / rest)
+        spread = r * (rest.log() - (torch.linalg.vecdot(p_rest, s_T) - rest * lse_T)
+                      / rest).clamp_(min=0.0)  # an entropy; the floor above can undershoot
     if not want_grad:
-        return rows, None
+        return rows, spread, None
     g = p_s.mul_(total.unsqueeze(-1))
     if tail is not None:  # - r softmax_rest(s) = - (r / rest) p_s outside the ids
         g.sub_(p_rest.mul_((r / rest).unsqueeze(-1)))
     g.scatter_add_(-1, ids, -w)
-    return rows, g
+    return rows, spread, g
 
 
 def _row_reader(x: Tensor):
@@ -217,7 +235,7 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
     w_ce = ce_weight if read_t is not None else 1.0
     w_kd = 1.0 - w_ce
     distill_sum = torch.zeros((), dtype=torch.float32, device=student.device)
-    ce_sum = torch.zeros_like(distill_sum)
+    ce_sum, spread_sum = torch.zeros_like(distill_sum), torch.zeros_like(distill_sum)
     for a in range(0, n_rows, chunk_rows):
         b = min(a + chunk_rows, n_rows)
         s = read_s(a, b).float()  # may alias `student` when it is fp32: never modified below
@@ -231,9 +249,11 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
             s_T, lse_T = (s, lse) if T == 1.0 else (s / T, None)
             if lse_T is None:
                 lse_T = torch.logsumexp(s_T, dim=-1)
-            kd_rows, kd_grad = _kd_rows_and_grad(s_T, lse_T, read_t(a, b), T,
-                                                 want_grad=grad is not None and w_kd > 0)
+            kd_rows, spread, kd_grad = _kd_rows_and_grad(
+                s_T, lse_T, read_t(a, b), T, want_grad=grad is not None and w_kd > 0)
             distill_sum += torch.where(valid, kd_rows, 0.0).sum()
+            if spread is not None:
+                spread_sum += torch.where(valid, spread, 0.0).sum()
         if grad is None:
             continue
         # d/dz_s of T**2 * (soft-CE at z_s/T) = T * (d soft-CE / d s_T);
@@ -249,7 +269,7 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
     ce = ce_sum * inv_n
     distill = distill_sum * inv_n * T**2
     loss = w_kd * distill + w_ce * ce  # a new tensor even without a teacher (w_kd = 0)
-    return loss, distill, ce, tokens
+    return loss, distill, ce, tokens, distill + spread_sum * inv_n * T**2
 
 
 class _ChunkedDistillation(torch.autograd.Function):

@@ -70,3 +70,11 @@ def test_the_full_shuffle_is_the_previous_order():
     sampler = GlobalSampler(500, 9, shuffle="full")
     np.testing.assert_array_equal(sampler.sample_ids(500, 1000),
                                   np.random.default_rng(10).permutation(500))
+
+
+@pytest.mark.parametrize("shuffle", ["feistel", "full"])
+def test_epoch_positions_invert_the_order(shuffle):
+    sampler = GlobalSampler(1025, seed=2, shuffle=shuffle)
+    for epoch in (0, 1):
+        ids = sampler.sample_ids(epoch * 1025, (epoch + 1) * 1025)
+        np.testing.assert_array_equal(sampler.epoch_positions(ids, epoch), np.arange(1025))

@@ -62,16 +62,17 @@ def topk_cache(tmp_path_factory, base) -> Path:
 def test_topk_round_trip_equals_the_teachers_own(base, topk_cache, teacher_dir):
     from transformers import AutoModelForCausalLM
 
-    from fbi.distill.cache import load_manifest, walk_order
+    from fbi.distill.cache import Walk, load_manifest
     from fbi.distill.loss import distillation_loss
 
     source, train = open_cache(base, topk_cache)
     manifest = load_manifest(topk_cache)
     assert manifest["complete"] and manifest["id_dtype"] == "uint16"  # a 512-token vocabulary
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    order = walk_order(manifest)
+    walk = Walk(manifest)
     for part in (0, 5):  # the batch the writer ran as one
-        ids = order[part * 8:(part + 1) * 8].tolist()
+        ids = walk.part_ids(part).tolist()
+        assert walk.parts(ids) == [part]
         batch = torch.from_numpy(train.batch(ids))
         with torch.no_grad():
             logits = teacher(input_ids=batch[:, :-1]).logits
@@ -91,6 +92,13 @@ def test_topk_round_trip_equals_the_teachers_own(base, topk_cache, teacher_dir):
                      - (1 - want_vals.exp().sum(-1)) * rest).mean()
         from_cache = distillation_loss(student.float(), got, batch[:, 1:]).loss
         torch.testing.assert_close(from_cache.double(), reference, rtol=1e-5, atol=1e-6)
+        # soft_ce, logged by every source, reads as the online teacher's for a student whose
+        # tail is flat (as at initialization), where the lumped loss is lower by the spread.
+        flat = 0.1 * torch.randn(logits.shape)
+        online = distillation_loss(flat, logits, batch[:, 1:])
+        cached = distillation_loss(flat, got, batch[:, 1:])
+        assert abs(cached.soft_ce.item() - online.soft_ce.item()) < 0.02
+        assert online.distill.item() - cached.distill.item() > 1.0
 
 
 def written_parts(directory: Path) -> int:
@@ -103,7 +111,7 @@ def written_parts(directory: Path) -> int:
 
 
 def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_path):
-    from fbi.distill.cache import CacheWaitError, load_manifest, num_parts, walk_order
+    from fbi.distill.cache import CacheWaitError, Walk, load_manifest, num_parts
 
     directory = tmp_path / "cache"
     write(base, directory, "teacher.cache.max_parts=3")  # stops as a time-limited job would
@@ -111,12 +119,12 @@ def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_pat
     assert written_parts(directory) == 3
     assert len(list(directory.rglob("*"))) < 20  # no file per part
     source, _ = open_cache(base, directory)
-    order = walk_order(load_manifest(directory))
-    assert source.targets(order[:8].tolist(), None).ids.shape == (8, 32, 8)  # part 0: written
+    walk = Walk(load_manifest(directory))
+    assert source.targets(walk.part_ids(0).tolist(), None).ids.shape == (8, 32, 8)  # written
     with pytest.raises(CacheWaitError, match=r"part 10 is not written and the cache job "
                                              r"stopped on purpose after teacher.cache.max_parts=3 "
                                              r".*resume it .*: python -m fbi.distill.cache_writer"):
-        source.targets(order[80:84].tolist(), None)
+        source.targets(walk.part_ids(10)[:4].tolist(), None)
     with open(sorted(directory.glob("*.ids"))[0], "r+b") as f:  # a part cut off mid-write
         f.seek(20 * 32 * 8 * 2)
         f.write(b"\xff" * 4096)
@@ -221,6 +229,7 @@ def test_training_from_cache_on_two_ranks_with_resume_reads_the_right_entries(
     assert sample_ids(tmp_path / "split") == sample_ids(tmp_path / "one")
     # Another entry read for any sample would change that step's distillation loss.
     assert [s["distill"] for s in split] == pytest.approx([s["distill"] for s in one], rel=1e-5)
+    assert all(s["soft_ce"] > s["distill"] for s in one)  # the lumped tail's spread, added
     # Evaluation's teacher part: the perplexity the cache job measured on the same batches.
     final = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])
     recorded = json.loads((topk_cache / "manifest.json").read_text())["eval"]
@@ -265,12 +274,12 @@ def test_training_while_the_cache_is_written_equals_training_from_the_finished_c
 
 
 def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_path):
-    from fbi.distill.cache import CacheRowError, load_manifest, walk_order
+    from fbi.distill.cache import CacheRowError, Walk, load_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(topk_cache, copy)
-    order = walk_order(load_manifest(copy))
-    sample = int(order[13])  # part 1 (parts of 8 samples in the walk order)
+    walk = Walk(load_manifest(copy))
+    sample = int(walk.part_ids(1)[5])
     source, train = open_cache(base, copy)
     shard, row = train.locate(sample)
     stem = Path(load_manifest(copy)["token_shards"][shard]["file"]).stem  # the sample's shard
@@ -280,7 +289,7 @@ def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_pa
     with pytest.raises(CacheRowError, match=rf"row {row} of {stem}.ids/.vals \(sample id "
                                             rf"{sample}, part 1\), position 4, holds a token id "
                                             r">= the vocabulary size 512"):
-        open_cache(base, copy)[0].targets([int(order[0]), sample], None)
+        open_cache(base, copy)[0].targets([int(walk.part_ids(0)[0]), sample], None)
     ids[row] = 0  # a row never written
     ids.flush()
     vals = np.memmap(copy / f"{stem}.vals", np.float32, "r+").reshape(-1, 32, 8)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fbi.distill.cache_writer import encode_sampled, encode_topk
 from fbi.distill.loss import distillation_loss
-from fbi.distill.targets import SparseTargets
+from fbi.distill.targets import SparseTargets, label_tail
 
 B, S, V = 3, 8, 50
 
@@ -98,6 +98,51 @@ def test_sampled_estimator_is_unbiased_for_loss_and_gradient():
     (g_biased,) = torch.autograd.grad(biased.loss, student)
     assert abs(biased.loss.double() - full.loss.double()) > 3 * 4 * se
     assert ((g_biased.double() - g_full.double()) ** 2).sum() > 3 * 3 * expected_sq
+
+
+def _exact_soft_ce(student, p_t, labels, T):
+    """float64: T**2 * mean over valid positions of -sum_v p_t log softmax(s / T)."""
+    logp_s = F.log_softmax(student.detach().double() / T, dim=-1)
+    valid = labels != -100
+    return T**2 * (-(p_t * logp_s).sum(-1))[valid].mean()
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_soft_ce_is_exact_for_dense_and_for_a_tail_shaped_like_the_students(T):
+    """Every source reports the full soft cross-entropy: dense exactly; top-k (lumped tail,
+    and the label tail) exactly when the teacher's tail has the student's shape, where the
+    lumped ``distill`` misses the tail's spread."""
+    student, teacher, labels = _inputs(seed=4)
+    dense = distillation_loss(student, teacher, labels, temperature=T)
+    p_dense = F.softmax(teacher.double() / T, dim=-1)
+    torch.testing.assert_close(dense.soft_ce.double(), _exact_soft_ce(student, p_dense, labels, T))
+    torch.testing.assert_close(dense.soft_ce, dense.distill)
+    # a teacher whose probabilities outside its top 5 are the student's, rescaled
+    ids, logp, _ = encode_topk(teacher, 5, T)
+    w = logp.double().exp() * 0.7 / logp.double().exp().sum(-1, keepdim=True)
+    q = F.softmax(student.detach().double() / T, dim=-1).scatter(-1, ids, 0.0)
+    p_t = (0.3 * q / q.sum(-1, keepdim=True)).scatter(-1, ids, w)
+    exact = _exact_soft_ce(student, p_t, labels, T)
+    lumped = distillation_loss(student, SparseTargets(ids, w.float(), torch.full((B, S), 0.3)),
+                               labels, temperature=T)
+    torch.testing.assert_close(lumped.soft_ce.double(), exact)
+    assert exact - lumped.distill.double() > 0.5  # the spread the lumped loss leaves out
+    labelled = distillation_loss(student, label_tail(SparseTargets(
+        ids, w.float(), torch.full((B, S), 0.3)), labels.clamp(min=0)), labels, temperature=T)
+    assert labelled.soft_ce.item() > lumped.distill.item()  # the label stands in for the tail
+
+
+def test_soft_ce_of_sampled_targets_is_unbiased():
+    student, teacher, labels = _inputs(seed=5)
+    exact = _exact_soft_ce(student, F.softmax(teacher.double(), dim=-1), labels, 1.0)
+    values = []
+    for m in range(400):
+        ids, counts = encode_sampled(teacher, 8, 1.0, seed=m)
+        out = distillation_loss(student, SparseTargets(ids, counts.float() / 8, None), labels)
+        assert out.soft_ce.item() == out.distill.item()
+        values.append(out.soft_ce.double())
+    values = torch.stack(values)
+    assert abs(values.mean() - exact) < 4 * values.std() / len(values) ** 0.5
 
 
 def test_sampling_is_deterministic_in_its_seed():
