@@ -9,6 +9,11 @@ validation perplexity on the held-out play and on WikiText-2 (test split, the re
 data/wikitext-2: text it never trained on), and, for every source alike, KL(teacher || student)
 on held-out batches: the quantity that compares sources whose own losses do not.
 
+``--metric-check N`` instead checks the training log's comparable metric: for a student at
+initialization and after N online steps, each source's own ``distill`` and its ``soft_ce``
+(fbi/distill/loss.py) on the same held-out batches, against the exact soft cross-entropy
+from the dense teacher.
+
 Sources: ``ce`` (labels only), ``online`` (the dense teacher at every step), ``topkK`` (k
 ids + lumped tail, as stored in float16), ``topkK_label`` (the tail mass on the label where
 it is outside the k ids), ``topkK_u8`` / ``topkK_label_u8`` (uint8 units, fbi/distill/rows.py),
@@ -38,7 +43,7 @@ from fbi.configure import compose  # noqa: E402
 from fbi.data.sampler import GlobalSampler  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
 from fbi.distill.cache_writer import encode_sampled, encode_topk, part_seed  # noqa: E402
-from fbi.distill.loss import mean_token_nll  # noqa: E402
+from fbi.distill.loss import distillation_loss, mean_token_nll  # noqa: E402
 from fbi.distill.rows import decode_units, encode_units  # noqa: E402
 from fbi.distill.targets import SparseTargets, label_tail  # noqa: E402
 from fbi.distill.teacher import NoTeacher, Ready  # noqa: E402
@@ -138,6 +143,47 @@ def held_out(run, teacher, wikitext: torch.Tensor, batches: int) -> dict:
             "kl_teacher": kl / batches}
 
 
+@torch.no_grad()
+def metric_rows(run, teacher, sources: list[str], batches: int) -> dict:
+    """Mean over held-out batches of each source's (distill, soft_ce), and the exact value."""
+    run.engine.eval()
+    bs, sums = run.cfg.micro_batch_size, {}
+    for b in range(batches):
+        ids = list(range(b * bs, (b + 1) * bs))
+        batch = torch.from_numpy(run.val_data.batch(ids))
+        student, labels = run.engine(batch[:, :-1]).float(), batch[:, 1:]
+        logits = teacher.logits(batch[:, :-1]).float()
+        found = {"exact": distillation_loss(student, logits, labels)}
+        for name in sources:
+            targets = MemoryTargets(name, run.val_data)
+            targets.add(ids, logits, part_seed(0, b))
+            found[name] = distillation_loss(student, targets.targets(ids, None), labels)
+        for name, out in found.items():
+            previous = sums.get(name, (0.0, 0.0))
+            sums[name] = (previous[0] + out.distill.item() / batches,
+                          previous[1] + out.soft_ce.item() / batches)
+    run.engine.train()
+    return sums
+
+
+def metric_check(out: Path, sources: list[str], steps: int, batches: int, dist_info) -> None:
+    run = build_run(config(out, "metric_check", 0, steps), dist_info)
+    teacher, found = run.teacher, {}
+    found[0] = metric_rows(run, teacher, sources, batches)
+    for ids in consumed_ids(run, steps):
+        train_step(run, [ids[i:i + run.cfg.micro_batch_size]
+                         for i in range(0, len(ids), run.cfg.micro_batch_size)])
+    found[steps] = metric_rows(run, teacher, sources, batches)
+    print(f"\nthe same student, {batches} held-out batches: each source's distill | soft_ce "
+          "(exact: dense teacher)")
+    print("| source | " + " | ".join(f"distill, step {s} | soft_ce, step {s}" for s in found)
+          + " |")
+    print("|---|" + "---|---|" * len(found))
+    for name in ["exact"] + sources:
+        print(f"| {name} | " + " | ".join(f"{found[s][name][0]:.3f} | {found[s][name][1]:.3f}"
+                                           for s in found) + " |")
+
+
 def summary(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
@@ -150,9 +196,13 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_targets_study")
+    parser.add_argument("--metric-check", type=int, metavar="N", default=None)
     args = parser.parse_args()
     dist_info = init_distributed()
     out = args.out.resolve()
+    if args.metric_check is not None:
+        sparse = [n for n in args.sources if n not in ("ce", "online")]
+        return metric_check(out, sparse, args.metric_check, args.eval_batches, dist_info)
     results: dict = {"steps": args.steps, "seeds": args.seeds, "runs": {}}
     for seed in args.seeds:
         teacher_run = build_run(config(out, "teacher", seed, args.steps), dist_info)
