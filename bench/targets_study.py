@@ -184,9 +184,9 @@ def metric_check(out: Path, sources: list[str], steps: int, batches: int, dist_i
                                            for s in found) + " |")
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], digits: int = 1) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def main() -> None:
@@ -239,7 +239,7 @@ def main() -> None:
         print(f"| {name} | {bytes_per_token(name, vocab):.0f} | "
               f"{summary([r['ppl_play'] for r in runs])} | "
               f"{summary([r['ppl_wikitext2'] for r in runs])} | "
-              f"{statistics.mean(r['kl_teacher'] for r in runs):.3f} |")
+              f"{summary([r['kl_teacher'] for r in runs], 2)} |")
 
 
 if __name__ == "__main__":
