@@ -24,7 +24,8 @@ WRITER = REPO / "fbi" / "distill" / "cache_writer.py"
 
 @pytest.fixture(scope="module")
 def base(tiny_run) -> list[str]:
-    return tiny_run + ["teacher=cache", "teacher.cache.k=8", "teacher.cache.part_samples=8",
+    return tiny_run + ["teacher=cache", "teacher.cache.mode=topk", "teacher.cache.k=8",
+                       "teacher.cache.part_samples=8",
                        "teacher.cache.value_dtype=float32", "teacher.cache.tail=lumped"]
 
 
