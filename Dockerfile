@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The cluster image (README "Docker"). Targets:
+# The cluster image (docs/clusters.md "Docker"). Targets:
 #   runtime (default)  train.py as the entry point, as a non-root user
 #   test               runtime + the test tools (pytest, hadolint, lm_eval), runs the suite
 # DEVICE=gpu (default): CUDA 13.0 devel base, because torch 2.13.0's PyPI wheel is built for

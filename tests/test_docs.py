@@ -28,7 +28,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +59,11 @@ class Command:
     page: str
     line: int
     argv: list[str]
-    expect_error: str | None = None
-    where: str = field(init=False)
+    expect_error: str | None = None  # a console block's printed error: must be refused so
 
-    def __post_init__(self) -> None:
-        self.where = f"{self.page}:{self.line}"
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
 def pages(root: Path) -> list[Path]:
@@ -185,7 +186,7 @@ class Checker:
         if head in ("bash", "sh") and len(argv) > 1:
             return self.program(cmd, None, argv[1:])
         if head == "sbatch":
-            rest = [a for a in argv[1:]]
+            rest = argv[1:]
             while rest and rest[0].startswith("-"):
                 rest.pop(0)
             return self.program(cmd, None, rest)
@@ -194,10 +195,10 @@ class Checker:
             if rest[:1] == ["-m"]:
                 return self.module(cmd, rest[1], rest[2:], world)
             return self.program(cmd, world, rest)
-        if head == "docker" and "train.py" in argv:
-            world, _ = split_launcher(["torchrun", *argv[argv.index("--nproc_per_node"):]]) \
-                if "--nproc_per_node" in argv else (1, [])
-            return self.program(cmd, world, argv[argv.index("train.py"):])
+        if head == "docker" and "train.py" in argv:  # docker run ... --entrypoint torchrun ...
+            at = argv.index("train.py")
+            nproc = argv[argv.index("--nproc_per_node") + 1] if "--nproc_per_node" in argv[:at] else "1"
+            return self.program(cmd, int(nproc), argv[at:])
         if Path(head).name.startswith("python"):
             if argv[1:2] == ["-m"] and len(argv) > 2:
                 return self.module(cmd, argv[2], argv[3:], 1)
@@ -290,6 +291,7 @@ class Checker:
 
     # --- the two batches ------------------------------------------------------------
     def compose_all(self) -> None:
+        """Compose (and validate) every compose job so far, as train.py would."""
         from hydra import compose, initialize_config_dir
         from hydra.core.hydra_config import HydraConfig
 
@@ -297,8 +299,9 @@ class Checker:
         from fbi.configure import validate
 
         register()
+        jobs, self.compose_jobs = self.compose_jobs, []
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            for cmd, args, world in self.compose_jobs:
+            for cmd, args, world in jobs:
                 elided = "..." in args
                 overrides = [first_of_sweep(a) for a in args if a != "..."]
                 error = None
@@ -312,7 +315,7 @@ class Checker:
                             checked.grad_accum_steps(world)
                         error = None
                     except Exception as err:  # noqa: BLE001  (Hydra's and fbi's refusals alike)
-                        error = f"{type(err).__name__}: {err}".split("\n")[0]
+                        error = f"{type(err).__name__}: {err}".replace("\n", " ")[:400]
                     fill = next((v for k, v in PLACEHOLDERS.items()
                                  if error and elided and f"ConfigError: {k}" in error), None)
                     if fill is None:
@@ -320,16 +323,31 @@ class Checker:
                     overrides.append(fill)
                 self.outcome(cmd, error, " ".join(args))
 
-    def parse_all(self) -> None:
+    def start_parsing(self) -> subprocess.Popen | None:
+        """tests/docs_parse.py on every parse job, in the background while composing."""
         if not self.parse_jobs:
+            return None
+        jobs = tempfile.TemporaryFile("w+")
+        json.dump([job for _, job, _ in self.parse_jobs], jobs)
+        jobs.seek(0)
+        # Files, not pipes: nothing blocks on a full pipe while this process composes.
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        with jobs:
+            return subprocess.Popen([sys.executable, str(REPO / "tests" / "docs_parse.py")],
+                                    cwd=REPO, text=True, stdin=jobs, stdout=self.out, stderr=self.err)
+
+    def parsed(self, proc: subprocess.Popen | None) -> None:
+        """Read the parse results; the Hydra overrides a command hands on become compose jobs."""
+        if proc is None:
             return
-        done = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "docs_parse.py")], cwd=REPO, text=True,
-            input=json.dumps([job for _, job, _ in self.parse_jobs]), capture_output=True,
-            timeout=300)
-        if done.returncode != 0:
-            raise AssertionError(f"tests/docs_parse.py failed:\n{done.stderr[-3000:]}")
-        results = json.loads(done.stdout.strip().splitlines()[-1])
+        code = proc.wait(timeout=300)
+        with self.out, self.err:
+            self.out.seek(0)
+            self.err.seek(0)
+            stdout, stderr = self.out.read(), self.err.read()
+        if code != 0:
+            raise AssertionError(f"tests/docs_parse.py failed:\n{stderr[-3000:]}")
+        results = json.loads(stdout.strip().splitlines()[-1])
         for (cmd, job, hydra), result in zip(self.parse_jobs, results):
             if not result["ok"]:
                 self.outcome(cmd, result["error"], " ".join(job["argv"]))
@@ -396,9 +414,11 @@ def check_docs(root: Path, repo: Path = REPO) -> list[str]:
     checker = Checker(root, repo)
     for page in pages(root):
         checker.page(page)
-    checker.parse_all()
+    parsing = checker.start_parsing()
     checker.compose_all()
-    return checker.problems
+    checker.parsed(parsing)
+    checker.compose_all()
+    return sorted(checker.problems, key=lambda p: (p.split(":")[0], int(p.split(":")[1])))
 
 
 def test_every_documented_command_link_and_path_holds():

@@ -1,5 +1,5 @@
 """The import structure of fbi/: no circles, and every import runs down the layers that the
-README's architecture section lists. Imports inside functions count as much as those at the
+docs/code.md "Layers" lists. Imports inside functions count as much as those at the
 top of a module: a deferred import hides a circle from Python, not from the next reader."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def layer_of(name: str) -> int:
             if fnmatch(name, pattern) and len(pattern) > best_len:
                 best, best_len = index, len(pattern)
     if best is None:
-        raise AssertionError(f"{name} is in no layer: add it to LAYERS here and to the README")
+        raise AssertionError(f"{name} is in no layer: add it to LAYERS here and to docs/code.md")
     return best
 
 

@@ -13,7 +13,7 @@
   ``distributed.step_timeout_s``, as torchtitan does (``comm.train_timeout_seconds``).
 
 NCCL's flight recorder (the last collectives of every rank, dumped on a timeout) is enabled
-by fbi.distributed for NCCL groups; README "Hangs" lists the environment.
+by fbi.distributed for NCCL groups; docs/clusters.md "Hangs" lists the environment.
 """
 
 from __future__ import annotations
