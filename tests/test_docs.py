@@ -275,9 +275,14 @@ class Checker:
         text = page.read_text()
         name = page.relative_to(self.root).as_posix()
         for first, lang, lines, skip in blocks(text):
-            if lang in SHELL and not skip:
+            if skip:
+                continue
+            if lang in SHELL:
                 for cmd in commands(name, first, lang, lines):
                     self.command(cmd)
+            else:  # a layout tree, an excerpt: the repository paths it names
+                for n, line in enumerate(lines, first):
+                    self.paths(f"{name}:{n}", line.split())
         for n, line in prose(text):
             where = f"{name}:{n}"
             for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", line):
@@ -445,10 +450,35 @@ def test_a_wrong_flag_link_and_path_are_reported(tmp_path):
         "```bash\npython -m fbi export runs/demo --formt packed --out x\n"
         "python bench/packed_size.py --model fbi_130m --vocab 32000\n```\n"
         "```console\n$ python train.py model=fbi_130m\n"
-        "fbi.config.ConfigError: model: model=fbi_130m was named, but (...) not this\n```\n")
+        "fbi.config.ConfigError: model: model=fbi_130m was named, but (...) not this\n```\n"
+        "<!-- docs-test: skip a block the check is told to leave alone -->\n"
+        "```bash\npython train.py no_such_field=1\n```\n")
     problems = check_docs(tmp_path)
     assert len(problems) == 4, problems
     assert problems[0].startswith("docs/page.md:3: link teacher.md#no-such-heading")
     assert problems[1].startswith("docs/page.md:3: `bench/no_such.py`")
     assert problems[2].startswith("docs/page.md:6: ") and "--formt" in problems[2]
     assert problems[3].startswith("docs/page.md:10: refused otherwise")
+
+
+def test_commands_are_split_as_a_shell_reads_them_and_sent_to_the_right_check():
+    block = ["OMP_NUM_THREADS=1 torchrun --nnodes 2 --nproc_per_node 4 train.py \\",
+             "    zero=stage2 micro_batch_size=2   # a comment",
+             "bash setup.sh && .venv/bin/python train.py experiment=demo",
+             "sbatch --nodes=4 launch/slurm/train.sbatch experiment=fbi_130m ...",
+             "deepspeed --num_gpus 2 --no_local_rank train.py zero=stage1",
+             "python -m fbi export runs/demo --format hf --out x",
+             "docker run --gpus all --entrypoint torchrun fbi --nproc_per_node 8 train.py seed=1"]
+    checker = Checker(REPO, REPO)
+    for cmd in commands("p.md", 10, "bash", block):
+        checker.command(cmd)
+    assert [(c.line, args, world) for c, args, world in checker.compose_jobs] == [
+        (10, ["zero=stage2", "micro_batch_size=2"], 8),
+        (12, ["experiment=demo"], 1),
+        (13, ["experiment=fbi_130m", "..."], None),
+        (14, ["zero=stage1"], 2),
+        (16, ["seed=1"], 8)]
+    assert [(c.line, job) for c, job, _ in checker.parse_jobs] == [
+        (15, {"module": "fbi", "path": None,
+              "argv": ["export", "runs/demo", "--format", "hf", "--out", "x"]})]
+    assert not checker.problems
