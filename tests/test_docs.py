@@ -25,7 +25,6 @@ import ast
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,9 @@ HYDRA_MODULES = {"fbi.distill.cache_writer"}
 LAUNCHERS = {"launch/slurm/train.sbatch": 0, "launch/slurm/prepare_data.sbatch": 0,
              "launch/torchrun_hosts.sh": 1, "launch/deepspeed_hostfile.sh": 1,
              "launch/torchrun_node.sh": 0}
-# Options of the launchers in front of the program that take no value.
+# Options of torchrun and the deepspeed launcher that take no value.
 FLAGS = {"--standalone", "--no_python", "--no-python", "--no_local_rank", "--no_ssh",
-         "--module", "-m", "--run_path", "--rm", "-it", "-d", "--nv"}
+         "--run_path", "--run-path"}
 # What a page's "..." may leave out, filled in when the configuration asks for it.
 # (the field a refusal names -> the override that fills it)
 PLACEHOLDERS = {"teacher.path": "teacher.path=/placeholder/teacher",
@@ -167,7 +166,8 @@ class Checker:
         self.root, self.repo = root.resolve(), repo
         self.problems: list[str] = []
         self.compose_jobs: list[tuple[Command, list[str], int | None]] = []
-        self.parse_jobs: list[tuple[Command, dict, bool]] = []  # (command, job, compose extras)
+        # (command, job, None or the world size to compose the overrides it hands on at)
+        self.parse_jobs: list[tuple[Command, dict, int | None]] = []
 
     def problem(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
@@ -218,7 +218,7 @@ class Checker:
         elif script in LAUNCHERS:
             self.compose_jobs.append((cmd, args[LAUNCHERS[script]:], None))
         elif script.startswith("bench/") and script.endswith(".py"):
-            self.parse_jobs.append((cmd, {"module": None, "path": script, "argv": args}, False))
+            self.parse_jobs.append((cmd, {"module": None, "path": script, "argv": args}, None))
 
     def module(self, cmd: Command, name: str, args: list[str], world: int | None) -> None:
         if name in HYDRA_MODULES:  # the cache writer splits parts, not batches, over ranks
@@ -227,9 +227,13 @@ class Checker:
             module = "fbi.cli" if name == "fbi" else name
             if self.module_file(module) is None:
                 return self.problem(cmd.where, f"python -m {name}: no such module")
-            hydra = name == "fbi.estimate" or args[:2] == ["data", "prepare"]
+            world = None
+            if name == "fbi.estimate":  # it splits the batch at --world-size, as a run would
+                world = int(args[args.index("--world-size") + 1]) if "--world-size" in args else 1
+            elif args[:2] == ["data", "prepare"]:
+                world = 0  # workers, not a batch
             job = {"module": "fbi" if name == "fbi" else name, "path": None, "argv": args}
-            self.parse_jobs.append((cmd, job, hydra))
+            self.parse_jobs.append((cmd, job, world))
 
     # --- names ----------------------------------------------------------------------
     def paths(self, where: str, tokens: list[str]) -> None:
@@ -353,11 +357,11 @@ class Checker:
         if code != 0:
             raise AssertionError(f"tests/docs_parse.py failed:\n{stderr[-3000:]}")
         results = json.loads(stdout.strip().splitlines()[-1])
-        for (cmd, job, hydra), result in zip(self.parse_jobs, results):
+        for (cmd, job, world), result in zip(self.parse_jobs, results):
             if not result["ok"]:
                 self.outcome(cmd, result["error"], " ".join(job["argv"]))
-            elif hydra:
-                self.compose_jobs.append((cmd, result["extras"], 1))
+            elif world is not None:
+                self.compose_jobs.append((cmd, result["extras"], world))
             elif result["extras"]:
                 self.problem(cmd.where, f"unrecognized arguments {result['extras']}")
 
