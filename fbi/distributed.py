@@ -410,11 +410,14 @@ def fresh_store(agent_addr: str, agent_port: int, rank: int, world_size: int,
             store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout,
                                   wait_for_workers=False)
         except RuntimeError as err:  # DistNetworkError: the port is taken
-            raise LaunchError(
-                f"rank 0's process-group store cannot listen on {host}:{port}, the port after "
-                f"the rendezvous' ({str(err).splitlines()[0]}); give the rendezvous a port "
-                "whose next one is free too (RDZV_PORT, torchrun --rdzv_endpoint)"
-            ) from None
+            store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout,
+                                  wait_for_workers=False)
+            log.warning(
+                "rank 0's process-group store cannot listen on %s:%d, the port after the "
+                "rendezvous' (%s), and listens on %d instead: open that port between nodes, "
+                "or give the rendezvous a port whose next one is free (RDZV_PORT, torchrun "
+                "--rdzv_endpoint)", host, port, str(err).splitlines()[0], store.port)
+            port = store.port
         agent.set(STORE_KEY, f"{host}:{port}")
         return store
     deadline = time.monotonic() + settings.rendezvous_timeout_s

@@ -218,9 +218,10 @@ def test_flight_recorder_dumps_into_the_run_dir_whatever_the_launcher(tmp_path):
     assert mine["TORCH_FR_DUMP_TEMP_FILE"] == "/scratch/fr/r"  # the user's own wins
 
 
-def test_rank_0s_store_listens_next_to_the_rendezvous_not_on_an_ephemeral_port():
+def test_rank_0s_store_listens_next_to_the_rendezvous_not_on_an_ephemeral_port(caplog):
     """Under torchrun (agent store) rank 0 hosts the process group's store on the port after
-    the rendezvous', which a firewall can open; a taken port is refused by name."""
+    the rendezvous', which a firewall can open; where that port is taken, another one with a
+    warning naming both."""
     import socket
     from datetime import timedelta
 
@@ -254,6 +255,9 @@ def test_rank_0s_store_listens_next_to_the_rendezvous_not_on_an_ephemeral_port()
         squatter.listen()
         busy_agent = dist.TCPStore("127.0.0.1", other, 2, is_master=True,
                                    timeout=timedelta(seconds=10), wait_for_workers=False)
-        with pytest.raises(LaunchError, match=rf"cannot listen on 127.0.0.1:{other + 1}.*RDZV_PORT"):
-            fresh_store("127.0.0.1", other, 0, 2, settings)
-        del busy_agent
+        fallback = fresh_store("127.0.0.1", other, 0, 2, settings)
+        port = int(busy_agent.get(STORE_KEY).decode().rpartition(":")[2])
+        assert port not in (other + 1, 0) and port == fallback.port
+        assert f"cannot listen on 127.0.0.1:{other + 1}" in caplog.text
+        assert f"listens on {port} instead" in caplog.text and "RDZV_PORT" in caplog.text
+        del busy_agent, fallback
