@@ -22,11 +22,14 @@ FROM ${CPU_BASE} AS base-cpu
 FROM base-${DEVICE} AS deps
 ARG DEVICE
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# openssh-client and pdsh: how launch/torchrun_hosts.sh and the deepspeed launcher
+# (launch/deepspeed_hostfile.sh) reach the other hosts.
 # The base digest fixes the Ubuntu release; apt versions follow that release's updates
 # (Ubuntu drops superseded versions from its archive, so exact pins would stop building).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-dev python3-venv git \
+       openssh-client pdsh \
     && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -44,23 +47,29 @@ RUN if [ "$DEVICE" = cpu ]; then export PIP_EXTRA_INDEX_URL=https://download.pyt
 
 # 2. DeepSpeed 0.19.8 is an sdist without pyproject: without --no-build-isolation pip builds
 #    it in an environment without torch and no op can be compiled. Prebuilt for GPUs: fused
-#    Adam, CPU Adam (the offload configs) and the flatten utilities ZeRO uses; the others
-#    compile on first use into TORCH_EXTENSIONS_DIR. TORCH_CUDA_ARCH_LIST: A100, H100, B200.
+#    Adam and the flatten utilities ZeRO uses (CUDA code, TORCH_CUDA_ARCH_LIST: A100, H100,
+#    B200). Not prebuilt: CPU Adam (the offload configs) and every other op built by
+#    DeepSpeed's CPUOpBuilder, which compiles with -march=native and the build host's SIMD
+#    width (no switch turns that off), so a node with an older CPU would die with SIGILL.
+#    They compile on the node at first use (about a minute) into TORCH_EXTENSIONS_DIR.
 #    DS_ACCELERATOR=cuda: a build machine has no GPU, and DeepSpeed would build for the CPU.
 ARG TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0"
 ARG MAX_JOBS=8
 RUN if [ "$DEVICE" = gpu ]; then \
-        export DS_ACCELERATOR=cuda DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1; fi; \
+        export DS_ACCELERATOR=cuda DS_BUILD_FUSED_ADAM=1 DS_BUILD_UTILS=1; fi; \
     TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" MAX_JOBS="$MAX_JOBS" \
         pip install --no-build-isolation -c requirements-gpu.txt deepspeed \
     && pip install -r requirements-gpu.txt \
     && if [ "$DEVICE" = gpu ]; then python -c "from deepspeed.git_version_info import \
-         installed_ops as ops; missing = [op for op in ('fused_adam', 'cpu_adam', 'utils') \
+         installed_ops as ops; missing = [op for op in ('fused_adam', 'utils') \
          if not ops.get(op)]; assert not missing, f'DeepSpeed ops not prebuilt: {missing}'"; fi
 
 # 3. --build-arg WITH_MAMBA=1 (GPU only): the Mamba-2 CUDA kernels, compiled here (FORCE_BUILD:
 #    no download of prebuilt wheels) with at most MAX_JOBS parallel nvcc jobs; each takes
-#    several GB of memory, so lower MAX_JOBS on small build machines.
+#    several GB of memory, so lower MAX_JOBS on small build machines. Their setup.py files
+#    pass their own -gencode list to nvcc, so torch ignores TORCH_CUDA_ARCH_LIST and there is
+#    no switch to narrow it: the build compiles every architecture they list (docs/clusters.md
+#    "Docker" gives the cost).
 ARG WITH_MAMBA=0
 RUN if [ "$WITH_MAMBA" = 1 ] && [ "$DEVICE" = gpu ]; then \
         MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS="$MAX_JOBS" \
@@ -93,6 +102,9 @@ CMD ["-q"]
 
 FROM app AS runtime
 # Runs, the download/shard/extension cache, and teachers/corpora are mounted from outside.
+# A host folder mounted over /runs keeps its host owner: run as that owner,
+#   docker run --user "$(id -u):$(id -g)" -v /scratch/runs:/runs ...
+# (train.py refuses a run_dir it cannot write at start, naming the owner and this fix).
 VOLUME ["/runs", "/cache", "/data"]
 ENTRYPOINT ["python", "train.py"]
 CMD ["run_dir=/runs/default"]

@@ -85,7 +85,7 @@ def resume_candidates(cfg: TrainConfig, run_dir: Path) -> list[str]:
         )
     if not tags or cfg.resume == "false":
         return []
-    check_same_student(cfg, run_dir)
+    check_same_config(cfg, run_dir)
     try:
         newest_step = int(read_meta(run_dir, tags[-1])["step"])
     except (ValueError, KeyError):
@@ -105,25 +105,57 @@ def resume_target(cfg: TrainConfig, run_dir: Path) -> str | None:
     return tags[0] if tags else None
 
 
-def check_same_student(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume checkpoints of another model or scheme (before anything is written)."""
+# Fields a resume may change: where files live, how long to go on, how the work is spread
+# over processes and what is logged or checked. Every other field defines the experiment
+# (a prefix ending in "." covers its group).
+RESUMABLE = (
+    "run_dir", "cache_dir", "resume", "max_steps", "micro_batch_size", "threads",
+    "checkpoint_every", "checkpoint_keep", "checkpoint_keep_every",
+    "eval_batches", "eval_every", "eval_blimp", "logging.", "distributed.", "guard.",
+    # ZeRO's layout but not its stage: the stage sets the checkpoint's format.
+    "zero.offload_optimizer", "zero.offload_params", "zero.overlap_comm", "zero.bucket_size",
+    "zero.activation_checkpointing", "zero.gather_signs", "zero.param_persistence_threshold",
+    # Moved files: the tokenizer's fingerprint and the shards' own checks still apply.
+    "teacher.path", "teacher.zero3", "teacher.cache.dir", "teacher.cache.wait_s",
+    "teacher.cache.heartbeat_s", "teacher.cache.dead_after_s", "teacher.cache.verify",
+    "teacher.cache.max_parts", "data.shards_dir", "data.verify_checksums",
+)
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume checkpoints of another experiment (before anything is written): the
+    saved ``config.yaml`` and this run's may differ only in ``RESUMABLE`` fields. A field
+    one side lacks (a config written by another version of fbi) is not compared."""
     saved_file = run_dir / "config.yaml"
     if not saved_file.exists():
         return
-    saved = OmegaConf.load(saved_file)
-    for group in ("model", "scheme"):
-        ours = OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group)))
-        theirs = OmegaConf.to_container(saved[group])
-        if group == "model" and ours.get("vocab_size") is None:
-            theirs["vocab_size"] = None  # filled from the tokenizer at run time
-        if ours != theirs:
-            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            raise ConfigError(
-                f"{group}: {run_dir} holds checkpoints of another {group} "
-                + ", ".join(f"{group}.{k}={theirs.get(k)} (now {ours.get(k)})" for k in differ)
-                + f"; choose another run_dir for this {group}, or resume that run with its "
-                "own config"
-            )
+    theirs = _flat(OmegaConf.to_container(OmegaConf.load(saved_file)))
+    ours = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if ours.get("model.vocab_size") is None:
+        theirs.pop("model.vocab_size", None)  # filled from the tokenizer at run time
+    differ = sorted(k for k in ours.keys() & theirs.keys()
+                    if ours[k] != theirs[k] and not _resumable(k))
+    if differ:
+        raise ConfigError(
+            f"{differ[0].split('.')[0]}: {run_dir} holds checkpoints of another experiment: "
+            + ", ".join(f"{k}={theirs[k]} (now {ours[k]})" for k in differ)
+            + "; choose another run_dir for this one, or resume that run with its own config "
+            "(a resume may change only: " + ", ".join(RESUMABLE) + ")"
+        )
 
 
 def _my_share(files: list[str], rank: int, world_size: int) -> list[str]:

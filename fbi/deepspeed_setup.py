@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -17,11 +18,13 @@ from fbi.models import architecture
 from fbi.sign_buckets import checkpoint_contexts
 
 
-def init_distributed(settings: DistributedConfig | None = None) -> Dist:
-    """Join the job's process group (fbi.distributed) and hand it to DeepSpeed's comm layer."""
+def init_distributed(settings: DistributedConfig | None = None,
+                     run_dir: Path | None = None) -> Dist:
+    """Join the job's process group (fbi.distributed; NCCL's flight recorder dumps into
+    ``run_dir``) and hand it to DeepSpeed's comm layer."""
     import deepspeed
 
-    info = distributed.init_distributed(settings)
+    info = distributed.init_distributed(settings, run_dir=run_dir)
     deepspeed.init_distributed(dist_backend="nccl" if info.device.startswith("cuda") else "gloo")
     return info
 

@@ -364,12 +364,23 @@ def set_collective_timeout(seconds: float) -> None:
         log.info("collective timeout now %.0f s (distributed.step_timeout_s)", seconds)
 
 
-# NCCL's flight recorder: a ring of each rank's last collectives, dumped (one file per rank,
-# under TORCH_FR_DUMP_TEMP_FILE, default /tmp/nccl_trace_rank_<r>) when a collective times
-# out; read with `python -m torch.distributed.flight_recorder.fr_trace <folder>`. The launch
-# scripts point the dump at the run directory. A user's own setting wins.
+# NCCL's flight recorder: a ring of each rank's last collectives, dumped (one file per rank)
+# when a collective times out; read with
+# `python -m torch.distributed.flight_recorder.fr_trace <run_dir>/flight_recorder`.
 FLIGHT_RECORDER = {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
                    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+
+
+def flight_recorder_env(environ: Mapping[str, str], run_dir: Path | None) -> dict[str, str]:
+    """The flight recorder's variables for an NCCL group, dumping into
+    ``run_dir/flight_recorder/rank_<r>`` (torch's default is the node's /tmp, lost with the
+    node); whatever the user exported wins. Set here, whatever the launcher."""
+    wanted = dict(FLIGHT_RECORDER)
+    if run_dir is not None:
+        (run_dir / "flight_recorder").mkdir(parents=True, exist_ok=True)
+        wanted["TORCH_FR_DUMP_TEMP_FILE"] = str(run_dir / "flight_recorder" / "rank_")
+    return {k: environ.get(k, v) for k, v in wanted.items()}
+
 
 STORE_KEY = "fbi/process_group_store"
 
@@ -391,10 +402,23 @@ def fresh_store(agent_addr: str, agent_port: int, rank: int, world_size: int,
                           timeout=timedelta(seconds=settings.rendezvous_timeout_s))
     timeout = timedelta(seconds=settings.timeout_s)
     if rank == 0:
-        host = agent_addr
-        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout,
-                              wait_for_workers=False)
-        agent.set(STORE_KEY, f"{host}:{store.port}")
+        # The port next to the rendezvous' (a firewall opens the pair; launch/slurm/
+        # train.sbatch gives each job an even rendezvous port, so jobs' pairs never overlap),
+        # not an ephemeral one: a restart binds the same port again (the store reuses it).
+        host, port = agent_addr, agent_port + 1
+        try:
+            store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout,
+                                  wait_for_workers=False)
+        except RuntimeError as err:  # DistNetworkError: the port is taken
+            store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout,
+                                  wait_for_workers=False)
+            log.warning(
+                "rank 0's process-group store cannot listen on %s:%d, the port after the "
+                "rendezvous' (%s), and listens on %d instead: open that port between nodes, "
+                "or give the rendezvous a port whose next one is free (RDZV_PORT, torchrun "
+                "--rdzv_endpoint)", host, port, str(err).splitlines()[0], store.port)
+            port = store.port
+        agent.set(STORE_KEY, f"{host}:{port}")
         return store
     deadline = time.monotonic() + settings.rendezvous_timeout_s
     while True:
@@ -416,9 +440,11 @@ def fresh_store(agent_addr: str, agent_port: int, rank: int, world_size: int,
 
 
 def init_distributed(settings: DistributedConfig | None = None,
-                     environ: Mapping[str, str] | None = None) -> Dist:
+                     environ: Mapping[str, str] | None = None,
+                     run_dir: Path | None = None) -> Dist:
     """Bind this process's device, then join (or form) the process group: NCCL on GPU, gloo on
-    CPU. Every wait is bounded by the timeouts in ``settings``."""
+    CPU. Every wait is bounded by the timeouts in ``settings``; NCCL's flight recorder dumps
+    into ``run_dir``."""
     settings = settings or DistributedConfig()
     environ = os.environ if environ is None else environ
     env = detect(environ)
@@ -436,8 +462,7 @@ def init_distributed(settings: DistributedConfig | None = None,
                       WORLD_SIZE=str(env.world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
-        for name, value in FLIGHT_RECORDER.items():
-            os.environ.setdefault(name, value)
+        os.environ.update(flight_recorder_env(os.environ, run_dir))
     if backend == "gloo" and env.world_size > 1 and (ifname := gloo_interface(environ, addr, port)):
         log.warning("this host's name %s resolves nowhere: gloo binds to %s, the interface "
                     "towards %s (set GLOO_SOCKET_IFNAME to choose)", socket.gethostname(),
@@ -453,6 +478,8 @@ def init_distributed(settings: DistributedConfig | None = None,
             dist.init_process_group(backend, init_method="env://", rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
         dist.barrier()
+    except LaunchError:
+        raise
     except RuntimeError as err:  # torch's DistStoreError and gloo/NCCL timeouts among them
         raise LaunchError(
             f"not all {env.world_size} ranks joined within distributed.timeout_s="

@@ -112,7 +112,7 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = preflight(cfg, env.world_size)
     lock = RunLock(run_dir) if env.rank == 0 else None
     try:
-        run = build_run(cfg, init_distributed(cfg.distributed))
+        run = build_run(cfg, init_distributed(cfg.distributed, run_dir))
     except BaseException:
         preemption.close()
         if lock is not None:

@@ -6,6 +6,8 @@ leaves nothing behind. ``fbi.loop.train`` calls them first, then takes the run d
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -87,6 +89,25 @@ def check_data_files(cfg: TrainConfig) -> None:
         builder_for(corpus_files(cfg.data, Path(cfg.cache_dir).expanduser()))
 
 
+def check_writable(run_dir: Path) -> None:
+    """A run directory this process can create and write into. A host folder mounted into a
+    container (``docker run -v /scratch/runs:/runs``) keeps its host owner, whom the image's
+    user (uid 1001) usually is not."""
+    target = run_dir
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if os.access(target, os.W_OK | os.X_OK):
+        return
+    st = target.stat()
+    raise ConfigError(
+        f"run_dir: {run_dir} cannot be written: {target} belongs to uid {st.st_uid} gid "
+        f"{st.st_gid} ({stat.filemode(st.st_mode)}) and this process runs as uid {os.getuid()} "
+        f"gid {os.getgid()}; in a container run as the folder's owner (docker run --user "
+        '"$(id -u):$(id -g)" ...), or make the folder writable for this user, or choose '
+        "another run_dir"
+    )
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> Path:
     """Every refusal that reads only; returns the run directory."""
     cfg.grad_accum_steps(world_size)
@@ -98,6 +119,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path:
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} is a file; choose a folder")
+    check_writable(run_dir)
     checkpoint.resume_candidates(cfg, run_dir)  # refuses resume=true without one, max_steps
     return run_dir
 

@@ -27,6 +27,15 @@ if ! getent hosts "$master" > /dev/null; then
   echo "launch: the first host $master of $hostfile does not resolve here (DNS or /etc/hosts)" >&2
   exit 2
 fi
+hosts=$(awk '!/^[[:space:]]*(#|$)/ {n++} END {print n + 0}' "$hostfile")
+if [ "$hosts" -gt 1 ] && [ -z "${NODE_RANK:-}" ] && ! command -v pdsh > /dev/null \
+    && ! command -v ssh > /dev/null; then
+  other=$(awk '!/^[[:space:]]*(#|$)/ {n++; if (n == 2) {print $1; exit}}' "$hostfile")
+  echo "launch: the deepspeed launcher needs pdsh or ssh to reach $other and the other hosts" \
+       "of $hostfile, and neither is installed here: apt-get install pdsh openssh-client" \
+       "(the image has both), or run this script on every host with NODE_RANK=<its index>" >&2
+  exit 2
+fi
 threads=$(( $(nproc) / ${slots:-1} ))
 env_file=$(mktemp)
 trap 'rm -f "$env_file"' EXIT

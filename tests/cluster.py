@@ -57,10 +57,12 @@ def why_not_netns() -> str | None:
 
 
 class SlurmCluster:
-    """slurmctld + one slurmd per node name, all on this host (``NodeAddr=127.0.0.1``)."""
+    """slurmctld + one slurmd per node name, all on this host (``NodeAddr=127.0.0.1``).
+    ``task_plugin`` task/affinity binds each task to the CPUs of its step (as clusters do)."""
 
-    def __init__(self, root: Path, nodes: tuple[str, ...] = ("n1", "n2")):
-        self.root, self.nodes = root, nodes
+    def __init__(self, root: Path, nodes: tuple[str, ...] = ("n1", "n2"),
+                 task_plugin: str = "task/none"):
+        self.root, self.nodes, self.task_plugin = root, nodes, task_plugin
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.started_munge = False
@@ -73,7 +75,7 @@ class SlurmCluster:
             "ClusterName=fbitest", f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={free_port()}", "SlurmUser=root", "AuthType=auth/munge",
             "CredType=cred/munge", "MailProg=/bin/true", "MpiDefault=none",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "ProctrackType=proctrack/linuxproc", f"TaskPlugin={self.task_plugin}",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
             "SchedulerType=sched/backfill", "KillWait=10", "MinJobAge=300", "InactiveLimit=0",

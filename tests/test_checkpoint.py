@@ -106,3 +106,25 @@ def test_a_run_that_cannot_fit_one_checkpoint_is_refused_before_training(tmp_pat
     check_space(tmp_path / "run", free // 2)  # fits
     with pytest.raises(CheckpointError, match="free, and one checkpoint of this run takes"):
         check_space(tmp_path / "run", free)  # needs 10% headroom beside the previous one
+
+
+@pytest.mark.slow
+def test_train_py_refuses_another_experiments_checkpoint_and_resumes_its_own(
+        tmp_path, tiny_run):
+    """Two experiments sharing one run_dir (every default SLURM submission did): the second
+    is refused naming the fields that differ, before it touches the folder; the first one's
+    own resume may change the resumable fields (steps, micro-batch, logging)."""
+    from fbi_testing import read_steps, run_train
+
+    run = tmp_path / "run"
+    args = tiny_run + [f"run_dir={run}", "checkpoint_every=1"]
+    run_train(args + ["max_steps=1"])
+    before = sorted(p.name for p in run.rglob("*"))
+    other = run_train(args + ["max_steps=2", "optim.lr=1e-3", "seed=1"], check=False)
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert ("holds checkpoints of another experiment: optim.lr=0.003 (now 0.001), "
+            "seed=0 (now 1)") in other.stderr
+    assert sorted(p.name for p in run.rglob("*")) == before
+    own = run_train(args + ["max_steps=2", "micro_batch_size=2", "logging.log_every=2"])
+    assert "resumed from" in own.stderr
+    assert [r["step"] for r in read_steps(run)] == [1, 2]

@@ -9,7 +9,7 @@ from fbi.config import CONF_DIR, ConfigError, check_experiment
 from fbi.configure import compose
 from fbi.deepspeed_setup import deepspeed_config, lr_lambda, param_groups
 from fbi.models import build_model
-from fbi.checkpoint import check_same_student
+from fbi.checkpoint import check_same_config
 
 # FBI-LLM (Ma et al., 2024), Table 1: optimizer steps and sequences of 2048 tokens per step.
 PAPER = {"fbi_130m": (600_075, 1024), "fbi_1p3b": (533_430, 1152), "fbi_7b": (320_040, 1920)}
@@ -94,12 +94,27 @@ def test_a_run_dir_of_another_model_is_refused(tmp_path):
     saved = OmegaConf.structured(demo)
     saved.model.vocab_size = 49152  # filled from the tokenizer when the run started
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
-    check_same_student(demo, tmp_path)  # the same model resumes
+    check_same_config(demo, tmp_path)  # the same model resumes
     other = compose(["experiment=demo", "model.n_layers=6"])
     with pytest.raises(ConfigError, match=r"model.n_layers=4 \(now 6\)"):
-        check_same_student(other, tmp_path)
+        check_same_config(other, tmp_path)
     with pytest.raises(ConfigError, match="scheme.name=fbi"):
-        check_same_student(compose(["experiment=demo", "scheme=fp"]), tmp_path)
+        check_same_config(compose(["experiment=demo", "scheme=fp"]), tmp_path)
+
+
+def test_a_resume_may_change_only_the_resumable_fields(tmp_path):
+    from omegaconf import OmegaConf
+
+    demo = compose(["experiment=demo"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(demo)))
+    check_same_config(compose([
+        "experiment=demo", "max_steps=5000", "micro_batch_size=4", "logging.log_every=1",
+        "zero.overlap_comm=true", "distributed.timeout_s=60", f"run_dir={tmp_path}/moved",
+        "checkpoint_every=7", "teacher.path=/moved/teacher"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"^optim: .* optim.lr=0.003 \(now 0.002\), "
+                       r"seed=0 \(now 3\), zero.stage=0 \(now 2\);"):
+        check_same_config(compose(["experiment=demo", "optim.lr=2e-3", "seed=3", "zero=stage2"]),
+                          tmp_path)
 
 
 # Bi-Mamba's train_bimamba.py (tangshengku/bi-mamba): 360 Amber chunks of 1,706,976 sequences

@@ -120,11 +120,43 @@ def test_deepspeed_ops_build_against_torch_without_isolation():
     assert torch_at < ds_at
     ds = runs[ds_at]
     assert "--no-build-isolation" in ds and "DS_ACCELERATOR=cuda" in ds
-    for op in ("FUSED_ADAM", "CPU_ADAM"):
-        assert f"DS_BUILD_{op}=1" in ds
+    assert "DS_BUILD_FUSED_ADAM=1" in ds and "TORCH_CUDA_ARCH_LIST" in ds
     assert "installed_ops" in ds  # the build fails when an op did not compile
     mamba = next(r for r in runs if "requirements-mamba.txt" in r)
     assert "--no-build-isolation" in mamba and "MAX_JOBS" in mamba and "FORCE_BUILD" in mamba
+
+
+def test_no_cpu_op_is_prebuilt_for_the_build_hosts_cpu():
+    """DeepSpeed's CPU optimizers (the offload configs' CPU Adam, Adagrad, Lion) compile with
+    -march=native and the build host's SIMD width (read from the installed DeepSpeed): built
+    into the image they would run the build host's instructions on every node (SIGILL on an
+    older CPU). The image leaves them to compile on the node at first use."""
+    from deepspeed.ops.op_builder.cpu import CPUAdagradBuilder, CPUAdamBuilder, CPULionBuilder
+
+    ds = next(s["value"] for s in stages()["deps"]
+              if s["instruction"] == "RUN" and "deepspeed" in s["value"])
+    for builder in (CPUAdamBuilder(), CPUAdagradBuilder(), CPULionBuilder()):
+        assert "-march=native" in builder.cxx_args()  # why they are not prebuilt
+        assert f"{builder.BUILD_VAR}=1" not in ds, builder.BUILD_VAR
+        assert builder.NAME not in re.search(r"op in \(([^)]*)\)", ds).group(1)
+    assert "DS_BUILD_OPS=1" not in ds
+
+
+def test_the_image_can_reach_other_hosts_for_the_multi_host_launchers():
+    """launch/torchrun_hosts.sh runs ssh; the deepspeed launcher (deepspeed_hostfile.sh) pdsh."""
+    runs = " ".join(s["value"] for s in stages()["deps"] if s["instruction"] == "RUN")
+    apt = re.search(r"apt-get install ([^&]*)", runs).group(1).split()
+    assert {"openssh-client", "pdsh"} <= set(apt)
+
+
+def test_mamba_kernels_state_their_fixed_architectures():
+    """mamba-ssm and causal-conv1d pass their own -gencode list (TORCH_CUDA_ARCH_LIST does not
+    reach them, and they offer no switch): the Dockerfile and the docs say so and give the
+    cost instead of pretending to narrow it."""
+    text = (REPO / "Dockerfile").read_text()
+    assert "ignores TORCH_CUDA_ARCH_LIST" in text
+    docs = (REPO / "docs" / "clusters.md").read_text()
+    assert "mamba-ssm" in docs and "-gencode" in docs
 
 
 def test_runtime_stage_has_the_runtime_pins_and_the_test_stage_the_tools():
@@ -157,6 +189,8 @@ def test_non_root_user_entry_point_and_writable_volumes():
     assert {"/runs", "/cache", "/data"} <= volumes
     app_runs = " ".join(s["value"] for s in found["app"] if s["instruction"] == "RUN")
     assert re.search(r"chmod 1777 /runs /cache /data", app_runs)  # any uid (Apptainer, --user)
+    comments = (REPO / "Dockerfile").read_text().split("FROM app AS runtime")[1]
+    assert '--user "$(id -u):$(id -g)"' in comments  # what to pass for a host folder on /runs
     env = " ".join(s["value"] for s in found["app"] if s["instruction"] == "ENV")
     for cache in ("FBI_CACHE", "HF_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR",
                   "XDG_CACHE_HOME"):

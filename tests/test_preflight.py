@@ -4,6 +4,7 @@ nothing behind (fbi.preflight; train.py prints it as one paragraph, exit code 2)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,39 @@ def test_a_misdeclared_sign_only_scheme_is_refused_before_anything_is_created(tm
         preflight(cfg, 1)
     assert not run_dir.exists()
     preflight(compose(tiny(run_dir, *route)), 1)  # a true declaration passes
+
+
+def test_a_run_dir_the_user_cannot_write_is_refused_naming_its_owner_and_the_fix():
+    """Docker's ``-v /scratch/runs:/runs`` as the image's uid 1001: the mounted folder keeps
+    its host owner. Checked as a real unprivileged user (nobody, uid 65534), since root
+    writes anywhere; without Docker, which does not run here."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    host = Path(tempfile.mkdtemp(prefix="fbi-mount-"))
+    try:
+        host.chmod(0o755)  # root's, as a host folder is its owner's
+        shared = host / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o1777)
+        probe = ("import sys; from pathlib import Path; from fbi.preflight import check_writable\n"
+                 "check_writable(Path(sys.argv[1]))")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     sys.executable, "-c", probe]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        refused = subprocess.run(as_nobody + [str(host / "runs" / "fbi130m")], cwd=REPO,
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
+        assert (f"run_dir: {host}/runs/fbi130m cannot be written: {host} belongs to uid 0 gid 0 "
+                "(drwxr-xr-x) and this process runs as uid 65534 gid 65534") in refused.stderr
+        assert 'docker run --user "$(id -u):$(id -g)"' in refused.stderr
+        allowed = subprocess.run(as_nobody + [str(shared / "run")], cwd=REPO, env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert allowed.returncode == 0, allowed.stderr
+    finally:
+        shutil.rmtree(host)

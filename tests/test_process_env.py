@@ -203,3 +203,61 @@ def test_a_missing_rank_is_an_error_after_the_timeout_not_a_hang():
     _, err = alone.communicate(timeout=120)
     assert alone.returncode != 0
     assert "not all 2 ranks joined within distributed.timeout_s=3" in err
+
+
+def test_flight_recorder_dumps_into_the_run_dir_whatever_the_launcher(tmp_path):
+    """What init_distributed exports before an NCCL group forms (no GPU here to form one):
+    the dump goes to the run directory for every launcher, not only train.sbatch's."""
+    from fbi.distributed import flight_recorder_env
+
+    env = flight_recorder_env({}, tmp_path / "run")
+    assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "run" / "flight_recorder" / "rank_")
+    assert (tmp_path / "run" / "flight_recorder").is_dir()
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(env["TORCH_FR_BUFFER_SIZE"]) > 0
+    mine = flight_recorder_env({"TORCH_FR_DUMP_TEMP_FILE": "/scratch/fr/r"}, tmp_path / "run")
+    assert mine["TORCH_FR_DUMP_TEMP_FILE"] == "/scratch/fr/r"  # the user's own wins
+
+
+def test_rank_0s_store_listens_next_to_the_rendezvous_not_on_an_ephemeral_port(caplog):
+    """Under torchrun (agent store) rank 0 hosts the process group's store on the port after
+    the rendezvous', which a firewall can open; where that port is taken, another one with a
+    warning naming both."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fbi.config import DistributedConfig
+    from fbi.distributed import STORE_KEY, fresh_store
+
+    settings = DistributedConfig(rendezvous_timeout_s=10, timeout_s=10)
+    while True:  # a free port whose next one is free as well
+        agent_port = free_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", agent_port + 1))
+            break
+        except OSError:
+            continue
+    agent = dist.TCPStore("127.0.0.1", agent_port, 2, is_master=True,
+                          timeout=timedelta(seconds=10), wait_for_workers=False)
+    store = fresh_store("127.0.0.1", agent_port, 0, 2, settings)
+    assert agent.get(STORE_KEY).decode() == f"127.0.0.1:{agent_port + 1}"
+    store.set("k", "v")
+    client = dist.TCPStore("127.0.0.1", agent_port + 1, is_master=False,
+                           timeout=timedelta(seconds=10))
+    assert client.get("k") == b"v"
+    del store, client
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other = free_port()
+        squatter.bind(("0.0.0.0", other + 1))
+        squatter.listen()
+        busy_agent = dist.TCPStore("127.0.0.1", other, 2, is_master=True,
+                                   timeout=timedelta(seconds=10), wait_for_workers=False)
+        fallback = fresh_store("127.0.0.1", other, 0, 2, settings)
+        port = int(busy_agent.get(STORE_KEY).decode().rpartition(":")[2])
+        assert port not in (other + 1, 0) and port == fallback.port
+        assert f"cannot listen on 127.0.0.1:{other + 1}" in caplog.text
+        assert f"listens on {port} instead" in caplog.text and "RDZV_PORT" in caplog.text
+        del busy_agent, fallback
