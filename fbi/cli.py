@@ -24,6 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
+from fbi.refusal import refusals
+
 log = logging.getLogger("fbi")
 
 
@@ -187,18 +189,13 @@ def lm_eval(argv: list[str]) -> None:
 
 
 def data(argv: list[str]) -> None:
-    from fbi.config import ConfigError
     from fbi.configure import compose
     from fbi.data.cli import main as data_main
     from fbi.distill.teacher_checkpoint import resolve_path
 
     stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON
-            result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
-    except ConfigError as err:  # a refusal explains itself: one paragraph, exit 2
-        print(f"python -m fbi data: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON
+        result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
     print(json.dumps(result, indent=1), file=stdout)
     if result.get("ok") is False:
         raise SystemExit(1)
@@ -256,6 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
+    # The one boundary of every verb: an error an input can cause is refused in one
+    # paragraph, exit 2, no traceback (fbi.refusal).
+    with refusals(f"python -m fbi {argv[0]}" if argv else "python -m fbi"):
+        run(argv)
+
+
+def run(argv: list[str]) -> None:
     if argv[:1] == ["lm-eval"]:
         return lm_eval(argv[1:])
     if argv[:1] == ["data"]:
@@ -265,11 +269,7 @@ def main(argv: list[str] | None = None) -> None:
 
         return report(argv[1:])
     args = parser().parse_args(argv)
-    try:
-        check(args)
-    except ValueError as err:  # a refusal explains itself: one paragraph, exit 2, as train.py
-        print(f"python -m fbi {args.verb}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check(args)
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON result
         result = args.fn(args)
