@@ -26,7 +26,7 @@ LAYERS = [
     ("models and data", ["fbi.models*", "fbi.data*"]),
     ("seam", ["fbi.binarize"]),
     ("schemes", ["fbi.binarize.*"]),
-    ("ground", ["fbi", "fbi.config", "fbi.atomic", "fbi.fetch", "fbi.distributed",
+    ("ground", ["fbi", "fbi.config", "fbi.atomic", "fbi.fetch", "fbi.distributed", "fbi.progress",
                 "fbi.refusal"]),
 ]
 

@@ -67,7 +67,7 @@ def refuse_empty(path: str) -> None:
                           "or write it again")
 
 
-def check_utf8(path: str, chunk: int = 1 << 20) -> None:
+def check_utf8(path: str, chunk: int = 1 << 20, setting: str = "data.files") -> None:
     """Refuse a text file that is not UTF-8 text (a binary file named .txt), naming the byte."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
@@ -84,8 +84,8 @@ def check_utf8(path: str, chunk: int = 1 << 20) -> None:
                 bad = (nul, "a NUL byte")
             if bad:
                 raise ConfigError(
-                    f"data.files: {path} is not UTF-8 text (byte {offset + bad[0]}: {bad[1]}); "
-                    "convert it (iconv -t UTF-8) or remove it from data.files"
+                    f"{setting}: {path} is not UTF-8 text (byte {offset + bad[0]}: {bad[1]}); "
+                    f"convert it (iconv -t UTF-8) or remove it from {setting}"
                 )
             if not block:
                 return

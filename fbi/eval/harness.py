@@ -17,12 +17,25 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
+from fbi.config import ConfigError
 from fbi.eval.likelihood import continuation_logprobs
 from fbi.eval.perplexity import strided_nll
 from fbi.generate import cached_model, generate_ids
 from fbi.trained import load
 
 log = logging.getLogger(__name__)
+
+
+MODEL_ARGS = ("path", "tag", "batch_size", "device", "max_length")
+
+
+def parse_batch_size(value: int | str) -> int:
+    """A positive integer; lm-eval's ``auto`` (no search here) gives the default 8."""
+    if str(value).startswith("auto"):
+        return 8
+    if not str(value).isdigit() or int(value) < 1:
+        raise ConfigError(f"batch_size: got {value!r}; give a positive integer (or auto for 8)")
+    return int(value)
 
 
 @register_model("fbi")
@@ -34,10 +47,10 @@ class FbiLM(TemplateLM):
             # lm-eval's command line asks for cuda:0 unless told otherwise
             device = "cuda" if torch.cuda.is_available() else "cpu"
             log.info("fbi lm-eval model on %s", device)
+        self.batch_size = parse_batch_size(batch_size)
         self.trained = load(path, tag)
         self.trained.model.to(device)
         self._device = torch.device(device)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or self.trained.max_length)
 
     @classmethod
@@ -49,6 +62,13 @@ class FbiLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        unknown = sorted(set(arg_dict) - set(MODEL_ARGS))
+        if unknown:  # a typo would otherwise go unnoticed
+            raise ConfigError(f"--model_args: {', '.join(unknown)} not understood by --model fbi; "
+                             f"its arguments are {', '.join(MODEL_ARGS)}")
+        if "path" not in arg_dict:
+            raise ConfigError("--model_args: name the model, path=RUN_DIR (a run directory, a "
+                             "packed export or a Hugging Face checkpoint)")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **arg_dict})
 
