@@ -201,3 +201,13 @@ def test_lm_eval_adapter_refuses_typos(root, args, message):
 
     with pytest.raises(ConfigError, match=message):
         FbiLM.create_from_arg_string(args.format(packed=root / "packed"), {"batch_size": 1})
+
+
+def test_model_cards_say_what_is_stored(root):
+    """The HF card's weights are folded (not "fbi layers"); the packed card names the dtype
+    of its full-precision parts."""
+    hf = (root / "hf" / "README.md").read_text()
+    assert "# LlamaForCausalLM folded from an fbi model trained with the fbi scheme" in hf
+    assert "with fbi layers" not in hf and "folded into dense float32 weights" in hf
+    packed = (root / "packed" / "README.md").read_text()
+    assert "the full-precision parts (embeddings, norms, output head) in bfloat16" in packed

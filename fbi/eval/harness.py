@@ -21,6 +21,7 @@ from fbi.config import ConfigError
 from fbi.eval.likelihood import continuation_logprobs
 from fbi.eval.perplexity import strided_nll
 from fbi.generate import cached_model, generate_ids
+from fbi.progress import Progress
 from fbi.trained import load
 
 log = logging.getLogger(__name__)
@@ -97,19 +98,25 @@ class FbiLM(TemplateLM):
         # max_length of them and scores the continuation's.
         sequences = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
         n_scored = [min(len(cont), len(seq) - 1) for (_, _, cont), seq in zip(requests, sequences)]
-        logprobs, greedy = continuation_logprobs(self.trained.logits, sequences, n_scored,
-                                                 self.batch_size, self._device)
+        with Progress("lm-eval loglikelihood", -(-len(sequences) // self.batch_size), "batches",
+                      enabled=not disable_tqdm) as progress:
+            logprobs, greedy = continuation_logprobs(self.trained.logits, sequences, n_scored,
+                                                     self.batch_size, self._device,
+                                                     progress=progress)
         return list(zip(logprobs, greedy))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Summed log-probability of whole texts, in disjoint windows of max_length tokens
         (the first token conditioned on the document-start token)."""
         out = []
-        for (text,) in (req.args for req in requests):
-            ids = torch.tensor([self.prefix_token_id] + self.tok_encode(text))
-            nll, _ = strided_nll(self.trained.logits, ids, self.max_length + 1,
-                                 self.max_length, self._device)
-            out.append(-nll)
+        with Progress("lm-eval loglikelihood_rolling", len(requests), "texts",
+                      enabled=not disable_tqdm) as progress:
+            for (text,) in (req.args for req in requests):
+                ids = torch.tensor([self.prefix_token_id] + self.tok_encode(text))
+                nll, _ = strided_nll(self.trained.logits, ids, self.max_length + 1,
+                                     self.max_length, self._device)
+                out.append(-nll)
+                progress.update()
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -117,6 +124,8 @@ class FbiLM(TemplateLM):
         with a key-value cache (``fbi.generate``), stopped at and cut before the first
         ``until`` string."""
         out = []
+        progress = Progress("lm-eval generate_until", len(requests), "requests",
+                            enabled=not disable_tqdm)
         for context, gen_kwargs in (req.args for req in requests):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -130,4 +139,6 @@ class FbiLM(TemplateLM):
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)
+            progress.update()
+        progress.close()
         return out

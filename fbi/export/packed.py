@@ -136,7 +136,7 @@ def export_packed(trained: Trained, out: Path, fp_dtype: str = "bfloat16",
         "provenance": trained.provenance,
     }
     (out / PACKED_CONFIG).write_text(json.dumps(config, indent=1))
-    (out / "README.md").write_text(model_card(trained, sizes, "packed", command))
+    (out / "README.md").write_text(model_card(trained, sizes, "packed", command, fp_dtype))
     make_readable(out)
     return config["sizes"]
 
