@@ -211,3 +211,25 @@ def test_model_cards_say_what_is_stored(root):
     assert "with fbi layers" not in hf and "folded into dense float32 weights" in hf
     packed = (root / "packed" / "README.md").read_text()
     assert "the full-precision parts (embeddings, norms, output head) in bfloat16" in packed
+
+
+@pytest.mark.slow  # lm-eval indexes its task registry: a minute on a loaded machine
+@pytest.mark.parametrize("argv,names", [
+    (["--model", "fbi", "--model_args", "path={tmp}/nowhere", "--tasks", "blimp_only_npi_scope"],
+     ["MODEL", "nowhere", "is not a folder"]),
+    (["--model", "fbi", "--model_args", "path={packed}", "--tasks", "no_such_task"],
+     ["no_such_task"]),
+])
+def test_lm_eval_errors_are_one_paragraph(root, tmp_path, capsys, argv, names):
+    """lm-eval's own errors and fbi's through lm-eval: the same boundary (these were a
+    traceback of lm-eval's and a 39-line one of fbi's)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["lm-eval", *(a.format(tmp=tmp_path, packed=root / "packed") for a in argv)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and " INFO " not in line
+             and "WARNING" not in line]
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("python -m fbi lm-eval: ")
+    for name in names:
+        assert name in lines[-1]
