@@ -16,6 +16,7 @@ than the context gives the same tokens with or without the cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -68,10 +69,7 @@ def generate_ids(
     ids = list(prompt_ids)[-trained.max_length:]
     stopping = StopStrings(trained, len(ids), stop)
     if len(ids) + max_new_tokens > trained.max_length:
-        log.warning("generating past the %d-token context the model was trained on: each token "
-                    "after it is predicted from the last %d tokens (a sliding window)%s",
-                    trained.max_length, trained.max_length,
-                    ", re-run whole: the cache cannot slide" if model is not None else "")
+        warn_past_context(trained.max_length, model is not None)
     if model is not None:
         eos = trained.tokenizer.eos_id
         config = GenerationConfig(
@@ -112,6 +110,13 @@ def generate_ids(
         if finished(ids, trained, stopping, stop):
             break
     return ids[stopping.start:]
+
+
+@functools.cache  # once per process: lm-eval asks for thousands of generations
+def warn_past_context(context: int, cached: bool) -> None:
+    log.warning("generating past the %d-token context the model was trained on: each token "
+                "after it is predicted from the last %d tokens (a sliding window)%s", context,
+                context, ", re-run whole: the cache cannot slide" if cached else "")
 
 
 def finished(ids: list[int], trained: Trained, stopping: StopStrings, stop: Sequence[str]) -> bool:

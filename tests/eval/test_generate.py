@@ -73,7 +73,9 @@ def test_past_the_context_cached_equals_uncached_and_plain_transformers(
     the windowed path and a plain transformers no-cache decode of the folded twin give the
     same tokens, and the user is warned once the context is passed."""
     from fbi.export.hf import to_transformers
+    from fbi.generate import warn_past_context
 
+    warn_past_context.cache_clear()  # said once per process
     trained = tiny_trained("fbi", tokenizer_dir, arch=arch)
     text = " ".join(["the history of the world"] * prompt_words)
     prompt = [trained.start_id] + trained.tokenizer.encode([text])[0][: prompt_words * 2]
