@@ -293,6 +293,11 @@ def read_megatron_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, n
             table(np.int64, MEGATRON_HEADER + 12 * sequences, documents))
 
 
+def _first(mask: np.ndarray) -> int | None:
+    bad = np.flatnonzero(mask)
+    return int(bad[0]) if bad.size else None
+
+
 def check_megatron(path: str, idx: Path, dtype: np.dtype, lengths: np.ndarray,
                    pointers: np.ndarray, doc_starts: np.ndarray) -> None:
     """The ``.idx`` and its ``.bin`` agree: every sequence lies inside the ``.bin``, whose
@@ -308,9 +313,8 @@ def check_megatron(path: str, idx: Path, dtype: np.dtype, lengths: np.ndarray,
         n = np.asarray(lengths[start: start + CHECK_CHUNK], dtype=np.int64)
         at = np.asarray(pointers[start: start + CHECK_CHUNK])
         end = at + n * dtype.itemsize
-        bad = np.flatnonzero((n < 0) | (at < 0) | (at % dtype.itemsize != 0) | (end > size))
-        if bad.size:
-            i = int(bad[0])
+        i = _first((n < 0) | (at < 0) | (at % dtype.itemsize != 0) | (end > size))
+        if i is not None:
             raise ConfigError(
                 f"data.files: {idx} puts sequence {start + i} ({int(n[i])} tokens) at bytes "
                 f"{int(at[i])}..{int(end[i])}, outside {path} ({size} bytes): the .bin is cut "
@@ -324,9 +328,8 @@ def check_megatron(path: str, idx: Path, dtype: np.dtype, lengths: np.ndarray,
     for start in range(0, len(doc_starts), CHECK_CHUNK):
         d = np.asarray(doc_starts[start: start + CHECK_CHUNK])
         steps = np.diff(np.concatenate([[last if start else 0], d]))
-        bad = np.flatnonzero((steps < 0) | (d > len(lengths)) | (d < 0))
-        if bad.size:
-            i = int(bad[0])
+        i = _first((steps < 0) | (d > len(lengths)) | (d < 0))
+        if i is not None:
             raise ConfigError(
                 f"data.files: {idx}'s document index entry {start + i} is {int(d[i])}, "
                 f"outside 0..{len(lengths)} sequences or before the entry above it: the "
