@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 
 from fbi.callbacks import TrainingHalted
 from fbi.checkpoint import CheckpointError
-from fbi.config import ConfigError, check_experiment, register
+from fbi.config import check_experiment, register
 from fbi.configure import validate
 from fbi.distributed import LaunchError, detect
 from fbi.loop import train
+from fbi.refusal import refusals
 
 register()
 
@@ -38,17 +39,17 @@ def main(cfg: DictConfig) -> None:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     hydra_cfg = HydraConfig.get()
-    try:
+    # A refusal (exit 2) or a halt (exit 3) explains itself; its traceback only with FBI_DEBUG=1.
+    with refusals(None, also=(LaunchError,), halts=(CheckpointError, TrainingHalted),
+                  say=logging.getLogger("fbi").error, exit=leave):
         check_experiment(Path(__file__).parent / "conf", dict(hydra_cfg.runtime.choices),
                          list(hydra_cfg.overrides.task))
         train(validate(cfg))
-    except (ConfigError, LaunchError, CheckpointError, TrainingHalted) as err:
-        # A refusal or a halt explains itself; its traceback only with FBI_DEBUG=1.
-        if os.environ.get("FBI_DEBUG"):
-            raise
-        logging.getLogger("fbi").error("%s", err)
-        logging.shutdown()
-        os._exit(2 if isinstance(err, (ConfigError, LaunchError)) else 3)
+
+
+def leave(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

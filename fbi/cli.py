@@ -24,6 +24,9 @@ import logging
 import sys
 from pathlib import Path
 
+from fbi.config import ConfigError
+from fbi.refusal import refusals
+
 log = logging.getLogger("fbi")
 
 
@@ -37,64 +40,72 @@ def check(args) -> None:
     found = find(args.model, args.tag)
     device = getattr(args, "device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device: {device}, but this machine has no CUDA device; use --device cpu")
+        raise ConfigError(f"--device: {device}, but this machine has no CUDA device; use --device cpu")
     for name in ("context", "stride", "max_tokens", "val_batches", "batch_size", "samples",
                  "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag}: got {value}; give a positive number, or leave {flag} out "
+            raise ConfigError(f"{flag}: got {value}; give a positive number, or leave {flag} out "
                              "for its default")
     if args.verb == "export":
         check_export(args, found)
     elif args.verb == "eval":
         check_eval(args, found)
     elif args.temperature < 0 or args.top_k < 0:
-        raise ValueError(f"--temperature {args.temperature} --top-k {args.top_k}: choose a "
+        raise ConfigError(f"--temperature {args.temperature} --top-k {args.top_k}: choose a "
                          "temperature of 0 (greedy) or more and a top-k of 0 (all tokens) or more")
 
 
 def check_export(args, found) -> None:
     from fbi.binarize import SCHEMES
     from fbi.export.packed import DTYPES
+    from fbi.export.target import check_out
 
     for flag, value in (("--fp-dtype", args.fp_dtype), ("--dtype", args.dtype)):
         if value not in DTYPES:
-            raise ValueError(f"{flag}: got {value!r}; choose one of {', '.join(DTYPES)}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out: {args.out} is a file; name a folder to write the export into")
+            raise ConfigError(f"{flag}: got {value!r}; choose one of {', '.join(DTYPES)}")
+    check_out(args.out, args.format, args.model)
     if found.kind == "hf":
-        raise ValueError(f"MODEL: {args.model} is a Hugging Face checkpoint, not an fbi model; "
+        raise ConfigError(f"MODEL: {args.model} is a Hugging Face checkpoint, not an fbi model; "
                          "export a run directory or a packed export")
     reason = SCHEMES[found.scheme].fold_refusal() if args.format == "hf" else None
     if reason:
-        raise ValueError(
+        raise ConfigError(
             f"--format hf: scheme {found.scheme} {reason}, so its layers are not dense linear "
             "maps and a transformers checkpoint cannot compute the same function; export it "
             "with --format packed instead")
 
 
 def check_eval(args, found) -> None:
+    from fbi.data.readers import check_utf8
+    from fbi.eval.blimp import read_pairs
     from fbi.eval.perplexity import TEXT_FORMATS
 
     if not (args.text or args.val or args.blimp):
-        raise ValueError("eval: name something to measure: --text FILE, --val RUN_DIR or "
+        raise ConfigError("eval: name something to measure: --text FILE, --val RUN_DIR or "
                          "--blimp DIR")
     if args.format not in TEXT_FORMATS:
-        raise ValueError(f"--format: got {args.format!r}; choose one of {', '.join(TEXT_FORMATS)}")
+        raise ConfigError(f"--format: got {args.format!r}; choose one of {', '.join(TEXT_FORMATS)}")
     for path in args.text:
         if not Path(path).is_file():
-            raise ValueError(f"--text: {path} is not a file; give local text files")
+            raise ConfigError(f"--text: {path} is not a file; give local text files")
+        check_utf8(path, setting="--text")
+        if not Path(path).read_text(encoding="utf-8").strip():
+            raise ConfigError(f"--text: {path} holds no text (empty or only blank lines): "
+                             "nothing to score; give a text file")
     for path in map(Path, args.blimp):
         if not (path.is_file() or (path.is_dir() and any(path.glob("*.jsonl")))):
-            raise ValueError(f"--blimp: {path} is neither a jsonl file nor a folder of them; "
+            raise ConfigError(f"--blimp: {path} is neither a jsonl file nor a folder of them; "
                              "give data/blimp or jsonl files of minimal pairs")
+    if args.blimp:
+        read_pairs(args.blimp)
     if args.val is not None and not (args.val / "config.yaml").is_file():
-        raise ValueError(f"--val: {args.val} is not a run directory; give the run whose "
+        raise ConfigError(f"--val: {args.val} is not a run directory; give the run whose "
                          "held-out split to measure")
     context = args.context or found.max_length
     if args.stride is not None and context is not None and args.stride > context:
-        raise ValueError(f"--stride: {args.stride} is longer than the context ({context}); "
+        raise ConfigError(f"--stride: {args.stride} is longer than the context ({context}); "
                          "choose a stride of at most --context")
     if args.context and found.max_length and args.context > found.max_length:
         log.warning("--context %d is longer than the %d tokens %s was trained on: positions "
@@ -103,13 +114,20 @@ def check_eval(args, found) -> None:
 
 
 def export(args) -> dict:
+    from fbi.export.target import replacing
     from fbi.trained import load
 
     trained = load(args.model, args.tag)
+    with replacing(args.out) as work:
+        result = write_export(args, trained, work)
+    return result
+
+
+def write_export(args, trained, work: Path) -> dict:
     if args.format == "packed":
         from fbi.export.packed import export_packed
 
-        sizes = export_packed(trained, args.out, args.fp_dtype, command(args))
+        sizes = export_packed(trained, work, args.fp_dtype, command(args))
         log.info("packed %s: %.3f bits per binarized weight (%d of them), full-precision parts "
                  "in %s; whole model %.2f MB vs %.2f MB in bf16 (%.3f)", args.out,
                  sizes["bits_per_binarized_weight"] or 0, sizes["binarized_weights"], args.fp_dtype,
@@ -121,7 +139,8 @@ def export(args) -> dict:
                                            if sizes["binarized_weights"] else None)}
     from fbi.export.hf import export_hf
 
-    return {"format": "hf", "out": str(export_hf(trained, args.out, args.dtype, command(args)))}
+    export_hf(trained, work, args.dtype, command(args))
+    return {"format": "hf", "out": str(args.out)}
 
 
 def command(args) -> str:
@@ -145,15 +164,19 @@ def evaluate(args) -> dict:
         for path in args.text:
             result[f"ppl/{Path(path).name}"] = text_perplexity(
                 trained, read_text(path, args.format), context, args.stride or context, args.device,
-                args.max_tokens)
+                args.max_tokens, Path(path).name)
     if args.val:
         from fbi.eval.perplexity import perplexity
+        from fbi.progress import Progress
         from fbi.trained import run_val_split
 
         data, cfg = run_val_split(args.val)
         batches = cfg.eval_batches if args.val_batches is None else args.val_batches
-        result["val_ppl"] = perplexity(trained.logits, data, batches, cfg.micro_batch_size,
-                                       0, 1, args.device)
+        with Progress(f"perplexity of {args.val}'s held-out split",
+                      -(-min(data.num_samples, batches * cfg.micro_batch_size)
+                        // cfg.micro_batch_size), "batches") as progress:
+            result["val_ppl"] = perplexity(trained.logits, data, batches, cfg.micro_batch_size,
+                                           0, 1, args.device, progress=progress)
     if args.blimp:
         from fbi.eval.blimp import blimp_accuracy, read_pairs
 
@@ -187,18 +210,13 @@ def lm_eval(argv: list[str]) -> None:
 
 
 def data(argv: list[str]) -> None:
-    from fbi.config import ConfigError
     from fbi.configure import compose
     from fbi.data.cli import main as data_main
     from fbi.distill.teacher_checkpoint import resolve_path
 
     stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON
-            result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
-    except ConfigError as err:  # a refusal explains itself: one paragraph, exit 2
-        print(f"python -m fbi data: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON
+        result = data_main(argv, compose, lambda cfg: resolve_path(cfg.teacher))
     print(json.dumps(result, indent=1), file=stdout)
     if result.get("ok") is False:
         raise SystemExit(1)
@@ -256,6 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
+    # The one boundary of every verb: an error an input can cause is refused in one
+    # paragraph, exit 2, no traceback (fbi.refusal).
+    with refusals(f"python -m fbi {argv[0]}" if argv else "python -m fbi"):
+        run(argv)
+
+
+def run(argv: list[str]) -> None:
     if argv[:1] == ["lm-eval"]:
         return lm_eval(argv[1:])
     if argv[:1] == ["data"]:
@@ -265,11 +290,7 @@ def main(argv: list[str] | None = None) -> None:
 
         return report(argv[1:])
     args = parser().parse_args(argv)
-    try:
-        check(args)
-    except ValueError as err:  # a refusal explains itself: one paragraph, exit 2, as train.py
-        print(f"python -m fbi {args.verb}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check(args)
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints; stdout is the JSON result
         result = args.fn(args)

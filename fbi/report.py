@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fbi.checkpoint import complete_tags
+from fbi.config import ConfigError
 from fbi.trained import read_rows
 
 
@@ -41,8 +42,7 @@ def load(run_dir: Path) -> dict:
     return {
         "name": run_dir.name, "train": train, "val": [vals[s] for s in sorted(vals)],
         "tokens_per_step": cfg.global_batch_size * cfg.data.seq_len if cfg else 1,
-        "no_distill": None if any("distill" in r for r in train) else
-        f"{run_dir.name}: no teacher (teacher=none), so no distillation loss",
+        "no_distill": None if any("distill" in r for r in train) else no_distill(run_dir.name, cfg),
         "no_mfu": None if any("mfu" in r for r in train) else
         f"{run_dir.name}: no MFU: the device's peak is unknown (CPU); set logging.peak_tflops",
         "no_flips": None if flips else no_flips(run_dir.name, cfg, train),
@@ -51,6 +51,15 @@ def load(run_dir: Path) -> dict:
         "replayed": sum(1 for r in rows if r.get("replayed")),
         "checkpoints": complete_tags(run_dir),
     }
+
+
+def no_distill(name: str, cfg) -> str:
+    """Why a run has logged no distillation loss."""
+    kind = OmegaConf.select(cfg, "teacher.kind", default="none") if cfg is not None else "none"
+    if kind != "none":
+        return (f"{name}: teacher={kind}, but no step logged a distillation loss "
+                "(distill.weight 0, or no step yet)")
+    return f"{name}: no teacher (teacher=none), so no distillation loss"
 
 
 def no_flips(name: str, cfg, train: list[dict]) -> str:
@@ -198,7 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.run_dirs if not (d / "metrics.jsonl").exists()]
     if missing:
         parser.error(f"no metrics.jsonl in {', '.join(missing)}: not a run directory")
+    if not args.out.parent.expanduser().is_dir():
+        raise ConfigError(f"--out: the folder {args.out.parent} of {args.out} does not exist; "
+                          "create it, or name a picture in an existing folder")
     runs = [load(d) for d in args.run_dirs]
+    empty = [str(d) for d, run in zip(args.run_dirs, runs) if not run["train"]]
+    if empty:
+        raise ConfigError(f"{', '.join(empty)}: metrics.jsonl holds no training step yet; "
+                          "report a run once it has logged a step (logging.every)")
     for run in runs:
         print(summary(run))
     plot(runs, args.out)

@@ -8,6 +8,7 @@ token ids to logits, the tokenizer, the token that precedes a document, and the 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,30 +17,40 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from fbi.checkpoint import complete_tags, read_meta
+from fbi.config import ConfigError
 from fbi.configure import validate
 from fbi.consolidate import consolidate
 from fbi.data.prepare import document_start_id, ensure_shards
 from fbi.data.shards import TokenShards
 from fbi.data.tokenizer import Tokenizer, load_tokenizer
-from fbi.export.packed import PACKED_CONFIG, load_packed
+from fbi.export.packed import PACKED_CONFIG, WEIGHTS, load_packed, read_config
 from fbi.lm import Trained
 from fbi.models import build_model
 
 
 def run_tokenizer(run_dir: Path) -> Tokenizer:
     """The tokenizer a run trained with (``tokenizer.json`` names its source)."""
-    info = json.loads((run_dir / "tokenizer.json").read_text())
+    info = tokenizer_record(run_dir)
     source = Path(info["source"])
     if not source.exists() and (run_dir / source.name).exists():
         source = run_dir / source.name  # a run directory moved with its tokenizer.model
     tokenizer = load_tokenizer(str(source))
     if tokenizer.fingerprint != info["fingerprint"]:
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir}/tokenizer.json: the tokenizer at {source} is not the one this run "
             f"trained with (fingerprint {tokenizer.fingerprint}, run {info['fingerprint']}); "
             "restore the original tokenizer at that path"
         )
     return tokenizer
+
+
+def tokenizer_record(run_dir: Path) -> dict:
+    info = read_config(run_dir / "tokenizer.json")
+    if not {"source", "fingerprint"} <= info.keys():
+        raise ConfigError(f"MODEL: {run_dir / 'tokenizer.json'} is not the run's tokenizer record "
+                         "(no source and fingerprint): something overwrote it; restore it from "
+                         "a copy of the run")
+    return info
 
 
 def run_config(run_dir: Path):
@@ -80,7 +91,13 @@ def load_run(run_dir: Path, tag: str | None = None) -> Trained:
     cfg = run_config(run_dir)
     tag = tag or complete_tags(run_dir)[-1]
     model = build_model(cfg.model, cfg.scheme)
-    model.load_state_dict(consolidate(run_dir, tag), strict=True)
+    try:
+        state = consolidate(run_dir, tag)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch's archive reader
+        raise ConfigError(f"MODEL: checkpoint {tag} of {run_dir} cannot be read "
+                         f"({' '.join(str(err).split())}); it is damaged: export another with "
+                         f"--tag (complete ones: {', '.join(complete_tags(run_dir))})") from None
+    model.load_state_dict(state, strict=True)
     tokenizer = run_tokenizer(run_dir)
     return Trained(model.eval(), model, tokenizer, document_start_id(cfg.data, tokenizer),
                    cfg.data.seq_len, str(run_dir), cfg.model, cfg.scheme,
@@ -97,6 +114,10 @@ def load_hf(directory: Path) -> Trained:
                    model.config.max_position_embeddings, str(directory))
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
 @dataclass
 class Found:
     """What ``load`` would load from a path, known from its small files alone."""
@@ -111,29 +132,44 @@ def find(path: str | Path, tag: str | None = None) -> Found:
     argument and the fix) what ``load`` could not load: the check before anything large."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ValueError(f"MODEL: {path} is not a folder; give a run directory, a packed export "
+        raise ConfigError(f"MODEL: {path} is not a folder; give a run directory, a packed export "
                          "or a Hugging Face checkpoint folder")
     if tag is not None and not (path / "config.yaml").exists():
-        raise ValueError(f"--tag: {path} is not a run directory, it has no checkpoints to "
+        raise ConfigError(f"--tag: {path} is not a run directory, it has no checkpoints to "
                          "choose from; leave --tag out")
+    if (path / PACKED_CONFIG).exists() and (path / "config.yaml").exists():
+        raise ConfigError(f"MODEL: {path} holds both a run (config.yaml) and a packed export "
+                         f"({PACKED_CONFIG}), written into it by an older fbi export; move the "
+                         f"export's files ({PACKED_CONFIG}, model.safetensors, README.md) out")
     if (path / PACKED_CONFIG).exists():
-        config = json.loads((path / PACKED_CONFIG).read_text())
-        return Found("packed", config["scheme"]["name"], config["max_length"])
+        config = read_config(path / PACKED_CONFIG)
+        if not (path / WEIGHTS).is_file():
+            raise ConfigError(f"MODEL: the packed export {path} has no {WEIGHTS}; copy the whole "
+                             "export folder, or export the run again")
+        try:
+            return Found("packed", config["scheme"]["name"], config["max_length"])
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"MODEL: {path / PACKED_CONFIG} lacks {err}; it is damaged or not "
+                             "fbi's: export the run again") from None
     if (path / "config.yaml").exists():
         tags = complete_tags(path)
         if not tags:
-            raise ValueError(f"MODEL: the run directory {path} has no complete checkpoint "
+            raise ConfigError(f"MODEL: the run directory {path} has no complete checkpoint "
                              "(checkpoints/step_*/complete.json); wait for its first save, or "
                              "train with a save_every it reaches")
         if tag is not None and tag not in tags:
-            raise ValueError(f"--tag: {path} has no complete checkpoint {tag!r}; choose one "
+            raise ConfigError(f"--tag: {path} has no complete checkpoint {tag!r}; choose one "
                              f"of {', '.join(tags)}, or leave --tag out for the newest")
+        tokenizer_record(path)
         cfg = OmegaConf.load(path / "config.yaml")
         return Found("run", cfg.scheme.name, cfg.data.seq_len)
     if (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
+        config = read_config(path / "config.json")
+        if not any((path / name).is_file() for name in HF_WEIGHTS):
+            raise ConfigError(f"MODEL: the Hugging Face checkpoint {path} has no weights (none of "
+                             f"{', '.join(HF_WEIGHTS)}); copy the whole folder, or export again")
         return Found("hf", None, config.get("max_position_embeddings"))
-    raise ValueError(
+    raise ConfigError(
         f"MODEL: {path} is neither a run directory (config.yaml + checkpoints/), a packed "
         f"export ({PACKED_CONFIG}) nor a Hugging Face checkpoint (config.json); give one of those"
     )

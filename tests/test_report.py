@@ -86,3 +86,10 @@ def test_distillation_panel_plots_the_comparable_soft_ce_when_logged(tmp_path):
     new, old = axes["distillation loss"].lines
     assert list(new.get_ydata()) == [5.0 / s + 2.0 for s in range(1, 4)]
     assert list(old.get_ydata()) == [5.0 / s for s in range(1, 4)]  # logs before soft_ce
+
+
+def test_a_run_with_a_teacher_but_no_distillation_row_does_not_claim_teacher_none(tmp_path):
+    run_dir = write_run(tmp_path / "t", step_rows(3, teacher=False))
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text() + "teacher: {kind: hf}\n")
+    assert "teacher=hf, but no step logged a distillation loss" in load(run_dir)["no_distill"]

@@ -117,10 +117,12 @@ def main(argv: list[str], compose: Callable[[list[str]], TrainConfig],
     ``tokenizer.path`` is unset)."""
     args, overrides = parser().parse_known_args(argv)
     if args.verb != "prepare" and overrides:
-        raise SystemExit(f"data {args.verb}: unexpected arguments {overrides}")
+        raise ConfigError(f"data {args.verb}: unexpected arguments {overrides}; it takes only "
+                          "the shards folder")
     bad_override = [o for o in overrides if o.startswith("-")]
     if bad_override:
-        raise SystemExit(f"data prepare: unknown option(s) {bad_override}")
+        raise ConfigError(f"data prepare: unknown option(s) {bad_override}; its options are "
+                          "--worker and --workers, the rest are train.py's overrides")
     if args.verb == "prepare":
         return prepare_command(args, overrides, compose, teacher_path)
     return verify_command(args) if args.verb == "verify" else convert_command(args)

@@ -31,14 +31,19 @@ def schedule(weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     block of ``BLOCK`` positions."""
     w = np.asarray(weights, dtype=np.float64)
     share = w / w.sum() * BLOCK
+    small = np.flatnonzero(share < 1)
+    # Refused exactly when a weight is below 1/BLOCK of the total: at or above it the floor
+    # alone gives a slot, below it a slot would depend on the other weights' remainders.
+    if small.size:
+        k = int(small[0])
+        raise ConfigError(f"data.mix: weights {[float(x) for x in weights]} give entry {k} {share[k]:.3g} "
+                          f"of the {BLOCK} slots of a block, so no slot; each weight must be at "
+                          f"least 1/{BLOCK} of the total (here {w.sum() / BLOCK:.6g}): raise it "
+                          "or drop the entry")
     counts = np.floor(share).astype(np.int64)
     # Largest remainders get the slots left (ties to the earlier entry).
     order = np.lexsort((np.arange(len(w)), -(share - counts)))
     counts[order[: BLOCK - counts.sum()]] += 1
-    if not counts.all():
-        raise ConfigError(f"data.mix: weights {list(weights)} leave entry "
-                          f"{int(np.argmin(counts))} no slot of {BLOCK}; its weight must be at "
-                          f"least 1/{2 * BLOCK} of the total")
     entry = np.concatenate([np.full(n, k) for k, n in enumerate(counts)])
     rank = np.concatenate([np.arange(n) for n in counts])
     time = (rank + 0.5) / np.repeat(np.maximum(counts, 1), counts)

@@ -40,6 +40,7 @@ from fbi.data.readers import check_utf8, kind_of, one_document, read_documents, 
 from fbi.data.sampler import mix64, splitmix64
 from fbi.data.shards import DOCS_DTYPE, FORMAT, MANIFEST, Manifest, ShardInfo, ShardWriter, token_dtype
 from fbi.data.tokenizer import Tokenizer
+from fbi.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -233,16 +234,20 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path, cache_dir: Pat
     claim_settings(out_dir, sources)
     job = FileTokenizer(cfg, tokenizer, out_dir, kind)
     done = {"worker": worker, "workers": workers, "files": 0, "tokens": 0, "seconds": 0.0}
-    for number in range(worker, len(files), workers):
-        if recorded(out_dir, number, sources["files"][number]) is not None:
-            continue
+    pending = [n for n in range(worker, len(files), workers)
+               if recorded(out_dir, number=n, source=sources["files"][n]) is None]
+    progress = Progress(f"worker {worker}/{workers}", len(pending), "files",
+                        enabled=worker == 0)  # the others log each file they finish
+    for number in pending:
         record = job.run(number, files[number])
+        progress.update()
         tokens = sum(s["tokens"] for split in ("train", "val") for s in record[split]["shards"])
         done["files"] += 1
         done["tokens"] += tokens
         done["seconds"] += record["seconds"]
         log.info("worker %d/%d: %s -> %d tokens in %.1f s (%.0f tokens/s)", worker, workers,
                  files[number], tokens, record["seconds"], tokens / max(record["seconds"], 1e-9))
+    progress.close()
     done["tokens_per_s"] = done["tokens"] / done["seconds"] if done["seconds"] else None
     done["manifest"] = merge(cfg, tokenizer, out_dir, sources) is not None
     return done

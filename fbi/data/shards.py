@@ -76,6 +76,12 @@ class Manifest:
 
     @staticmethod
     def load(directory: Path) -> "Manifest":
+        if not (directory / MANIFEST).is_file():
+            what = "is not a folder" if not directory.is_dir() else f"has no {MANIFEST}"
+            raise ConfigError(
+                f"data.shards_dir: {directory} {what}; name a folder of prepared shards "
+                "(python -m fbi data prepare writes one)"
+            )
         try:
             raw = json.loads((directory / MANIFEST).read_text())
             raw["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()}
@@ -155,8 +161,8 @@ class ShardWriter:
         return self.shards
 
 
-class ShardCorruption(RuntimeError):
-    pass
+class ShardCorruption(ConfigError):
+    """A shard folder damaged since it was written: refused like any bad input."""
 
 
 def _fix(directory: Path) -> str:

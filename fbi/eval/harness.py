@@ -17,12 +17,26 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
+from fbi.config import ConfigError
 from fbi.eval.likelihood import continuation_logprobs
 from fbi.eval.perplexity import strided_nll
 from fbi.generate import cached_model, generate_ids
+from fbi.progress import Progress
 from fbi.trained import load
 
 log = logging.getLogger(__name__)
+
+
+MODEL_ARGS = ("path", "tag", "batch_size", "device", "max_length")
+
+
+def parse_batch_size(value: int | str) -> int:
+    """A positive integer; lm-eval's ``auto`` (no search here) gives the default 8."""
+    if str(value).startswith("auto"):
+        return 8
+    if not str(value).isdigit() or int(value) < 1:
+        raise ConfigError(f"batch_size: got {value!r}; give a positive integer (or auto for 8)")
+    return int(value)
 
 
 @register_model("fbi")
@@ -34,10 +48,10 @@ class FbiLM(TemplateLM):
             # lm-eval's command line asks for cuda:0 unless told otherwise
             device = "cuda" if torch.cuda.is_available() else "cpu"
             log.info("fbi lm-eval model on %s", device)
+        self.batch_size = parse_batch_size(batch_size)
         self.trained = load(path, tag)
         self.trained.model.to(device)
         self._device = torch.device(device)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or self.trained.max_length)
 
     @classmethod
@@ -49,6 +63,13 @@ class FbiLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        unknown = sorted(set(arg_dict) - set(MODEL_ARGS))
+        if unknown:  # a typo would otherwise go unnoticed
+            raise ConfigError(f"--model_args: {', '.join(unknown)} not understood by --model fbi; "
+                             f"its arguments are {', '.join(MODEL_ARGS)}")
+        if "path" not in arg_dict:
+            raise ConfigError("--model_args: name the model, path=RUN_DIR (a run directory, a "
+                             "packed export or a Hugging Face checkpoint)")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **arg_dict})
 
@@ -77,19 +98,25 @@ class FbiLM(TemplateLM):
         # max_length of them and scores the continuation's.
         sequences = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
         n_scored = [min(len(cont), len(seq) - 1) for (_, _, cont), seq in zip(requests, sequences)]
-        logprobs, greedy = continuation_logprobs(self.trained.logits, sequences, n_scored,
-                                                 self.batch_size, self._device)
+        with Progress("lm-eval loglikelihood", -(-len(sequences) // self.batch_size), "batches",
+                      enabled=not disable_tqdm) as progress:
+            logprobs, greedy = continuation_logprobs(self.trained.logits, sequences, n_scored,
+                                                     self.batch_size, self._device,
+                                                     progress=progress)
         return list(zip(logprobs, greedy))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Summed log-probability of whole texts, in disjoint windows of max_length tokens
         (the first token conditioned on the document-start token)."""
         out = []
-        for (text,) in (req.args for req in requests):
-            ids = torch.tensor([self.prefix_token_id] + self.tok_encode(text))
-            nll, _ = strided_nll(self.trained.logits, ids, self.max_length + 1,
-                                 self.max_length, self._device)
-            out.append(-nll)
+        with Progress("lm-eval loglikelihood_rolling", len(requests), "texts",
+                      enabled=not disable_tqdm) as progress:
+            for (text,) in (req.args for req in requests):
+                ids = torch.tensor([self.prefix_token_id] + self.tok_encode(text))
+                nll, _ = strided_nll(self.trained.logits, ids, self.max_length + 1,
+                                     self.max_length, self._device)
+                out.append(-nll)
+                progress.update()
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -97,6 +124,8 @@ class FbiLM(TemplateLM):
         with a key-value cache (``fbi.generate``), stopped at and cut before the first
         ``until`` string."""
         out = []
+        progress = Progress("lm-eval generate_until", len(requests), "requests",
+                            enabled=not disable_tqdm)
         for context, gen_kwargs in (req.args for req in requests):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -110,4 +139,6 @@ class FbiLM(TemplateLM):
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)
+            progress.update()
+        progress.close()
         return out

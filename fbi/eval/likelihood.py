@@ -8,6 +8,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from fbi.progress import Progress
+
 
 @torch.no_grad()
 def continuation_logprobs(
@@ -18,6 +20,7 @@ def continuation_logprobs(
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    progress: Progress | None = None,
 ) -> tuple[list[float], list[bool]]:
     """For each token sequence, the summed log-probability of its last ``n_scored`` tokens
     given everything before them, and whether each of them was the argmax (greedy).
@@ -41,6 +44,8 @@ def continuation_logprobs(
         for b, i in enumerate(rows):
             batch[b, : len(sequences[i])] = torch.tensor(sequences[i])
         logprobs = torch.log_softmax(logits_fn(batch[:, :-1].to(device)).double(), dim=-1)
+        if progress is not None:
+            progress.update()
         if not real:
             continue
         for b, i in enumerate(rows):

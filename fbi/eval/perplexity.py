@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from fbi.data.shards import TokenShards
 from fbi.distill.loss import mean_token_nll
+from fbi.progress import Progress
 
 
 @torch.no_grad()
@@ -24,6 +25,7 @@ def perplexity(
     world_size: int,
     device: torch.device,
     should_stop: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
 ) -> float | None:
     """exp(mean next-token NLL) over the first ``batches * batch_size`` samples, in order.
 
@@ -46,6 +48,8 @@ def perplexity(
         mean_nll, tokens = mean_token_nll(logits_fn(batch[:, :-1]), batch[:, 1:])
         if real:
             nll_and_count += torch.stack([mean_nll.double() * tokens, tokens.double()])
+        if progress is not None:
+            progress.update()
         if should_stop is not None and should_stop():
             return None
     if world_size > 1:
@@ -76,6 +80,7 @@ def strided_nll(
     context: int,
     stride: int,
     device: torch.device | str = "cpu",
+    progress: Progress | None = None,
 ) -> tuple[float, int]:
     """(summed NLL, tokens scored) of a 1-D token sequence, in windows of ``context`` tokens
     moved by ``stride``: each window scores only the tokens no earlier window scored, given
@@ -98,17 +103,26 @@ def strided_nll(
         nll -= torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().item()
         count += targets.numel()
         scored_to = end
+        if progress is not None:
+            progress.update()
         if end == n:
             break
     return nll, count
 
 
+def windows(n: int, context: int, stride: int) -> int:
+    """How many windows ``strided_nll`` runs over ``n`` tokens."""
+    return min(len(range(0, max(n - 1, 1), stride)), 1 + max(0, -(-(n - context) // stride)))
+
+
 def text_perplexity(trained, text: str, context: int, stride: int, device="cpu",
-                    max_tokens: int | None = None) -> dict:
+                    max_tokens: int | None = None, name: str = "text") -> dict:
     """Perplexity of a ``fbi.trained.Trained`` model on ``text`` (its first ``max_tokens``
     tokens when given), the document-start token (the BOS or separator training put before
     each document) prepended."""
     ids = torch.tensor([trained.start_id] + trained.tokenizer.encode([text])[0][:max_tokens])
-    nll, count = strided_nll(trained.logits, ids, context, stride, device)
+    with Progress(f"perplexity of {name}", windows(ids.numel(), context, stride),
+                  "windows") as progress:
+        nll, count = strided_nll(trained.logits, ids, context, stride, device, progress)
     return {"ppl": math.exp(nll / count), "nll": nll, "tokens": count,
             "context": context, "stride": stride}

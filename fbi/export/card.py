@@ -9,9 +9,11 @@ from fbi.lm import Trained
 from fbi.models import architecture
 
 
-def model_card(trained: Trained, sizes: dict, export_format: str, command: str | None = None) -> str:
+def model_card(trained: Trained, sizes: dict, export_format: str, command: str | None = None,
+               dtype: str = "float32") -> str:
     """Markdown with Hub metadata. ``sizes``: ``fbi.export.packed.packed_tensors``'s;
-    ``export_format``: "hf" (folded dense weights) or "packed"."""
+    ``export_format``: "hf" (folded dense weights) or "packed"; ``dtype``: the storage of the
+    dense weights (hf) or of the full-precision parts (packed)."""
     arch = architecture(trained.model_cfg)
     cfg = dataclasses.asdict(trained.model_cfg)
     scheme = trained.scheme_cfg.name
@@ -22,8 +24,11 @@ def model_card(trained: Trained, sizes: dict, export_format: str, command: str |
                 "scales)")
     else:
         bits = "no binarized layers (full precision)"
-    stored = {"hf": "folded into dense weights: the same function, at the dense size",
-              "packed": "packed: signs 8 per byte, the full-precision parts as exported"}
+    stored = {"hf": f"folded into dense {dtype} weights: the same function, at the dense size",
+              "packed": "packed: signs 8 per byte; the full-precision parts (embeddings, norms, "
+                        f"output head) in {dtype}"}
+    title = {"hf": f"{arch.hf_class} folded from an fbi model trained with the {scheme} scheme",
+             "packed": f"{arch.hf_class} with packed {scheme} layers"}
     teacher = about.get("teacher")
     teacher = "unknown" if teacher is None else (
         "none (cross-entropy on the data only)" if teacher == "none"
@@ -44,7 +49,7 @@ def model_card(trained: Trained, sizes: dict, export_format: str, command: str |
     lines = [
         "---", "library_name: transformers" if export_format == "hf" else "library_name: fbi",
         f"tags: [{', '.join(dict.fromkeys(['fbi', 'binarized', scheme]))}]", "pipeline_tag: text-generation", "---", "",
-        f"# {arch.hf_class} with {scheme} layers, exported by fbi", "",
+        f"# {title[export_format]}, exported by fbi", "",
         "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
         "## Evaluation", "",
     ]

@@ -75,7 +75,8 @@ def export_hf(trained: Trained, out: Path, dtype: str = "float32", command: str 
     out = Path(out)
     hf.to(DTYPES[dtype]).save_pretrained(out)
     trained.tokenizer.save(out)
-    (out / "README.md").write_text(model_card(trained, packed_tensors(trained.model)[2], "hf", command))
+    (out / "README.md").write_text(model_card(trained, packed_tensors(trained.model)[2], "hf", command,
+                                                  dtype))
     (out / "fbi_export.json").write_text(json.dumps(
         {"source": trained.source, "scheme": trained.scheme_cfg.name}, indent=1))
     make_readable(out)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fbi.binarize import DenseLinear, scheme_config
+from fbi.config import ConfigError
 from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from fbi.export.card import model_card
 from fbi.lm import Trained
@@ -115,7 +116,7 @@ def export_packed(trained: Trained, out: Path, fp_dtype: str = "bfloat16",
     from safetensors.torch import save_file
 
     if fp_dtype not in DTYPES:
-        raise ValueError(f"--fp-dtype: got {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise ConfigError(f"--fp-dtype: got {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors, ties, sizes = packed_tensors(trained.model, DTYPES[fp_dtype])
@@ -135,7 +136,7 @@ def export_packed(trained: Trained, out: Path, fp_dtype: str = "bfloat16",
         "provenance": trained.provenance,
     }
     (out / PACKED_CONFIG).write_text(json.dumps(config, indent=1))
-    (out / "README.md").write_text(model_card(trained, sizes, "packed", command))
+    (out / "README.md").write_text(model_card(trained, sizes, "packed", command, fp_dtype))
     make_readable(out)
     return config["sizes"]
 
@@ -168,13 +169,26 @@ class UnpackedLinear(nn.Module):
         return dense
 
 
+def read_config(path: Path) -> dict:
+    """A model folder's JSON file, refused (ValueError naming it and the fix) when damaged."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSON and UTF-8 decoding errors
+        raise ConfigError(f"MODEL: {path} is not valid JSON ({err}); the file is damaged: restore "
+                         "it from a copy, or export the model again") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"MODEL: {path} holds a JSON {type(config).__name__}, not an object; "
+                         "restore it from a copy, or export the model again")
+    return config
+
+
 def load_packed(directory: Path) -> Trained:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = json.loads((directory / PACKED_CONFIG).read_text())
+    config = read_config(directory / PACKED_CONFIG)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{directory / PACKED_CONFIG}: format {config.get('format')} version "
             f"{config.get('version')}; this fbi reads {FORMAT} version {VERSION}"
         )
@@ -199,6 +213,6 @@ def load_packed(directory: Path) -> Trained:
                 getattr(model.get_submodule(stored_owner), stored_attr))
     tokenizer = load_tokenizer(str(directory / config["tokenizer"]))
     if tokenizer.fingerprint != config["tokenizer_fingerprint"]:
-        raise ValueError(f"{directory}: the tokenizer saved there is not the model's (fingerprint)")
+        raise ConfigError(f"{directory}: the tokenizer saved there is not the model's (fingerprint)")
     return Trained(model.eval(), model, tokenizer, config["start_id"], config["max_length"],
                    str(directory), model_cfg, scheme_cfg, config.get("provenance", {}))
