@@ -19,6 +19,7 @@ from fbi.checkpoint import CheckpointError
 from fbi.config import ConfigError, check_experiment, register
 from fbi.configure import validate
 from fbi.distributed import LaunchError, detect
+from fbi.process_exit import run_and_exit
 from fbi.loop import train
 
 register()
@@ -47,17 +48,10 @@ def main(cfg: DictConfig) -> None:
         if os.environ.get("FBI_DEBUG"):
             raise
         logging.getLogger("fbi").error("%s", err)
-        logging.shutdown()
-        os._exit(2 if isinstance(err, (ConfigError, LaunchError)) else 3)
+        raise SystemExit(2 if isinstance(err, (ConfigError, LaunchError)) else 3) from None
 
 
 if __name__ == "__main__":
-    main()
-    # The run is complete (checkpoint written, logs closed, process group destroyed). Skip
-    # interpreter teardown: DeepSpeed's CPU communication threads sometimes abort it
-    # ("terminate called without an active exception"), which would report a finished run
-    # as failed to torchrun, the deepspeed launcher or SLURM.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # The run is complete when main returns (checkpoint written, logs closed, process group
+    # destroyed): leave without the interpreter's teardown, which DeepSpeed's threads can abort.
+    run_and_exit(main)

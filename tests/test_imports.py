@@ -26,7 +26,8 @@ LAYERS = [
     ("models and data", ["fbi.models*", "fbi.data*"]),
     ("seam", ["fbi.binarize"]),
     ("schemes", ["fbi.binarize.*"]),
-    ("ground", ["fbi", "fbi.config", "fbi.atomic", "fbi.fetch", "fbi.distributed"]),
+    ("ground", ["fbi", "fbi.config", "fbi.atomic", "fbi.fetch", "fbi.distributed",
+                "fbi.process_exit"]),
 ]
 
 
