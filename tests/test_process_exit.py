@@ -45,7 +45,7 @@ def test_an_exception_in_one_rank_fails_the_job_and_its_traceback_is_shown():
     ("raise SystemExit('no shards under data/')", 1, "no shards under data/\n"),
     ("raise KeyboardInterrupt", 130, "KeyboardInterrupt\n"),
     ("raise ValueError('bad batch')", 1, "ValueError: bad batch\n"),
-])
+], ids=["return", "exit-3", "exit-message", "ctrl-c", "exception"])
 def test_the_exit_status_is_the_interpreters(body, status, stderr):
     """What ``python script.py`` would exit with, the teardown's abort (atexit) skipped."""
     script = ("import atexit, os\nfrom fbi.process_exit import run_and_exit\n"
