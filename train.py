@@ -19,8 +19,8 @@ from fbi.checkpoint import CheckpointError
 from fbi.config import ConfigError, check_experiment, register
 from fbi.configure import validate
 from fbi.distributed import LaunchError, detect
-from fbi.process_exit import run_and_exit
 from fbi.loop import train
+from fbi.process_exit import leave, run_and_exit
 
 register()
 
@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
         if os.environ.get("FBI_DEBUG"):
             raise
         logging.getLogger("fbi").error("%s", err)
-        raise SystemExit(2 if isinstance(err, (ConfigError, LaunchError)) else 3) from None
+        leave(2 if isinstance(err, (ConfigError, LaunchError)) else 3)  # a status to keep
 
 
 if __name__ == "__main__":

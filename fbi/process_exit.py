@@ -3,9 +3,9 @@
 DeepSpeed's CPU communication threads (gloo) can still be alive when the interpreter tears
 down; their C++ destructors then abort the process (SIGABRT, "terminate called without an
 active exception") after its work is done, and torchrun, the deepspeed launcher or SLURM
-report a finished job as failed, sometimes killing the other ranks. ``os._exit`` skips that
-teardown, and with it atexit handlers, finalizers and the wait for non-daemon threads: an
-entry point closes what must reach disk (checkpoints, logs, wandb) before it returns.
+report a finished job as failed, killing the other ranks. ``os._exit`` skips that teardown,
+and with it atexit handlers, finalizers and the wait for non-daemon threads: an entry point
+closes what must reach disk (checkpoints, logs, wandb) before it returns.
 """
 
 from __future__ import annotations
@@ -13,38 +13,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
 
 def run_and_exit(main: Callable[[], object]) -> NoReturn:
-    """Call ``main()``, then end the process with the exit status the interpreter would give:
-    0 on return, ``SystemExit``'s code (a message printed, status 1), 130 on Ctrl-C, and 1
-    with the traceback on stderr for any other exception."""
-    try:
-        main()
-        code = 0
-    except SystemExit as err:
-        code = exit_status(err)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        code = 130  # 128 + SIGINT, as a shell reports an interrupted command
-    except BaseException:  # any other failure: its traceback, then status 1
-        traceback.print_exc()
-        code = 1
+    """Call ``main()``; when it returns, :func:`leave` with status 0.
+
+    An exception, ``SystemExit`` included, propagates as it would without this: the
+    interpreter prints its traceback (or message) before the teardown, and the status stays
+    non-zero (its own, or SIGABRT's where the teardown aborts). So a failure is never hidden,
+    and the entry point still runs in-process (runpy, tests) with its exceptions visible to the
+    caller. An entry point whose exact failure status matters calls :func:`leave` itself."""
+    main()
+    leave(0)
+
+
+def leave(status: int) -> NoReturn:
+    """End the process now with ``status``: logging flushed and closed, stdout and stderr
+    flushed, no interpreter teardown."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
-
-
-def exit_status(err: SystemExit) -> int:
-    """``sys.exit(x)``'s status as the interpreter computes it: None is 0, an int is itself,
-    anything else is printed to stderr and gives 1."""
-    if err.code is None:
-        return 0
-    if isinstance(err.code, int):
-        return err.code
-    sys.stderr.write(f"{err.code}\n")
-    return 1
+    os._exit(status)

@@ -4,7 +4,8 @@ raises after the collective).
 
 The abort that DeepSpeed's communication threads sometimes cause in the interpreter's teardown
 cannot be produced on demand; an atexit handler that aborts stands in for it: a process that
-ran the teardown would die of SIGABRT after its work, as rank 0 of bench/zero3_traffic.py did."""
+ran the teardown would die of SIGABRT after its work, as rank 0 of bench/zero3_traffic.py did.
+The rank that raises does run it: its traceback is printed first, and its status is SIGABRT's."""
 
 import atexit
 import os
