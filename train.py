@@ -20,6 +20,7 @@ from fbi.config import check_experiment, register
 from fbi.configure import validate
 from fbi.distributed import LaunchError, detect
 from fbi.loop import train
+from fbi.process_exit import leave, run_and_exit
 from fbi.refusal import refusals
 
 register()
@@ -47,18 +48,7 @@ def main(cfg: DictConfig) -> None:
         train(validate(cfg))
 
 
-def leave(code: int) -> None:
-    logging.shutdown()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    main()
-    # The run is complete (checkpoint written, logs closed, process group destroyed). Skip
-    # interpreter teardown: DeepSpeed's CPU communication threads sometimes abort it
-    # ("terminate called without an active exception"), which would report a finished run
-    # as failed to torchrun, the deepspeed launcher or SLURM.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # The run is complete when main returns (checkpoint written, logs closed, process group
+    # destroyed): leave without the interpreter's teardown, which DeepSpeed's threads can abort.
+    run_and_exit(main)

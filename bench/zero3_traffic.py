@@ -52,6 +52,7 @@ from fbi.binarize.fp import DenseLinear  # noqa: E402
 from fbi.configure import compose  # noqa: E402
 from fbi.deepspeed_setup import build_context, deepspeed_config, init_distributed, initialize  # noqa: E402
 from fbi.models import build_model  # noqa: E402
+from fbi.process_exit import run_and_exit  # noqa: E402
 
 
 def measure(args, world: int, route: bool) -> dict:
@@ -135,7 +136,7 @@ def main() -> None:
     dist_info = init_distributed()
     world = dist_info.world_size
     latent, signs = measure(args, world, False), measure(args, world, True)
-    torch.distributed.destroy_process_group()  # a live gloo group can abort the exit
+    torch.distributed.destroy_process_group()
     if not dist_info.is_main:
         return
     mib = 2**20
@@ -221,4 +222,4 @@ def recipe_counts(recipes: list[str], vocab: int, world: int) -> None:
                   f"{(route + bf16) / gib:.2f} ({(route + bf16) / (plain + grads):.2f}×)") + " |")
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

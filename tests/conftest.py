@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from fbi_testing import make_teacher, make_tokenizer, wikitext_lines
+from fbi_testing import REPO, make_teacher, make_tokenizer, wikitext_lines
+
+# DeepSpeed JIT-loads a CPU extension (its shared-memory collectives) into TORCH_EXTENSIONS_DIR
+# whenever a process group starts, holding a lock file in that folder meanwhile. The default
+# folder (~/.cache/torch_extensions) is shared by every checkout on the machine, and the build
+# flags hold the checkout's paths: checkouts rebuild it in turn (a minute each, several under
+# load) while every other DeepSpeed process waits, and one killed holding the lock stalls them
+# all until their timeouts. The suite's processes (and what they start) use a folder of this
+# checkout's own, kept between runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path(tempfile.gettempdir()) / f"fbi-torch-ext-{hashlib.sha1(bytes(REPO)).hexdigest()[:8]}"))
 
 
 @pytest.fixture(scope="session")

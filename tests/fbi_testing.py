@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fbi.distributed import free_port
@@ -64,14 +65,15 @@ def run_train(overrides: list[str], cwd: Path = REPO, nproc: int = 1, timeout: i
               launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """``python train.py`` as a user starts it; with ``nproc`` > 1, under torchrun or the
     deepspeed launcher (gloo on CPU)."""
+    __tracebackhide__ = True
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(REPO)}
+    if nproc > 1 and launcher == "torchrun":
+        return run_ranks([str(script), *overrides], nproc, check=check, cwd=cwd, env=env,
+                         timeout=timeout)
     if nproc == 1:
         cmd = [sys.executable, str(script)]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), str(script)]
     else:  # Hydra refuses --local_rank, hence --no_local_rank; --num_gpus counts processes
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
                "--master_port", str(free_port()), "--no_local_rank", str(script)]
@@ -82,6 +84,37 @@ def run_train(overrides: list[str], cwd: Path = REPO, nproc: int = 1, timeout: i
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def run_ranks(argv: list[str], nproc: int = 2, check: bool = True,
+              **kwargs) -> subprocess.CompletedProcess:
+    """``argv`` (a script and its arguments, or ``-m module ...``) on ``nproc`` local ranks
+    under ``torchrun --standalone``; ``kwargs`` go to ``subprocess.run``. Each rank's output
+    is teed into a log of its own and onto the console with torchrun's ``[defaultN]:`` prefix.
+    With ``check``, a failure raises with torchrun's summary and the end of every rank's
+    stdout and stderr, so that the rank that failed shows its own last words."""
+    __tracebackhide__ = True  # a failure shows the test's line and this message, not ours
+    with tempfile.TemporaryDirectory() as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), "--log-dir", logs, "--redirects", "3",
+               "--tee", "3", *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                                 f"{proc.stderr[-3000:]}\n{rank_tails(Path(logs))}")
+    return proc
+
+
+def rank_tails(logs: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of each rank's stdout and stderr under torchrun's
+    ``--log-dir`` (``<run>/attempt_<n>/<local rank>/std{out,err}.log``)."""
+    parts = []
+    for log in sorted(logs.glob("*/attempt_*/*/std*.log"),
+                      key=lambda p: (p.parent.parent.name, int(p.parent.name), p.name)):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- rank {log.parent.name} {log.name}, last {len(tail)} lines ---\n"
+                     + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def read_steps(run_dir: Path) -> list[dict]:

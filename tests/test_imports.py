@@ -27,7 +27,7 @@ LAYERS = [
     ("seam", ["fbi.binarize"]),
     ("schemes", ["fbi.binarize.*"]),
     ("ground", ["fbi", "fbi.config", "fbi.atomic", "fbi.fetch", "fbi.distributed", "fbi.progress",
-                "fbi.refusal"]),
+                "fbi.refusal", "fbi.process_exit"]),
 ]
 
 

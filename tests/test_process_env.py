@@ -157,15 +157,18 @@ def test_an_unreachable_rendezvous_times_out_with_a_clear_error():
 
 INIT = """
 import json, sys
+import torch, torch.distributed as dist
 from fbi.config import DistributedConfig
 from fbi.distributed import init_distributed
-info = init_distributed(DistributedConfig(rendezvous_timeout_s=20, timeout_s=float(sys.argv[1])))
-import torch, torch.distributed as dist
-t = torch.tensor([info.rank + 1.0])
-dist.all_reduce(t)
-print(json.dumps({"rank": info.rank, "world": info.world_size, "local": info.local_rank,
-                  "device": info.device, "backend": dist.get_backend(), "sum": t.item()}))
-dist.destroy_process_group()  # a live gloo group can abort the interpreter's exit
+from fbi.process_exit import run_and_exit
+def main():
+    info = init_distributed(DistributedConfig(rendezvous_timeout_s=20, timeout_s=float(sys.argv[1])))
+    t = torch.tensor([info.rank + 1.0])
+    dist.all_reduce(t)
+    print(json.dumps({"rank": info.rank, "world": info.world_size, "local": info.local_rank,
+                      "device": info.device, "backend": dist.get_backend(), "sum": t.item()}))
+    dist.destroy_process_group()
+run_and_exit(main)  # a live gloo thread can abort the interpreter's teardown
 """
 
 

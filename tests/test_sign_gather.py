@@ -16,8 +16,6 @@ import os
 import weakref
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from fbi.binarize import SCHEMES, scheme_config
 from fbi.binarize.packing import pack_signs, sign
 from fbi.configure import compose
 from fbi.models import build_model
-from fbi_testing import REPO, run_train
+from fbi_testing import REPO, run_ranks, run_train
 
 
 # Weights of 2,048+ elements are partitioned, the scales (64-128 elements) stay whole.
@@ -276,12 +274,10 @@ def test_traffic_bench_counts_one_sixteenth_with_activation_checkpointing():
     of the binarized latent weights; their signs are at most 0.07 of what the plain route
     gathers of them, because the recomputation reuses the forward's bytes; one gather per
     block; the scales and the gradients move as before, and the losses are bitwise equal."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "bench" / "zero3_traffic.py"), "--model", "fbi_tiny", "--vocab", "512",
+    proc = run_ranks(
+        [str(REPO / "bench" / "zero3_traffic.py"), "--model", "fbi_tiny", "--vocab", "512",
          "--seq-len", "32", "--steps", "2", "--persistence", "1000", "--checkpointing"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     row = r" ([\d.]+) MiB \|" * 7 + r" \d+ \+ (\d+) signs"
     latent, signs = (
         [float(v) for v in re.search(rf"\| {route} \|{row}", proc.stdout).groups()]

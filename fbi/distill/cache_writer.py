@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import hydra
@@ -44,6 +43,7 @@ from fbi.distill.rows import encode_units, encode_values
 from fbi.distill.teacher import OnlineTeacher
 from fbi.distill.teacher_checkpoint import hash_weights, resolve_path
 from fbi.eval.perplexity import perplexity
+from fbi.process_exit import run_and_exit
 from fbi.run import on_rank0_first, student_tokenizer
 
 log = logging.getLogger("fbi")
@@ -233,8 +233,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as train.py: DeepSpeed's CPU comm threads can abort interpreter teardown
+    run_and_exit(main)  # as train.py: DeepSpeed's CPU comm threads can abort interpreter teardown

@@ -238,24 +238,20 @@ def test_data_verify_splits_the_shards_over_torchrun_ranks(built, tmp_path):
     """`python -m fbi data verify` under torchrun: each rank hashes its share, all of them
     report every bad shard and exit 1; on intact shards, 0."""
     import os
-    import subprocess
-    import sys
 
-    from fbi_testing import REPO
+    from fbi_testing import REPO, run_ranks
 
     _, _, out, manifest = built
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fbi",
-            "data", "verify", str(copy)]
+    argv = ["-m", "fbi", "data", "verify", str(copy)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    ok = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    ok = run_ranks(argv, cwd=REPO, env=env, timeout=300)
     assert '"ok": true' in ok.stdout
     shard = copy / manifest.splits["train"][2].file
     raw = bytearray(shard.read_bytes())
     raw[7] ^= 0x01
     shard.write_bytes(bytes(raw))
-    bad = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    bad = run_ranks(argv, check=False, cwd=REPO, env=env, timeout=300)
     assert bad.returncode != 0
     assert bad.stdout.count(f"shard {shard} fails its sha256 checksum") == 2  # both ranks say it

@@ -50,29 +50,32 @@ def test_bimamba_learns_and_resumes_exactly_under_zero3(tmp_path, corpus, teache
 
 PRECISION_PROBE = """
 import json, os, sys, copy, torch, deepspeed
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0")
-deepspeed.init_distributed("gloo")
-from fbi.configure import compose
-from fbi.deepspeed_setup import deepspeed_config, initialize
-from fbi.models import build_model
-cfg = compose(["experiment=bimamba_demo", f"precision={sys.argv[1]}", "model.n_layers=2",
-               "model.d_model=64", "model.d_state=16", "model.head_dim=16", "model.chunk_size=8",
-               "model.vocab_size=64", "model.residual_in_fp32=true", "global_batch_size=2",
-               "micro_batch_size=2", "max_steps=1", "optim.impl=torch"])
-torch.manual_seed(0)
-model = build_model(cfg.model, cfg.scheme)
-reference = copy.deepcopy(model)  # fp32 throughout, no autocast
-engine = initialize(model, cfg, deepspeed_config(cfg, 1))
-seen = {}
-def probe(mixer, args):
-    seen.update({n: str(getattr(mixer, n).dtype) for n in ("A_log", "dt_bias", "D")})
-    seen["alpha"] = str(mixer.in_proj.alpha.dtype)
-engine.module.backbone.layers[0].mixer.register_forward_pre_hook(probe)
-ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
-loss = lambda logits: torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
-ours, ref = loss(engine(ids)).item(), loss(reference(ids)).item()
-print(json.dumps({"dtypes": seen, "loss": ours, "reference": ref}))
+from fbi.process_exit import run_and_exit
+def main():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    deepspeed.init_distributed("gloo")
+    from fbi.configure import compose
+    from fbi.deepspeed_setup import deepspeed_config, initialize
+    from fbi.models import build_model
+    cfg = compose(["experiment=bimamba_demo", f"precision={sys.argv[1]}", "model.n_layers=2",
+                   "model.d_model=64", "model.d_state=16", "model.head_dim=16", "model.chunk_size=8",
+                   "model.vocab_size=64", "model.residual_in_fp32=true", "global_batch_size=2",
+                   "micro_batch_size=2", "max_steps=1", "optim.impl=torch"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.scheme)
+    reference = copy.deepcopy(model)  # fp32 throughout, no autocast
+    engine = initialize(model, cfg, deepspeed_config(cfg, 1))
+    seen = {}
+    def probe(mixer, args):
+        seen.update({n: str(getattr(mixer, n).dtype) for n in ("A_log", "dt_bias", "D")})
+        seen["alpha"] = str(mixer.in_proj.alpha.dtype)
+    engine.module.backbone.layers[0].mixer.register_forward_pre_hook(probe)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    ours, ref = loss(engine(ids)).item(), loss(reference(ids)).item()
+    print(json.dumps({"dtypes": seen, "loss": ours, "reference": ref}))
+run_and_exit(main)  # DeepSpeed's gloo threads can abort the interpreter's teardown
 """
 
 
