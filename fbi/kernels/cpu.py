@@ -1,0 +1,71 @@
+"""The CPU kernel of packed sign products (``sign_matmul.cpp``), compiled on first use.
+
+Compiled with ``-O3 -march=native`` for the CPU it runs on: the build folder under
+``$FBI_CACHE/kernels/`` (default ``~/.cache/fbi``) is keyed by the CPU's model and feature
+flags, the compiler, torch's version and the source, so nodes of a shared filesystem that
+differ each get their own build, and a build never runs on a CPU that lacks its instructions.
+``variant="portable"`` compiles without any ``-m`` flag (the plain loop): the fallback, and a
+second implementation the tests check against.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("sign_matmul.cpp")
+FLAGS = {"native": ["-O3", "-march=native"], "portable": ["-O3"]}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FBI_CACHE", "~/.cache/fbi")).expanduser() / "kernels"
+
+
+def host_signature() -> str:
+    """What a native build depends on: the CPU (model and flags), the compiler, torch."""
+    cpu = platform.processor()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = "\n".join(sorted({line for line in info.splitlines()
+                                if line.startswith(("model name", "flags"))}))
+    except OSError:  # not Linux: the machine and processor names are what is known
+        pass
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 check=False).stdout
+    except OSError as e:
+        raise RuntimeError(f"fbi kernels: no C++ compiler ({compiler}: {e}); install g++ "
+                           "or set CXX, or run with --kernel dense") from e
+    return "\n".join([platform.machine(), cpu, version, torch.__version__, SOURCE.read_text()])
+
+
+@functools.cache
+def extension(variant: str = "native"):
+    """The compiled module (``sign_matmul``, ``simd_path``), built once per host."""
+    from torch.utils.cpp_extension import load
+
+    if variant not in FLAGS:
+        raise ValueError(f"kernel variant {variant!r}: choose one of {', '.join(FLAGS)}")
+    key = hashlib.sha256(f"{variant}\n{host_signature()}".encode()).hexdigest()[:16]
+    folder = cache_root() / f"sign_matmul_{variant}_{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("fbi kernels: loading the %s CPU kernel from %s (built there on first use)",
+             variant, folder)
+    return load(name=f"fbi_sign_matmul_{variant}_{key}", sources=[str(SOURCE)],
+                extra_cflags=[*FLAGS[variant], "-fopenmp"], extra_ldflags=["-fopenmp"],
+                build_directory=str(folder), verbose=False)
+
+
+def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") -> torch.Tensor:
+    """``u @ S^T`` for S = +-1 from ``bits`` (rows, bytes) uint8 and u (n, 8 bytes) float32."""
+    return extension(variant).sign_matmul(bits, u)
