@@ -1,11 +1,10 @@
 """A scheme layer of a packed export run straight from its bits: ``PackedLinear``.
 
 It keeps the scheme's own input quantizer and output function and replaces the dense product
-with the sign product of ``fbi.kernels.forms``: on CPU the compiled kernel (``fbi.kernels.cpu``)
-for decode-sized batches and, from ``PREFILL_TOKENS`` tokens on, blocks of rows unpacked to
-fp32 for torch's matmul (prefill is compute-bound: the tiled adds of the kernel lose to the
-fused multiply-adds of a dense GEMM once every bit serves many tokens); on a GPU the Triton
-kernel (``fbi.kernels.triton_sign``). No dense weight is ever held: memory is the bits.
+with the sign product of ``fbi.kernels.forms``: on CPU the compiled kernel (``fbi.kernels.cpu``),
+decode and prefill alike (unpacking blocks of rows for torch's fp32 matmul measured slower at
+every batch size, ``bench/packed_kernels.py``); on a GPU the Triton kernel
+(``fbi.kernels.triton_sign``). No dense weight is ever held: memory is the bits.
 """
 
 from __future__ import annotations
@@ -13,23 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fbi.binarize.packing import unpack_signs
 from fbi.kernels import cpu
 from fbi.kernels.forms import SignProduct, sign_product
-
-PREFILL_TOKENS = 16  # from this many tokens on, CPU products unpack blocks (bench/packed_kernels.py)
-PREFILL_ROWS = 256  # rows unpacked at a time: 256 x 5632 fp32 is 5.8 MB
-
-
-def unpacked_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``u @ S^T`` by blocks of ``PREFILL_ROWS`` rows unpacked to fp32."""
-    y = u.new_empty(u.shape[0], bits.shape[0])
-    for r in range(0, bits.shape[0], PREFILL_ROWS):
-        rows = bits[r:r + PREFILL_ROWS]
-        block = unpack_signs(rows, (rows.shape[0], u.shape[1]))
-        torch.matmul(u, block.T, out=y[:, r:r + PREFILL_ROWS])
-    return y
-
 
 def sign_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``u @ S^T`` (n, rows) in fp32 for S = +-1 from ``bits`` (rows, nb) and u (n, 8 nb)."""
@@ -37,8 +21,6 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         from fbi.kernels.triton_sign import sign_matmul as triton_sign_matmul
 
         return triton_sign_matmul(bits, u)
-    if u.shape[0] >= PREFILL_TOKENS:
-        return unpacked_matmul(bits, u)
     return cpu.sign_matmul(bits, u)
 
 

@@ -11,6 +11,7 @@
 // accumulators are independent chains that keep both add ports busy.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -23,13 +24,13 @@ namespace {
 const char* kPath = "avx512";
 
 template <int R, int T>
-void tile(const uint8_t* bits, const float* u, const float* totals, float* y, int64_t nb,
-          int64_t rows, int64_t o, int64_t t0) {
+void tile(const uint8_t* bits, const float* u, float* y, int64_t nb, int64_t rows, int64_t o,
+          int64_t t0, int64_t k0, int64_t k1) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const int64_t width = 8 * nb;
-  for (int64_t k = 0; k < nb; k += 8) {  // 64 weights a step
+  for (int64_t k = k0; k < k1; k += 8) {  // 64 weights a step
     uint64_t m[R];
     for (int r = 0; r < R; ++r) std::memcpy(&m[r], bits + (o + r) * nb + k, 8);
     for (int j = 0; j < 4; ++j) {
@@ -43,8 +44,9 @@ void tile(const uint8_t* bits, const float* u, const float* totals, float* y, in
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      y[(t0 + t) * rows + o + r] = 2.0f * _mm512_reduce_add_ps(acc[r][t]) - totals[t0 + t];
+      y[(t0 + t) * rows + o + r] += 2.0f * _mm512_reduce_add_ps(acc[r][t]);
 }
+const bool kPositiveSums = true;  // y = 2 P - sum(u)
 #elif defined(__AVX2__)
 const char* kPath = "avx2";
 struct FlipTable {
@@ -64,13 +66,13 @@ inline float hsum(__m256 s) {
 }
 
 template <int R, int T>
-void tile(const uint8_t* bits, const float* u, const float*, float* y, int64_t nb,
-          int64_t rows, int64_t o, int64_t t0) {
+void tile(const uint8_t* bits, const float* u, float* y, int64_t nb, int64_t rows, int64_t o,
+          int64_t t0, int64_t k0, int64_t k1) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   const int64_t width = 8 * nb;
-  for (int64_t k = 0; k < nb; ++k) {  // 8 weights a step
+  for (int64_t k = k0; k < k1; ++k) {  // 8 weights a step
     __m256 v[T];
     for (int t = 0; t < T; ++t) v[t] = _mm256_loadu_ps(u + (t0 + t) * width + 8 * k);
     for (int r = 0; r < R; ++r) {
@@ -80,38 +82,47 @@ void tile(const uint8_t* bits, const float* u, const float*, float* y, int64_t n
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(t0 + t) * rows + o + r] = hsum(acc[r][t]);
+    for (int t = 0; t < T; ++t) y[(t0 + t) * rows + o + r] += hsum(acc[r][t]);
 }
+const bool kPositiveSums = false;
 #else
 const char* kPath = "portable";
 
 template <int R, int T>
-void tile(const uint8_t* bits, const float* u, const float*, float* y, int64_t nb,
-          int64_t rows, int64_t o, int64_t t0) {
+void tile(const uint8_t* bits, const float* u, float* y, int64_t nb, int64_t rows, int64_t o,
+          int64_t t0, int64_t k0, int64_t k1) {
   const int64_t width = 8 * nb;
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       const uint8_t* b = bits + (o + r) * nb;
       const float* x = u + (t0 + t) * width;
       float acc = 0.0f;
-      for (int64_t i = 0; i < width; ++i) acc += ((b[i >> 3] >> (i & 7)) & 1) ? x[i] : -x[i];
-      y[(t0 + t) * rows + o + r] = acc;
+      for (int64_t i = 8 * k0; i < 8 * k1; ++i) acc += ((b[i >> 3] >> (i & 7)) & 1) ? x[i] : -x[i];
+      y[(t0 + t) * rows + o + r] += acc;
     }
 }
+const bool kPositiveSums = false;
 #endif
 
-// Rows [r0, r1) for every token: full R x T tiles, then the leftover rows and tokens one at a time.
+// Rows [r0, r1) for every token, over the features in chunks of kChunkBytes bytes (so that T
+// tokens' slice of u stays in L1 while the rows pass): full R x T tiles, then the leftover
+// rows and tokens one at a time.
+constexpr int64_t kChunkBytes = 128;  // 1024 features: 4 KB of u a token
+
 template <int R, int T>
-void rows_block(const uint8_t* bits, const float* u, const float* totals, float* y, int64_t nb,
-                int64_t rows, int64_t n, int64_t r0, int64_t r1) {
-  int64_t o = r0;
-  for (; o + R <= r1; o += R) {
-    int64_t t = 0;
-    for (; t + T <= n; t += T) tile<R, T>(bits, u, totals, y, nb, rows, o, t);
-    for (; t < n; ++t) tile<R, 1>(bits, u, totals, y, nb, rows, o, t);
+void rows_block(const uint8_t* bits, const float* u, float* y, int64_t nb, int64_t rows,
+                int64_t n, int64_t r0, int64_t r1) {
+  for (int64_t k0 = 0; k0 < nb; k0 += kChunkBytes) {
+    const int64_t k1 = std::min(nb, k0 + kChunkBytes);
+    int64_t o = r0;
+    for (; o + R <= r1; o += R) {
+      int64_t t = 0;
+      for (; t + T <= n; t += T) tile<R, T>(bits, u, y, nb, rows, o, t, k0, k1);
+      for (; t < n; ++t) tile<R, 1>(bits, u, y, nb, rows, o, t, k0, k1);
+    }
+    for (; o < r1; ++o)
+      for (int64_t t = 0; t < n; ++t) tile<1, 1>(bits, u, y, nb, rows, o, t, k0, k1);
   }
-  for (; o < r1; ++o)
-    for (int64_t t = 0; t < n; ++t) tile<1, 1>(bits, u, totals, y, nb, rows, o, t);
 }
 
 }  // namespace
@@ -124,19 +135,18 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
               "u: a contiguous float32 (tokens, features) tensor");
   const int64_t rows = bits.size(0), nb = bits.size(1), n = u.size(0);
   TORCH_CHECK(u.size(1) == 8 * nb, "u: ", u.size(1), " features, the bits hold ", 8 * nb);
-  auto y = torch::empty({n, rows}, u.options());
-  auto totals = u.sum(1);
+  auto y = torch::zeros({n, rows}, u.options());
   const uint8_t* pb = bits.data_ptr<uint8_t>();
   const float* pu = u.data_ptr<float>();
-  const float* pt = totals.data_ptr<float>();
   float* py = y.data_ptr<float>();
   // Threads take blocks of rows; a block's bits stay in cache while the tokens pass over them.
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     if (n == 1)
-      rows_block<8, 1>(pb, pu, pt, py, nb, rows, n, r0, r1);
+      rows_block<8, 1>(pb, pu, py, nb, rows, n, r0, r1);
     else
-      rows_block<4, 4>(pb, pu, pt, py, nb, rows, n, r0, r1);
+      rows_block<4, 4>(pb, pu, py, nb, rows, n, r0, r1);
   });
+  if (kPositiveSums) y.sub_(u.sum(1, /*keepdim=*/true));
   return y;
 }
 
