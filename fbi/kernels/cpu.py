@@ -66,6 +66,21 @@ def extension(variant: str = "native"):
                 build_directory=str(folder), verbose=False)
 
 
+PREFILL_TOKENS = 32  # from this many tokens on, blocks unpacked for torch's GEMM win (bench)
+PREFILL_ROWS = 256  # rows unpacked at a time: 256 x 5632 fp32 is 5.8 MB
+
+
 def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") -> torch.Tensor:
-    """``u @ S^T`` for S = +-1 from ``bits`` (rows, bytes) uint8 and u (n, 8 bytes) float32."""
-    return extension(variant).sign_matmul(bits, u)
+    """``u @ S^T`` for S = +-1 from ``bits`` (rows, bytes) uint8 and u (n, 8 bytes) float32:
+    the kernel's masked adds for decode-sized batches; from ``PREFILL_TOKENS`` tokens on, blocks
+    of ``PREFILL_ROWS`` rows unpacked to +-1 fp32 for torch's matmul (its fused multiply-adds
+    win once every bit serves many tokens; only one block is ever dense)."""
+    ext = extension(variant)
+    if u.shape[0] < PREFILL_TOKENS:
+        return ext.sign_matmul(bits, u)
+    y = u.new_empty(u.shape[0], bits.shape[0])
+    block = u.new_empty(min(PREFILL_ROWS, bits.shape[0]), u.shape[1])
+    for r in range(0, bits.shape[0], PREFILL_ROWS):
+        w = ext.unpack(bits[r:r + PREFILL_ROWS], block)
+        torch.matmul(u, w.T, out=y[:, r:r + PREFILL_ROWS])
+    return y

@@ -150,9 +150,40 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
   return y;
 }
 
+// +-1 float32 (rows, 8 nb) from bits (rows, nb): prefill's blocks for a dense GEMM, whose fused
+// multiply-adds outrun the masked adds above once each bit serves many tokens.
+// Written into ``w`` (a reused buffer: a fresh one pays its page faults at every block).
+torch::Tensor unpack(torch::Tensor bits, torch::Tensor w) {
+  TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
+              "bits: a contiguous uint8 (rows, bytes) tensor");
+  const int64_t rows = bits.size(0), nb = bits.size(1);
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.numel() >= rows * 8 * nb,
+              "w: a contiguous float32 buffer of at least ", rows * 8 * nb, " values");
+  const uint8_t* pb = bits.data_ptr<uint8_t>();
+  float* pw = w.data_ptr<float>();
+  at::parallel_for(0, rows * nb, 4096, [&](int64_t b0, int64_t b1) {
+#if defined(__AVX512F__)
+    const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
+    int64_t b = b0;
+    for (; b + 2 <= b1; b += 2) {
+      uint16_t m;
+      std::memcpy(&m, pb + b, 2);
+      _mm512_storeu_ps(pw + 8 * b, _mm512_mask_blend_ps((__mmask16)m, minus, plus));
+    }
+    for (; b < b1; ++b)
+      for (int j = 0; j < 8; ++j) pw[8 * b + j] = ((pb[b] >> j) & 1) ? 1.0f : -1.0f;
+#else
+    for (int64_t b = b0; b < b1; ++b)
+      for (int j = 0; j < 8; ++j) pw[8 * b + j] = ((pb[b] >> j) & 1) ? 1.0f : -1.0f;
+#endif
+  });
+  return w.view(-1).narrow(0, 0, rows * 8 * nb).view({rows, 8 * nb});
+}
+
 std::string simd_path() { return kPath; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_matmul", &sign_matmul, "binary (+-1 bits) matrix times float32 tokens");
+  m.def("unpack", &unpack, "+-1 float32 rows from their bits");
   m.def("simd_path", &simd_path, "the SIMD path this build compiled");
 }

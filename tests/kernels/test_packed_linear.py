@@ -11,7 +11,7 @@ from fbi.kernels.forms import NoKernel, row_bits
 from fbi.kernels.linear import PackedLinear
 
 SHAPES = [(1, 1), (7, 3), (13, 70), (64, 5), (100, 33), (130, 257), (192, 64)]  # (in, out)
-TOKENS = [1, 3, 5, 9, 19]  # decode, and the remainders of 8-row and 4x4 tiles
+TOKENS = [1, 3, 5, 9, 19, 37]  # decode, remainders of 8-row and 4x4 tiles, prefill (>= 32)
 SCHEME_OPTIONS = [("fbi", {"layout": "column"}), ("fbi", {"layout": "row"}),
                   ("fbi", {"layout": "tensor"}), ("fbi_w1a1", {}), ("bitnet", {}),
                   ("bitnet158", {}), ("onebit", {}), ("onebit_fold", {})]
@@ -79,8 +79,10 @@ def test_row_bits_start_each_row_on_8_bytes(in_features):
 def test_cpu_kernel_variants_against_float64(variant):
     """Each compiled path (this host's SIMD, and the plain loop of any other CPU)."""
     torch.manual_seed(1)
-    # 136 bytes: two feature chunks of the kernel (128 bytes each)
-    for rows, nb, n in [(1, 8, 1), (9, 8, 1), (13, 16, 5), (70, 24, 4), (33, 8, 7), (6, 136, 6)]:
+    # 136 bytes: two feature chunks of the kernel (128 bytes each); 300 rows x 33 tokens:
+    # prefill's unpacked blocks (256 rows), the last one short
+    for rows, nb, n in [(1, 8, 1), (9, 8, 1), (13, 16, 5), (70, 24, 4), (33, 8, 7), (6, 136, 6),
+                        (300, 16, 33)]:
         bits = torch.randint(0, 256, (rows, nb), dtype=torch.uint8)
         u = torch.randn(n, 8 * nb)
         s = unpack_signs(bits, (rows, 8 * nb), torch.float64)
