@@ -129,12 +129,46 @@ def check_mamba(args) -> None:
         f"(x{t_ours / t_theirs:.1f})")
 
 
+def packed_layer_timings(in_features: int = 2048, out_features: int = 5632, tokens=(1, 512),
+                         repeats: int = 20) -> list[dict]:
+    """Per token count: ms of the Triton kernel (through ``PackedLinear``, FBI's column
+    layout, on cuda:0) and of torch's dense fp32 and bf16 products, and the packed output's
+    largest error relative to the float64 product."""
+    from fbi.binarize import SCHEMES, scheme_config
+    from fbi.kernels.linear import PackedLinear
+
+    torch.manual_seed(0)
+    layer = SCHEMES["fbi"](in_features, out_features, init_std=0.02, cfg=scheme_config("fbi"))
+    packed = PackedLinear(layer, layer.pack()).to(DEVICE)
+    w32 = type(layer).unpack(layer.pack()).to(DEVICE)
+    w16 = w32.bfloat16()
+
+    def ms(fn) -> float:  # back to back, one sync: a decode call is microseconds
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return 1e3 * (time.perf_counter() - start) / repeats
+
+    out = []
+    with torch.no_grad():
+        for n in tokens:
+            x = torch.randn(n, in_features, device=DEVICE)
+            want = x.double() @ w32.double().T
+            err = float((packed(x).double() - want).abs().max() / want.abs().max())
+            xb = x.bfloat16()
+            out.append({"tokens": n, "packed_ms": ms(lambda: packed(x)),
+                        "fp32_ms": ms(lambda: x @ w32.T), "bf16_ms": ms(lambda: xb @ w16.T),
+                        "max_rel_err": err})
+    return out
+
+
 def check_packed_kernels(args) -> None:
     """The Triton kernel of packed 1-bit layers (fbi.kernels.triton_sign) on a 2048 x 5632
     FBI-Linear layer, decode and a 512-token prefill, against torch's dense fp32 and bf16."""
-    from fbi.kernels.triton_sign import benchmark
-
-    for r in benchmark(tokens=(1, 512), repeats=args.steps * 10):
+    for r in packed_layer_timings(repeats=args.steps * 10):
         row(f"packed 1-bit layer, {r['tokens']} tokens", "PASS" if r["max_rel_err"] < 1e-4 else "FAIL",
             f"triton {r['packed_ms']:.3f} ms, fp32 {r['fp32_ms']:.3f} ms (x{r['fp32_ms'] / r['packed_ms']:.1f}), "
             f"bf16 {r['bf16_ms']:.3f} ms (x{r['bf16_ms'] / r['packed_ms']:.1f}); "

@@ -7,7 +7,7 @@ each program reads the bits of ``BLOCK_O`` rows once (1/32 of fp32's bytes) and 
 ``+-u`` in fp32. Prefill turns blocks of bits into +-1 tiles for ``tl.dot`` with
 ``tf32x3`` inputs (three tf32 products: fp32's accuracy on tensor cores; +-1 is exact).
 Checked on CPU by the suite with Triton's interpreter (``TRITON_INTERPRET=1``); timed on a
-GPU by ``benchmark`` (bench/gpu_check.py's packed-kernel row).
+GPU by bench/gpu_check.py's packed-kernel row.
 """
 
 from __future__ import annotations
@@ -75,40 +75,3 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         _gemm[grid](bits, u, y, n, rows, nb, BLOCK_N=64, BLOCK_O=64, BLOCK_K=64,
                     PRECISION=precision)
     return y
-
-
-def benchmark(in_features: int = 2048, out_features: int = 5632, tokens=(1, 512),
-              repeats: int = 20) -> list[dict]:
-    """On cuda:0, per token count: ms of the Triton kernel (through ``PackedLinear``, FBI's
-    column layout) and of torch's dense fp32 and bf16 products, and the packed output's
-    largest error relative to the float64 product. For bench/gpu_check.py."""
-    from fbi.binarize import SCHEMES, scheme_config
-    from fbi.kernels.linear import PackedLinear
-
-    torch.manual_seed(0)
-    layer = SCHEMES["fbi"](in_features, out_features, init_std=0.02, cfg=scheme_config("fbi"))
-    packed = PackedLinear(layer, layer.pack()).cuda()
-    w32 = type(layer).unpack(layer.pack()).cuda()
-    w16 = w32.bfloat16()
-
-    def ms(fn) -> float:
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeats
-
-    out = []
-    with torch.no_grad():
-        for n in tokens:
-            x = torch.randn(n, in_features, device="cuda")
-            want = x.double() @ w32.double().T
-            err = float((packed(x).double() - want).abs().max() / want.abs().max())
-            xb = x.bfloat16()
-            out.append({"tokens": n, "packed_ms": ms(lambda: packed(x)),
-                        "fp32_ms": ms(lambda: x @ w32.T), "bf16_ms": ms(lambda: xb @ w16.T),
-                        "max_rel_err": err})
-    return out
