@@ -81,3 +81,15 @@ def test_kernel_packed_on_a_run_directory_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="--kernel packed: .* not a packed export"):
         load(tmp_path, kernel="packed")
+
+
+def test_lm_eval_model_args_choose_the_kernel(tmp_path, tokenizer_dir):
+    from fbi.eval.harness import FbiLM
+
+    path = exported(tmp_path, tokenizer_dir, "fbi")
+
+    def on_kernels(**kw):
+        model = FbiLM(path=str(path), device="cpu", **kw).trained.model
+        return any(isinstance(m, PackedLinear) for m in model.modules())
+
+    assert on_kernels() and on_kernels(kernel="packed") and not on_kernels(kernel="dense")
