@@ -75,9 +75,18 @@ def test_row_bits_start_each_row_on_8_bytes(in_features):
         assert torch.equal(unpack_signs(bits[r], (in_features,)), signs[r])
 
 
-@pytest.mark.parametrize("variant", ["native", "portable"])
+def host_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
 def test_cpu_kernel_variants_against_float64(variant):
-    """Each compiled path (this host's SIMD, and the plain loop of any other CPU)."""
+    """Each compiled path: this host's SIMD, AVX2's sign-flip table, the plain loop."""
+    if variant == "avx2" and not host_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
     torch.manual_seed(1)
     # 136 bytes: two feature chunks of the kernel (128 bytes each); 300 rows x 33 tokens:
     # prefill's unpacked blocks (256 rows), the last one short
@@ -88,4 +97,6 @@ def test_cpu_kernel_variants_against_float64(variant):
         s = unpack_signs(bits, (rows, 8 * nb), torch.float64)
         want = u.double() @ s.T
         got = cpu.sign_matmul(bits, u, variant).double()
+        if variant != "native":
+            assert cpu.extension(variant).simd_path() == variant
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(u.abs().sum(1).max()))
