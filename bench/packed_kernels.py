@@ -6,8 +6,9 @@ An FBI-Linear layer (the paper's column layout) of random weights: ``PackedLinea
 compiled CPU kernel) against ``x @ W^T`` in fp32 and bf16 with W dense. Prints ms per call
 (median of interleaved repeats, so that a busy machine slows every path alike), ratios
 against the packed path, the weight bytes each path reads per call, and the largest relative
-error of the fp32-accumulated packed output. ``--crossover`` also times the kernel against
-blocks of rows unpacked to fp32 for torch's matmul, the route the kernel replaced for prefill.
+error of the fp32-accumulated packed output. ``--crossover`` also times the kernel's masked
+adds against blocks of rows unpacked for torch's GEMM by token count: the measurement behind
+``fbi.kernels.cpu.PREFILL_TOKENS``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fbi.binarize import SCHEMES, scheme_config  # noqa: E402
 from fbi.kernels import cpu  # noqa: E402
-from fbi.binarize.packing import unpack_signs  # noqa: E402
 from fbi.kernels.linear import PackedLinear  # noqa: E402
 
 
@@ -37,15 +37,6 @@ def median_ms(fns: dict, repeats: int) -> dict[str, float]:
             f()
             times[k].append(time.perf_counter() - start)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def unpacked_matmul(bits: torch.Tensor, u: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
-    """``u @ S^T`` by blocks of rows unpacked to fp32: the alternative ``--crossover`` times."""
-    y = u.new_empty(u.shape[0], bits.shape[0])
-    for r in range(0, bits.shape[0], block_rows):
-        rows = bits[r:r + block_rows]
-        torch.matmul(u, unpack_signs(rows, (rows.shape[0], u.shape[1])).T, out=y[:, r:r + block_rows])
-    return y
 
 
 def main() -> None:
@@ -81,13 +72,13 @@ def main() -> None:
             print(f"{label:>12} {ms['packed']:10.3f} {ms['fp32']:9.3f} {ms['bf16']:9.3f} "
                   f"{ms['fp32'] / ms['packed']:12.2f} {ms['bf16'] / ms['packed']:12.2f} {err:12.2e}")
         if args.crossover:
-            print("\ntokens  kernel ms  unpacked ms")
+            print(f"\ntokens  masked adds ms  unpacked+GEMM ms   (PREFILL_TOKENS = {cpu.PREFILL_TOKENS})")
             bits = packed.bits
-            for n in (1, 4, 16, 64, 256):
+            for n in (1, 4, 16, 32, 64, 256):
                 u = torch.randn(n, 8 * bits.shape[1])
-                ms = median_ms({"kernel": lambda: cpu.sign_matmul(bits, u),
-                                "unpacked": lambda: unpacked_matmul(bits, u)}, 5)
-                print(f"{n:6d} {ms['kernel']:10.3f} {ms['unpacked']:12.3f}")
+                ms = median_ms({"kernel": lambda: cpu.extension().sign_matmul(bits, u),
+                                "unpacked": lambda: cpu.unpacked_matmul(bits, u)}, 5)
+                print(f"{n:6d} {ms['kernel']:15.3f} {ms['unpacked']:17.3f}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ def extension(variant: str = "native"):
                 build_directory=str(folder), verbose=False)
 
 
-PREFILL_TOKENS = 32  # from this many tokens on, blocks unpacked for torch's GEMM win (bench)
+# From this many tokens on, blocks unpacked for torch's GEMM beat the masked adds: about 20-30
+# on this 2-core Xeon when idle, up to ~200 when it is shared (the GEMM suffers more);
+# python bench/packed_kernels.py --crossover measures it.
+PREFILL_TOKENS = 32
 PREFILL_ROWS = 256  # rows unpacked at a time: 256 x 5632 fp32 is 5.8 MB
 
 
@@ -78,9 +81,14 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") ->
     the kernel's masked adds for decode-sized batches; from ``PREFILL_TOKENS`` tokens on, blocks
     of ``PREFILL_ROWS`` rows unpacked to +-1 fp32 for torch's matmul (its fused multiply-adds
     win once every bit serves many tokens; only one block is ever dense)."""
-    ext = extension(variant)
     if u.shape[0] < PREFILL_TOKENS:
-        return ext.sign_matmul(bits, u)
+        return extension(variant).sign_matmul(bits, u)
+    return unpacked_matmul(bits, u, variant)
+
+
+def unpacked_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") -> torch.Tensor:
+    """``u @ S^T`` by blocks of ``PREFILL_ROWS`` rows unpacked into one reused fp32 buffer."""
+    ext = extension(variant)
     y = u.new_empty(u.shape[0], bits.shape[0])
     block = u.new_empty(min(PREFILL_ROWS, bits.shape[0]), u.shape[1])
     for r in range(0, bits.shape[0], PREFILL_ROWS):
