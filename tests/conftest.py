@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from fbi_testing import make_teacher, make_tokenizer, wikitext_lines
+# Triton reads TRITON_INTERPRET once, when it is imported (transformers may import it first):
+# without a GPU, tests/kernels/test_triton_sign.py runs the kernel in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fbi_testing import make_teacher, make_tokenizer, wikitext_lines  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,15 @@ def test_packed_kernels_give_the_dense_logits(tmp_path, tokenizer_dir, scheme, a
     ids = torch.randint(0, packed.model_cfg.vocab_size, (2, 24))
     with torch.no_grad():
         want, got = dense.logits(ids), packed.logits(ids)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    err = (got - want).abs() / want.abs().max()
+    if SCHEMES[scheme].QUANTIZES_ACTIVATIONS:
+        # Another summation order moves a pre-quantization value by an ulp, which now and then
+        # crosses a rounding step of the input quantizer (8-bit absmax): that position, and the
+        # later ones attending to it, move by the step's effect; the rest agree to fp32 rounding.
+        per_position = err.amax(-1).flatten()
+        assert float(per_position.median()) < 1e-4 and float(err.max()) < 1e-2, per_position
+    else:
+        assert float(err.max()) < 1e-4
 
 
 def test_pbllm_runs_dense_with_a_warning(tmp_path, tokenizer_dir, caplog):

@@ -15,10 +15,8 @@ from fbi.binarize.packing import unpack_signs
 from fbi.kernels.linear import apply
 from fbi_testing import REPO
 
-# Read when triton is imported: set before, for this process (no GPU here, so nothing else in
-# it runs Triton kernels compiled).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU, before triton is imported
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip(
     "triton", reason="triton is not installed (CPU wheels of torch do not ship it): "
     "pip install the triton of requirements.txt")
