@@ -8,6 +8,9 @@ Rows (each a check that passes or fails, with its figures):
 - mamba-ssm: its fused kernels against fbi's chunked scan in torch (``fbi.models.ssd``) on
   the same inputs: largest difference relative to the output's scale, and the time ratio;
   skipped when mamba-ssm is not installed (image built without WITH_MAMBA=1);
+- packed 1-bit layer: the Triton kernel (``fbi.kernels.triton_sign``) of a 2048 x 5632
+  FBI-Linear layer at decode (1 token) and prefill (512) against torch's dense fp32 and bf16
+  products: ms, ratios, and its error against float64 (PASS below 1e-4);
 - fbi_130m bf16: one training step (forward, backward, fused Adam) of the DeepSpeed engine
   train.py builds (ZeRO-1), full precision against FBI-LLM's binarized layers: step time,
   ratio, tokens/s and MFU (the GPU's bf16 peak from ``fbi.flops``);
@@ -95,7 +98,8 @@ def pct(x: float | None) -> str:
 
 def check_cuda_tests(args) -> None:
     """The suite's tests that skip without a GPU (they compare against references there)."""
-    tests = ["tests/models/test_mamba2.py::test_mamba_ssm_kernels_equal_the_chunked_scan"]
+    tests = ["tests/models/test_mamba2.py::test_mamba_ssm_kernels_equal_the_chunked_scan",
+             "tests/kernels/test_triton_sign.py"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-rs", *tests],
                           cwd=BENCH.parent, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
@@ -123,6 +127,52 @@ def check_mamba(args) -> None:
     row("mamba-ssm kernel vs torch scan", "PASS" if error < 1e-3 else "FAIL",
         f"max rel. diff {error:.1e}; kernel {t_theirs * 1e3:.1f} ms, torch {t_ours * 1e3:.1f} ms "
         f"(x{t_ours / t_theirs:.1f})")
+
+
+def packed_layer_timings(in_features: int = 2048, out_features: int = 5632, tokens=(1, 512),
+                         repeats: int = 20) -> list[dict]:
+    """Per token count: ms of the Triton kernel (through ``PackedLinear``, FBI's column
+    layout, on cuda:0) and of torch's dense fp32 and bf16 products, and the packed output's
+    largest error relative to the float64 product."""
+    from fbi.binarize import SCHEMES, scheme_config
+    from fbi.kernels.linear import PackedLinear
+
+    torch.manual_seed(0)
+    layer = SCHEMES["fbi"](in_features, out_features, init_std=0.02, cfg=scheme_config("fbi"))
+    packed = PackedLinear(layer, layer.pack()).to(DEVICE)
+    w32 = type(layer).unpack(layer.pack()).to(DEVICE)
+    w16 = w32.bfloat16()
+
+    def ms(fn) -> float:  # back to back, one sync: a decode call is microseconds
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return 1e3 * (time.perf_counter() - start) / repeats
+
+    out = []
+    with torch.no_grad():
+        for n in tokens:
+            x = torch.randn(n, in_features, device=DEVICE)
+            want = x.double() @ w32.double().T
+            err = float((packed(x).double() - want).abs().max() / want.abs().max())
+            xb = x.bfloat16()
+            out.append({"tokens": n, "packed_ms": ms(lambda: packed(x)),
+                        "fp32_ms": ms(lambda: x @ w32.T), "bf16_ms": ms(lambda: xb @ w16.T),
+                        "max_rel_err": err})
+    return out
+
+
+def check_packed_kernels(args) -> None:
+    """The Triton kernel of packed 1-bit layers (fbi.kernels.triton_sign) on a 2048 x 5632
+    FBI-Linear layer, decode and a 512-token prefill, against torch's dense fp32 and bf16."""
+    for r in packed_layer_timings(repeats=args.steps * 10):
+        row(f"packed 1-bit layer, {r['tokens']} tokens", "PASS" if r["max_rel_err"] < 1e-4 else "FAIL",
+            f"triton {r['packed_ms']:.3f} ms, fp32 {r['fp32_ms']:.3f} ms (x{r['fp32_ms'] / r['packed_ms']:.1f}), "
+            f"bf16 {r['bf16_ms']:.3f} ms (x{r['bf16_ms'] / r['packed_ms']:.1f}); "
+            f"max rel. err {r['max_rel_err']:.1e}")
 
 
 def check_130m(args) -> None:
@@ -194,7 +244,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--small", default="fbi_130m", help="conf/model of the 130M rows")
     parser.add_argument("--large", default="fbi_1p3b", help="conf/model of the 1.3B row")
-    parser.add_argument("--only", default="tests,mamba,130m,1p3b,sign,distill")
+    parser.add_argument("--only", default="tests,mamba,packed,130m,1p3b,sign,distill")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build "
@@ -202,8 +252,9 @@ def main() -> int:
               "was measured.", file=sys.stderr)
         return 2
     started = time.monotonic()
-    checks = {"tests": check_cuda_tests, "mamba": check_mamba, "130m": check_130m,
-              "1p3b": check_1p3b, "sign": check_sign_route, "distill": check_distillation}
+    checks = {"tests": check_cuda_tests, "mamba": check_mamba, "packed": check_packed_kernels,
+              "130m": check_130m, "1p3b": check_1p3b, "sign": check_sign_route,
+              "distill": check_distillation}
     try:
         for name in args.only.split(","):
             try:

@@ -38,6 +38,9 @@ def check(args) -> None:
     from fbi.trained import find
 
     found = find(args.model, args.tag)
+    if getattr(args, "kernel", None) == "packed" and found.kind != "packed":
+        raise ValueError(f"--kernel packed: {args.model} is a {found.kind} model, not a packed "
+                         "export; export it with --format packed first, or leave --kernel out")
     device = getattr(args, "device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device: {device}, but this machine has no CUDA device; use --device cpu")
@@ -154,7 +157,7 @@ def command(args) -> str:
 def evaluate(args) -> dict:
     from fbi.trained import load
 
-    trained = load(args.model, args.tag)
+    trained = load(args.model, args.tag, args.kernel)
     trained.model.to(args.device)
     result: dict = {"model": str(args.model)}
     if args.text:
@@ -190,7 +193,7 @@ def generate(args) -> dict:
     from fbi.generate import generate as sample
     from fbi.trained import load
 
-    trained = load(args.model, args.tag)
+    trained = load(args.model, args.tag, args.kernel)
     trained.model.to(args.device)
     model = cached_model(trained)
     samples = [sample(trained, args.prompt, args.max_new_tokens, temperature=args.temperature,
@@ -251,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--blimp", nargs="*", default=[], help="jsonl files or folders of minimal pairs")
     v.add_argument("--batch-size", type=int, default=16)
     v.add_argument("--device", default="cpu")
+    v.add_argument("--kernel", choices=("packed", "dense"), default=None,
+                   help="packed export: packed (default: the 1-bit kernels, fbi.kernels) or dense (unpacked fp32)")
 
     g = verb("generate", generate, "samples from a prompt")
     g.add_argument("--prompt", required=True)
@@ -260,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--kernel", choices=("packed", "dense"), default=None,
+                   help="packed export: packed (default: the 1-bit kernels, fbi.kernels) or dense (unpacked fp32)")
 
     verbs.add_parser("lm-eval", help="lm-eval's own command line with --model fbi registered",
                      add_help=False)

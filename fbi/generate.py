@@ -1,9 +1,11 @@
 """Sampling from a trained model: a quick look at what it learned, and lm-eval's generation.
 
-Generation runs with a key-value cache where the model has one: a Hugging Face checkpoint as
-it is, an fbi model through its folded ``transformers`` twin (``fbi.export.hf.to_transformers``,
-the same function up to float rounding, built once by ``cached_model``). Schemes that quantize
-activations cannot fold; they re-run the window of the last ``max_length`` tokens for every new
+Generation runs with a key-value cache (the recurrent state for Mamba-2) where the model has
+one: a Hugging Face checkpoint as it is, an fbi model through its ``transformers`` twin
+(``fbi.export.hf.to_transformers``, the same function up to float rounding, built once by
+``cached_model``): a packed export's layers on the packed kernels go in as they are (every
+sign-only scheme, activation quantizers included), other scheme layers folded. Schemes that
+neither run packed nor fold re-run the window of the last ``max_length`` tokens for every new
 token. Either way generation stops at EOS and at the first stop string.
 
 Past the trained context (``max_length``), both paths slide the window: each new token is
@@ -34,7 +36,7 @@ def cached_model(trained: Trained) -> PreTrainedModel | None:
     if isinstance(trained.model, PreTrainedModel):
         return trained.model
     try:
-        return to_transformers(trained)
+        return to_transformers(trained, keep_packed=True)
     except CannotFold:
         return None
 

@@ -175,10 +175,19 @@ def find(path: str | Path, tag: str | None = None) -> Found:
     )
 
 
-def load(path: str | Path, tag: str | None = None) -> Trained:
-    """A run directory, a packed export (``fbi_packed.json``) or a Hugging Face checkpoint."""
-    loader = {"packed": load_packed, "run": lambda p: load_run(p, tag), "hf": load_hf}
-    return loader[find(path, tag).kind](Path(path).expanduser())
+def load(path: str | Path, tag: str | None = None, kernel: str | None = None) -> Trained:
+    """A run directory, a packed export (``fbi_packed.json``) or a Hugging Face checkpoint.
+    ``kernel``: how a packed export runs, ``packed`` (the default: ``fbi.kernels``) or
+    ``dense``; other models are dense, and ``kernel="packed"`` for them is refused."""
+    found = find(path, tag)
+    if kernel == "packed" and found.kind != "packed":
+        raise ValueError(
+            f"--kernel packed: {path} is a {found.kind} model, not a packed export; the packed "
+            "kernels run packed exports (python -m fbi export MODEL --format packed --out DIR), "
+            "or leave --kernel out")
+    loader = {"packed": lambda p: load_packed(p, kernel or "packed"),
+              "run": lambda p: load_run(p, tag), "hf": load_hf}
+    return loader[found.kind](Path(path).expanduser())
 
 
 def run_val_split(run_dir: Path):

@@ -8,8 +8,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from fbi_testing import REPO, make_teacher, make_tokenizer, wikitext_lines
+# Triton reads TRITON_INTERPRET once, when it is imported (transformers may import it first):
+# without a GPU, tests/kernels/test_triton_sign.py runs the kernel in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fbi_testing import REPO, make_teacher, make_tokenizer, wikitext_lines  # noqa: E402
 
 # DeepSpeed JIT-loads a CPU extension (its shared-memory collectives) into TORCH_EXTENSIONS_DIR
 # whenever a process group starts, holding a lock file in that folder meanwhile. The default

@@ -22,7 +22,7 @@ LAYERS = [
                   "fbi.generate"]),
     ("engine", ["fbi.deepspeed_setup", "fbi.sign_gather", "fbi.sign_buckets", "fbi.checkpoint",
                 "fbi.consolidate", "fbi.metrics", "fbi.flops", "fbi.run_lock", "fbi.preemption", "fbi.configure",
-                "fbi.lm"]),
+                "fbi.lm", "fbi.kernels*"]),
     ("models and data", ["fbi.models*", "fbi.data*"]),
     ("seam", ["fbi.binarize"]),
     ("schemes", ["fbi.binarize.*"]),

@@ -3,7 +3,8 @@
 Importing this module registers ``fbi`` with lm-eval (0.4.x discovers no plugins by itself,
 so ``python -m fbi lm-eval ...`` imports it, then runs lm-eval's own command line). ``path``
 is anything ``fbi.trained.load`` reads: a run directory (newest checkpoint, any ZeRO stage),
-a packed export or a Hugging Face checkpoint. Log-likelihoods are computed by
+a packed export (on the packed kernels; ``kernel=dense`` in ``--model_args`` unpacks it) or a
+Hugging Face checkpoint. Log-likelihoods are computed by
 ``fbi.eval.likelihood``, the code behind ``python -m fbi eval``.
 """
 
@@ -42,14 +43,15 @@ def parse_batch_size(value: int | str) -> int:
 @register_model("fbi")
 class FbiLM(TemplateLM):
     def __init__(self, path: str, tag: str | None = None, batch_size: int | str = 8,
-                 device: str | None = None, max_length: int | None = None, **_ignored) -> None:
+                 device: str | None = None, max_length: int | None = None,
+                 kernel: str | None = None, **_ignored) -> None:
         super().__init__()
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's command line asks for cuda:0 unless told otherwise
             device = "cuda" if torch.cuda.is_available() else "cpu"
             log.info("fbi lm-eval model on %s", device)
         self.batch_size = parse_batch_size(batch_size)
-        self.trained = load(path, tag)
+        self.trained = load(path, tag, kernel)
         self.trained.model.to(device)
         self._device = torch.device(device)
         self.max_length = int(max_length or self.trained.max_length)

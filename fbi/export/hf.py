@@ -17,6 +17,7 @@ import torch
 
 from fbi.export.card import model_card
 from fbi.export.packed import DTYPES, make_readable, packed_tensors, scheme_layers
+from fbi.kernels.linear import PackedLinear
 from fbi.lm import Trained
 
 
@@ -24,9 +25,14 @@ class CannotFold(ValueError):
     """The scheme's forward is not a dense linear map of its input."""
 
 
-def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]:
+def folded_state(model: torch.nn.Module, scheme: str,
+                 keep: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The state dict with every scheme layer folded into a dense weight, but those in
+    ``keep`` (left out: the caller places them as modules)."""
     state = dict(model.state_dict())
     for name, layer in scheme_layers(model).items():
+        if name in keep:
+            continue
         reason = layer.fold_refusal()
         if reason:
             raise CannotFold(
@@ -40,11 +46,13 @@ def folded_state(model: torch.nn.Module, scheme: str) -> dict[str, torch.Tensor]
     return state
 
 
-def to_transformers(trained: Trained) -> torch.nn.Module:
+def to_transformers(trained: Trained, keep_packed: bool = False) -> torch.nn.Module:
     """The architecture's ``transformers`` model (``LlamaForCausalLM``, ``Mamba2ForCausalLM``:
     the mapping of ``fbi.models.ARCHITECTURES``) with every scheme layer folded, in memory.
     Raises CannotFold for schemes whose forward is not linear in x (activation quantizers,
-    OneBit's output LayerNorm)."""
+    OneBit's output LayerNorm). ``keep_packed``: layers on the packed kernels
+    (``PackedLinear``) go in as they are, shared with ``trained.model`` and never folded, so
+    every sign-only scheme gets the model's cache and nothing dense is built."""
     import transformers
 
     from fbi.models import architecture
@@ -52,7 +60,9 @@ def to_transformers(trained: Trained) -> torch.nn.Module:
     if trained.model_cfg is None:
         raise ValueError(f"{trained.source}: not an fbi model (a run directory or a packed export)")
     arch = architecture(trained.model_cfg)
-    state = arch.to_hf_state_dict(folded_state(trained.model, trained.scheme_cfg.name))
+    keep = frozenset(n for n, m in scheme_layers(trained.model).items()
+                     if keep_packed and isinstance(m, PackedLinear))
+    state = arch.to_hf_state_dict(folded_state(trained.model, trained.scheme_cfg.name, keep))
     config = arch.to_hf_config(trained.model_cfg)
     config.bos_token_id, config.eos_token_id = trained.tokenizer.bos_id, trained.tokenizer.eos_id
     # What training put before every document (EOS under the default data.separator=eos):
@@ -60,8 +70,18 @@ def to_transformers(trained: Trained) -> torch.nn.Module:
     config.document_start_token_id = trained.start_id
     if hasattr(config, "max_position_embeddings"):  # attention models: the trained context
         config.max_position_embeddings = trained.max_length
-    hf = getattr(transformers, arch.hf_class)(config)
-    hf.load_state_dict(state, strict=True)
+    if not keep:
+        hf = getattr(transformers, arch.hf_class)(config)
+        hf.load_state_dict(state, strict=True)
+        return hf.eval()
+    with torch.device("meta"):  # no dense copy: the parameters are trained.model's own
+        hf = getattr(transformers, arch.hf_class)(config)
+    for name in keep:
+        hf.set_submodule(name, trained.model.get_submodule(name))
+    hf.load_state_dict(state, strict=True, assign=True)
+    for name, module in list(hf.named_modules()):  # buffers computed at init (rotary inv_freq)
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            hf.set_submodule(name, type(module)(config=config))
     return hf.eval()
 
 

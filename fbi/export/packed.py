@@ -4,8 +4,10 @@ A folder holds ``model.safetensors`` (each scheme layer's ``pack()`` tensors und
 ``<layer>.<key>``: signs 8 per byte, ternary digits 5 per byte, int8 codes, and its scales;
 every other parameter, the full-precision parts, under its own name), ``fbi_packed.json``
 (format version, model and scheme configs, sizes) and the tokenizer. The loader rebuilds the
-fbi model with each scheme layer's effective weight ``unpack(pack())``, which equals the
-trained layer's bit for bit, so the logits are identical too.
+fbi model with each scheme layer on the packed kernels (``fbi.kernels``, the default: the bits
+stay packed, the logits equal the trained model's to fp32 rounding), or with its effective
+weight ``unpack(pack())`` (``kernel="dense"``), which equals the trained layer's bit for bit,
+so the logits are identical too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from fbi.binarize import DenseLinear, scheme_config
 from fbi.config import ConfigError
 from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from fbi.export.card import model_card
+from fbi.kernels.forms import NoKernel
+from fbi.kernels.linear import PackedLinear
 from fbi.lm import Trained
 from fbi.models import architecture, build_model
 
@@ -34,13 +38,15 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 PACKED_CONFIG = "fbi_packed.json"  # its presence marks a folder as a packed export
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KERNELS = ("packed", "dense")
 
 
 def scheme_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers a scheme built, trained or loaded from an export (those left dense are
     plain ``DenseLinear``)."""
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, (DenseLinear, UnpackedLinear)) and type(m) is not DenseLinear}
+            if isinstance(m, (DenseLinear, UnpackedLinear, PackedLinear))
+            and type(m) is not DenseLinear}
 
 
 def dense_state(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -182,9 +188,30 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_packed(directory: Path) -> Trained:
+def kernel_layer(scheme_layer: DenseLinear, packed: dict[str, torch.Tensor], kernel: str,
+                 scheme: str) -> nn.Module:
+    """``PackedLinear`` (``kernel="packed"``) or ``UnpackedLinear`` (``"dense"``, and the
+    schemes whose weights are not a sign product: PB-LLM, said once in the log)."""
+    if kernel == "packed":
+        try:
+            return PackedLinear(scheme_layer, packed)
+        except NoKernel as e:
+            if scheme not in _WARNED:
+                log.warning("%s; its layers run dense", e)
+                _WARNED.add(scheme)
+    return UnpackedLinear(scheme_layer, packed)
+
+
+_WARNED: set[str] = set()
+
+
+def load_packed(directory: Path, kernel: str = "packed") -> Trained:
+    """The model of a packed export; ``kernel``: ``packed`` (scheme layers on the packed
+    kernels) or ``dense`` (unpacked to fp32, bit-identical to the trained model)."""
     from safetensors.torch import load_file
 
+    if kernel not in KERNELS:
+        raise ValueError(f"--kernel: got {kernel!r}; choose one of {', '.join(KERNELS)}")
     directory = Path(directory)
     config = read_config(directory / PACKED_CONFIG)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
@@ -201,7 +228,8 @@ def load_packed(directory: Path) -> Trained:
     for name in config["packed_layers"]:
         prefix = f"{name}."
         packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-        model.set_submodule(name, UnpackedLinear(model.get_submodule(name), packed))
+        model.set_submodule(name, kernel_layer(model.get_submodule(name), packed, kernel,
+                                               scheme_cfg.name))
     tensors = {k: v.float() for k, v in tensors.items()}
     for name, stored in config["ties"].items():
         tensors[name] = tensors[stored]

@@ -41,7 +41,7 @@ def tiny_trained(scheme: str, tokenizer_dir, tie: bool = False, arch: str = "lla
 def test_reloaded_logits_are_bit_identical(tmp_path, tokenizer_dir, scheme, tie, arch):
     trained = tiny_trained(scheme, tokenizer_dir, tie, arch)
     sizes = export_packed(trained, tmp_path / "packed", fp_dtype="float32")
-    loaded = load(tmp_path / "packed")
+    loaded = load(tmp_path / "packed", kernel="dense")
     ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 24))
     with torch.no_grad():
         assert torch.equal(loaded.logits(ids), trained.logits(ids))
@@ -78,7 +78,7 @@ def test_packed_export_of_a_zero3_run_is_bit_identical_and_real_size(tmp_path, z
     main(["export", str(zero3_run), "--format", "packed", "--fp-dtype", "float32",
           "--out", str(tmp_path / "packed")])
     sizes = json.loads(capsys.readouterr().out)
-    trained, packed = load(zero3_run), load(tmp_path / "packed")
+    trained, packed = load(zero3_run), load(tmp_path / "packed", kernel="dense")
     ids = torch.randint(0, trained.model_cfg.vocab_size, (2, 32))
     with torch.no_grad():
         assert torch.equal(packed.logits(ids), trained.logits(ids))

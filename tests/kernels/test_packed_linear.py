@@ -1,0 +1,102 @@
+"""The packed kernels against the dense layer: every sign-only scheme's ``PackedLinear`` equals
+the float64 product with the scheme's own ``unpack``, on odd shapes, decode and prefill."""
+
+import pytest
+import torch
+
+from fbi.binarize import SCHEMES, scheme_config
+from fbi.binarize.packing import pack_signs, unpack_signs
+from fbi.kernels import cpu
+from fbi.kernels.forms import NoKernel, row_bits
+from fbi.kernels.linear import PackedLinear
+
+SHAPES = [(1, 1), (7, 3), (13, 70), (64, 5), (100, 33), (130, 257), (192, 64)]  # (in, out)
+TOKENS = [1, 3, 5, 9, 19, 37]  # decode, remainders of 8-row and 4x4 tiles, prefill (>= 32)
+SCHEME_OPTIONS = [("fbi", {"layout": "column"}), ("fbi", {"layout": "row"}),
+                  ("fbi", {"layout": "tensor"}), ("fbi_w1a1", {}), ("bitnet", {}),
+                  ("bitnet158", {}), ("onebit", {}), ("onebit_fold", {})]
+
+
+def scheme_layer(name, options, in_features, out_features, seed=0):
+    torch.manual_seed(seed)
+    cfg = scheme_config(name, **options)
+    layer = SCHEMES[name](in_features, out_features, init_std=0.5, cfg=cfg)
+    with torch.no_grad():  # scales away from their data-derived init, signs of both kinds
+        for p in layer.parameters():
+            if p is not layer.weight:
+                p.copy_(torch.rand_like(p) + 0.1)
+    return layer
+
+
+def reference(layer, packed, x):
+    """The scheme's own input function, then the float64 product with ``unpack``."""
+    w = type(layer).unpack(packed).double()
+    return layer.normalize_output(layer.quantize_input(x).double() @ w.T)
+
+
+@pytest.mark.parametrize("name,options", SCHEME_OPTIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+def test_packed_linear_equals_dense_float64(name, options, in_features, out_features):
+    layer = scheme_layer(name, options, in_features, out_features)
+    packed = layer.pack()
+    kernel = PackedLinear(layer, packed)
+    for n in TOKENS:
+        x = torch.randn(n, in_features)
+        want = reference(layer, packed, x)
+        got = kernel(x)
+        assert got.dtype == torch.float32 and got.shape == (n, out_features)
+        # fp32 accumulation: error bounded by a few ulps of the sum of |terms|
+        bound = layer.normalize_output(layer.quantize_input(x).abs().double()
+                                       @ type(layer).unpack(packed).double().abs().T)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=float(bound.abs().max()) * 1e-5)
+
+
+def test_batched_shapes_and_fold_match_the_packed_tensors():
+    layer = scheme_layer("fbi", {}, 40, 24)
+    kernel = PackedLinear(layer, layer.pack())
+    x = torch.randn(2, 3, 40)
+    torch.testing.assert_close(kernel(x), kernel(x.reshape(6, 40)).reshape(2, 3, 24))
+    torch.testing.assert_close(kernel.fold().weight, type(layer).unpack(layer.pack()))
+    assert kernel.pack().keys() == layer.pack().keys()
+
+
+def test_pbllm_is_refused_with_the_reason():
+    layer = scheme_layer("pbllm", {}, 64, 8)
+    with pytest.raises(NoKernel, match="pbllm.*not a sign product.*--kernel dense"):
+        PackedLinear(layer, layer.pack())
+
+
+@pytest.mark.parametrize("in_features", [1, 63, 64, 65, 200])
+def test_row_bits_start_each_row_on_8_bytes(in_features):
+    signs = torch.where(torch.rand(5, in_features) < 0.5, 1.0, -1.0)
+    bits = row_bits(pack_signs(signs), 5, in_features)
+    assert bits.shape == (5, 8 * -(-in_features // 64))
+    for r in range(5):
+        assert torch.equal(unpack_signs(bits[r], (in_features,)), signs[r])
+
+
+def host_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
+def test_cpu_kernel_variants_against_float64(variant):
+    """Each compiled path: this host's SIMD, AVX2's sign-flip table, the plain loop."""
+    if variant == "avx2" and not host_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    torch.manual_seed(1)
+    # 136 bytes: two feature chunks of the kernel (128 bytes each); 300 rows x 33 tokens:
+    # prefill's unpacked blocks (256 rows), the last one short
+    for rows, nb, n in [(1, 8, 1), (9, 8, 1), (13, 16, 5), (70, 24, 4), (33, 8, 7), (6, 136, 6),
+                        (300, 16, 33)]:
+        bits = torch.randint(0, 256, (rows, nb), dtype=torch.uint8)
+        u = torch.randn(n, 8 * nb)
+        s = unpack_signs(bits, (rows, 8 * nb), torch.float64)
+        want = u.double() @ s.T
+        got = cpu.sign_matmul(bits, u, variant).double()
+        if variant != "native":
+            assert cpu.extension(variant).simd_path() == variant
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(u.abs().sum(1).max()))
