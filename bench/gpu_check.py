@@ -109,7 +109,7 @@ def one_row(args) -> int:
 def table(rows: list[dict], header: str) -> str:
     lines = [header, "", "| row | verdict | s | figures |", "|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['verdict']} | {r['seconds']:.0f} | "
-              f"{r['figures'].replace('|', '/')} |" for r in rows]
+              f"{' '.join(r['figures'].split()).replace('|', '/')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
