@@ -105,11 +105,10 @@ def row_environment(ctx: Ctx):
     major_minor = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
     data = {"torch": torch.__version__, "cuda": torch.version.cuda,
             "python": sys.version.split()[0]}
-    missing = [m for m in ("deepspeed", "hydra", "omegaconf", "transformers", "datasets",
-                           "sentencepiece", "tokenizers", "safetensors")
-               if version_of(m) is None]
+    missing = [m for m in ("deepspeed", "hydra", "omegaconf", "transformers", "sentencepiece",
+                           "tokenizers", "safetensors") if version_of(m) is None]
     data.update({m: version_of(m) for m in ("deepspeed", "hydra", "omegaconf", "transformers",
-                                            "datasets", "triton", "mamba_ssm")})
+                                            "triton", "mamba_ssm")})
     problems = [f"missing {', '.join(missing)}"] if missing else []
     if not TORCH_RANGE[0] <= major_minor <= TORCH_RANGE[1]:
         problems.append(f"torch {torch.__version__} outside the supported 2.11-2.13")
