@@ -33,7 +33,9 @@ if [ -n "$wheels" ]; then
   echo "torch==$torch_version" > "$constraints"  # pip may not replace the node's torch
   "$python" -m pip install --no-index --find-links "$wheels" -c "$constraints" -r "$wheels/requirements.txt"
   # DeepSpeed's sdist, built against this torch (no isolation: no torch download); its ops
-  # build on first use (the deepspeed_ops row).
+  # build on first use (the deepspeed_ops row). Python 3.12's venvs have no setuptools.
+  "$python" -c "import setuptools, wheel" 2> /dev/null \
+    || "$python" -m pip install --no-index --find-links "$wheels" setuptools wheel
   DS_BUILD_OPS=0 "$python" -m pip install --no-index --find-links "$wheels" -c "$constraints" \
     --no-build-isolation "deepspeed==$(cat "$wheels/deepspeed.version")"
 fi

@@ -50,7 +50,9 @@ class Ctx:
         return value
 
 
-def verdict(ok: bool, cuda_claim: bool, ctx: Ctx, why_skip: str = "no CUDA device") -> str:
+def verdict(ok: bool, cuda_claim: bool, ctx: Ctx) -> str:
+    """FAIL when the comparison failed; SKIP when it held but the claim is about CUDA and
+    this is the CPU; else PASS."""
     if not ok:
         return "FAIL"
     return "SKIP" if cuda_claim and not ctx.cuda else "PASS"

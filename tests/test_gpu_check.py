@@ -88,3 +88,37 @@ def test_without_a_gpu_the_cuda_check_says_so_and_measures_nothing(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--device cpu" in proc.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.slow
+def test_the_wheelhouse_fits_64_mib_and_installs_offline_beside_only_torch(tmp_path):
+    """bench/gpu_wheels.sh (needs the package index), then a fresh venv holding only the
+    project's CPU torch, then gpu_check.sh --wheels with pip's configuration and find-links
+    removed: everything beyond torch comes from the wheelhouse, torch stays as it was, and the
+    environment row (which imports DeepSpeed, Hydra, OmegaConf, transformers...) passes."""
+    import torch
+
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    subprocess.run(["bash", str(REPO / "bench" / "gpu_wheels.sh"), str(wheels)], check=True,
+                   timeout=1200)
+    files = list(wheels.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 64 * 2**20
+    assert not [f.name for f in files if f.name.lower().startswith(("torch-", "triton-", "nvidia"))]
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    version = torch.__version__.split("+")[0]
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"torch=={version}"],
+                   check=True, timeout=1200)  # the project's own CPU wheel, from pip's config
+    before = subprocess.run([str(python), "-c", "import torch; print(torch.__file__, "
+                             "torch.__version__)"], capture_output=True, text=True).stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PYTHON=str(python))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--wheels", str(wheels),
+                           "--device", "cpu", "--only", "environment", "--out", str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
+    assert verdicts(result) == {"environment": "PASS"}
+    after = subprocess.run([str(python), "-c", "import torch; print(torch.__file__, "
+                            "torch.__version__)"], capture_output=True, text=True).stdout
+    assert before == after
