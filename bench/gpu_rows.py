@@ -586,7 +586,7 @@ def recipe_overrides(ctx: Ctx, model: str, batch: int, seq_len: int, scheme: str
                      precision: str):
     shape = [f"model={model}", f"model.vocab_size={VOCAB}"] if ctx.cuda else \
         [*tiny(ctx), "model.vocab_size=512"]
-    return [*shape, f"scheme={scheme}", "zero=stage1",
+    return [*shape, f"scheme={scheme}", "teacher=none", "zero=stage1",
             f"precision={precision}", "max_steps=10", f"global_batch_size={batch}",
             f"micro_batch_size={batch}", f"data.seq_len={seq_len}", "optim.warmup_steps=1",
             *(["zero.activation_checkpointing=true"] if model == "fbi_1p3b" else [])]
