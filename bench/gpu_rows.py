@@ -455,8 +455,8 @@ def row_multi_gpu(ctx: Ctx):
     figures = f"{backend} all_reduce/all_gather/reduce_scatter on {n} ranks: " \
               f"{'exact' if collectives_ok else 'WRONG'}"
     if not ctx.cuda:
-        return (verdict(collectives_ok, True, ctx),
-                figures + " (CPU: the ZeRO-3 step across ranks is the 1-bit route row's)", {})
+        return (verdict(collectives_ok, True, ctx), f"no CUDA device: {figures} (the ZeRO-3 "
+                "step across ranks on CPU is the 1-bit route row's)", {})
     one = losses_of_run(ctx, ctx.work / "zero3_one", 3, 1, "zero=stage3")
     many = losses_of_run(ctx, ctx.work / "zero3_many", 3, n, "zero=stage3")
     diff = max(abs(ctx.perturb(many[s]) - one[s]) / abs(one[s]) for s in one)
@@ -685,7 +685,8 @@ def row_throughput(ctx: Ctx):
     # step, or an MFU below 10% on a known GPU, is a regression worth stopping for.
     ok = ratio <= 2.0 and (util is None or util >= 0.10)
     mfu_text = "n/a (unknown peak)" if util is None else f"{100 * util:.1f}% (>=10%)"
-    figures = (f"{name} {precision} {batch}x{seq_len}: fbi {seconds['fbi'] * 1e3:.0f} ms "
+    figures = (("" if ctx.cuda else "no CUDA device, CPU times: ")
+               + f"{name} {precision} {batch}x{seq_len}: fbi {seconds['fbi'] * 1e3:.0f} ms "
                f"({tokens_per_s:,.0f} tok/s, MFU {mfu_text}), fp {seconds['fp'] * 1e3:.0f} ms: "
                f"x{ratio:.2f} (<=2)")
     return verdict(ok, True, ctx), figures, {"seconds": seconds, "mfu": util}
