@@ -27,9 +27,10 @@ from gpu_rows import ROWS, Ctx  # noqa: E402
 
 # Seconds per row on one H100 are far below these; a row past its limit is killed (with
 # everything it started) and reported ERROR, so a hang in NCCL or CUDA is bounded. The ops
-# row may compile DeepSpeed's FusedAdam and CPUAdam first (about a minute on 16 cores).
+# row may compile DeepSpeed's FusedAdam and CPUAdam first (about a minute on 16 cores); the
+# peak-memory and throughput rows build fbi_130m and fbi_1p3b in a process each.
 ROW_LIMIT_S = 150
-LONGER = {"deepspeed_ops": 300}
+LONGER = {"deepspeed_ops": 300, "peak_memory": 200, "throughput": 240}
 
 
 class TimeLimit(Exception):
@@ -90,8 +91,6 @@ def run_row(name: str, args, work: Path) -> dict:
 
 def one_row(args) -> int:
     """The child: run one row, write its result; an exception is the row's ERROR."""
-    import torch  # noqa: F401  (imported before the row: its import time is not the row's)
-
     ctx = Ctx(device=args.device, work=Path(args.work), row=args.row, seq_len=args.seq_len,
               steps=args.steps)
     try:
