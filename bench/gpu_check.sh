@@ -48,4 +48,4 @@ ext=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/fbi-torch-ext-$(printf %s "$repo" | 
 export TORCH_EXTENSIONS_DIR=$ext HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 default_limit=480
 [ "$device" = cpu ] && default_limit=1800
-timeout -k 20 "${GPU_CHECK_TIMEOUT:-$default_limit}" "$python" "$repo/bench/gpu_check.py" "${args[@]}"
+timeout --preserve-status -k 20 "${GPU_CHECK_TIMEOUT:-$default_limit}" "$python" "$repo/bench/gpu_check.py" "${args[@]}"
