@@ -28,6 +28,14 @@ import torch.distributed as dist
 from fbi.binarize.packing import pack_signs
 
 
+def all_gather_single(output, input, group, async_op):
+    """``dist.all_gather_single`` (torch 2.13's name); torch 2.11 and 2.12, which the project
+    also runs on, have the same collective as ``all_gather_into_tensor`` only. Looked up at
+    call time, so that a wrapper installed on ``dist`` (a communication counter) is seen."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, input, group=group, async_op=async_op)
+
+
 class Bucket:
     """Routed layers' weights (ZeRO-3-partitioned: ``ds_tensor``, ``ds_process_group``) whose
     signs travel in one all-gather."""
@@ -63,7 +71,7 @@ class Bucket:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             sent = torch.cat([pack_signs(w.ds_tensor) for w in self.weights])
             gathered = sent.new_empty(dist.get_world_size(self.group) * sent.numel())
-            work = dist.all_gather_single(gathered, sent, group=self.group, async_op=True)
+            work = all_gather_single(gathered, sent, group=self.group, async_op=True)
         self._pending = (work, gathered, sent, stream)
 
     def drop(self) -> None:

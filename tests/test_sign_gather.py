@@ -115,6 +115,18 @@ def test_a_routed_layer_computes_the_plain_layer_bitwise(one_rank, scheme, dtype
     assert routed.weight.shape == (0,) and routed.weight.grad.shape == (24, 64)
 
 
+def test_the_route_runs_on_a_torch_without_all_gather_single(one_rank, monkeypatch):
+    """torch 2.11 and 2.12 name the collective all_gather_into_tensor only: the route falls
+    back to it and computes the plain layer bitwise."""
+    monkeypatch.delattr(dist, "all_gather_single", raising=False)
+    torch.manual_seed(0)
+    plain = SCHEMES["fbi"](64, 24, cfg=scheme_config("fbi"))
+    routed = partitioned(copy.deepcopy(plain))
+    x = torch.randn(3, 5, 64)
+    for a, b in zip(run_and_grads(plain, x, torch.float32), run_and_grads(routed, x, torch.float32)):
+        assert torch.equal(a, b)
+
+
 def test_a_routed_layer_refuses_torch_func_transforms(one_rank):
     """functorch runs neither the autograd hooks that take the weight's gradient to its shard
     nor the scheme's straight-through Function: a clear refusal, not an internal assert."""
