@@ -87,6 +87,7 @@ def test_cli_kernel_flag(tmp_path, tokenizer_dir):
 
 def test_kernel_packed_on_a_run_directory_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # found as an HF checkpoint, not loaded
     with pytest.raises(ValueError, match="--kernel packed: .* not a packed export"):
         load(tmp_path, kernel="packed")
 
