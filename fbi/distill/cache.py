@@ -8,17 +8,22 @@ Layout of ``teacher.cache.dir`` (written by ``python -m fbi.distill.cache_writer
                          rows.py); sampled: draw counts (uint8/uint16)
     <shard>.tail         topk in a float format: (samples, seq_len) log of the probability
                          outside the ids
+    <shard>.crc          a CRC-32 per row binding the sample id to the row's bytes
+                         (fbi/distill/cache_files.py: rows move by pread/pwrite through a
+                         bounded set of open files)
     teacher_blocks/      sha256 of every MiB of the teacher's weight files, hashed once when
                          the cache was created (``teacher_weights`` in the manifest)
-    progress/, writers/  which parts are written, and whether the writers live
+    progress/, writers/  which parts are written, and whether the writers live and progress
                          (fbi/distill/progress.py: a few files per writer process)
+    claims/              which job writes the cache (fbi/distill/claim.py: one at a time)
 
 One set of files per token shard of the train split, row ``i`` of a file holding the targets
 of the shard's sample ``i``: a global sample id addresses its entry the way it addresses its
 tokens. Slots are k (topk) or draws (sampled). Bytes per token with a 49k vocabulary: top-k
 32 in float16 32 * (2 + 2) + 2 = 130, in uint8 32 * (2 + 1) = 96, top-k 12 in uint8 36;
 sampled: 3 per draw. Every row read is checked (``rows.bad_rows``): a row never written, an
-id outside the vocabulary or weights that do not sum to one stop the run, naming the row.
+id outside the vocabulary, a NaN or weights that do not sum to one stop the run, naming the
+row; then its checksum, which catches what no rule can (ids and values of different writes).
 
 Work is cut into parts of ``part_samples`` samples taken in the walk order (``Walk``: the
 training sampler's epoch 0 for ``order=trainer``, ids in order for ``sequential``), computed

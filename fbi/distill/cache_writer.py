@@ -6,11 +6,13 @@
 Takes train.py's overrides, so it finds the same shards and writes where ``teacher=cache``
 training reads (``teacher.cache.*``, fbi/distill/cache.py). Rank r of w writes parts
 r, r + w, r + 2w, ...: with ``teacher.cache.order=trainer`` (the default) parts follow the
-trainer's sample order, so training can start at once and follow behind. A job started
+trainer's sample order, so training can start at once and follow behind. One job writes a
+cache at a time (fbi/distill/claim.py: a second is refused while the first beats). A job started
 again writes only the parts no progress log holds; a finished job records file checksums and
 the teacher's validation perplexity in the manifest. Each writer process keeps a heartbeat
-and records why it stopped (fbi/distill/progress.py), so a trainer waiting on it can tell a
-job stopped by ``max_parts`` from one that died, and name the command that restarts it.
+and its progress, and records why it stopped (fbi/distill/progress.py), so a trainer waiting
+on it can tell a job stopped by ``max_parts`` from one that died or stalled, and name the
+command that restarts it.
 """
 
 from __future__ import annotations
