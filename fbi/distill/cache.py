@@ -51,8 +51,8 @@ import torch.distributed as dist
 
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.sampler import GlobalSampler
-from fbi.distributed import detect
 from fbi.data.shards import Manifest as ShardManifest, TokenShards, sha256_file, token_dtype
+from fbi.distributed import detect
 from fbi.distill.cache_files import CacheFiles, row_checksum
 from fbi.distill.progress import Liveness, Progress
 from fbi.distill.rows import bad_rows, decode_units, decode_values, sum_tolerance

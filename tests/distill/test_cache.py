@@ -339,7 +339,8 @@ def test_the_default_cache_folder_is_keyed_by_the_teacher(base, tmp_path, tokeni
 
 
 def test_uint8_cache_with_the_label_tail_matches_the_float_cache(base, topk_cache, tmp_path):
-    from fbi.distill.cache import file_names, load_manifest
+    from fbi.distill.cache import load_manifest
+    from fbi.distill.cache_files import file_names
 
     extra = ["teacher.cache.value_dtype=uint8", "teacher.cache.tail=label"]
     write(base, tmp_path / "u8", *extra)
