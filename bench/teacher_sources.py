@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 from fbi.configure import compose  # noqa: E402
 from fbi.data.sampler import GlobalSampler  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
-from fbi.distill.cache import cache_dir, file_names, load_manifest  # noqa: E402
+from fbi.distill.cache import cache_dir, load_manifest  # noqa: E402
+from fbi.distill.cache_files import file_names  # noqa: E402
 from fbi.distill.cache_writer import write_cache  # noqa: E402
 from fbi.data.prepare import ensure_shards  # noqa: E402
 from fbi.distill.teacher import NoTeacher, build_teacher  # noqa: E402

@@ -83,6 +83,9 @@ class CacheConfig:
     heartbeat_s: float = 10.0  # cache job: how often each writer records that it is alive
     # Training waiting for a part stops (after a checkpoint) when no writer has beaten for this long.
     dead_after_s: float = 90.0
+    # ... or when a writer that beats finishes no part for this many times its slowest part.
+    stall_parts: float = 20.0
+    max_open_files: int = 256  # file descriptors a cache reader or writer keeps open (LRU)
     verify: bool = False  # sha256 of every cache file at start-up (slow for large caches)
     # Cache job: stop after this many parts per rank (time-limited jobs; run it again to go on).
     max_parts: Optional[int] = None
@@ -100,6 +103,10 @@ class CacheConfig:
         require(self.heartbeat_s > 0, "teacher.cache.heartbeat_s", "must be positive")
         require(self.dead_after_s > 2 * self.heartbeat_s, "teacher.cache.dead_after_s",
                 "must exceed twice teacher.cache.heartbeat_s, or live writers look dead")
+        require(self.stall_parts > 1, "teacher.cache.stall_parts",
+                "must exceed 1, or a writer as fast as before looks stalled")
+        require(self.max_open_files >= 4, "teacher.cache.max_open_files",
+                "must be >= 4 (the files of one token shard)")
         require(self.max_parts is None or self.max_parts >= 0, "teacher.cache.max_parts",
                 "must be >= 0 or null")
 

@@ -8,17 +8,22 @@ Layout of ``teacher.cache.dir`` (written by ``python -m fbi.distill.cache_writer
                          rows.py); sampled: draw counts (uint8/uint16)
     <shard>.tail         topk in a float format: (samples, seq_len) log of the probability
                          outside the ids
+    <shard>.crc          a CRC-32 per row binding the sample id to the row's bytes
+                         (fbi/distill/cache_files.py: rows move by pread/pwrite through a
+                         bounded set of open files)
     teacher_blocks/      sha256 of every MiB of the teacher's weight files, hashed once when
                          the cache was created (``teacher_weights`` in the manifest)
-    progress/, writers/  which parts are written, and whether the writers live
+    progress/, writers/  which parts are written, and whether the writers live and progress
                          (fbi/distill/progress.py: a few files per writer process)
+    claims/              which job writes the cache (fbi/distill/claim.py: one at a time)
 
 One set of files per token shard of the train split, row ``i`` of a file holding the targets
 of the shard's sample ``i``: a global sample id addresses its entry the way it addresses its
 tokens. Slots are k (topk) or draws (sampled). Bytes per token with a 49k vocabulary: top-k
 32 in float16 32 * (2 + 2) + 2 = 130, in uint8 32 * (2 + 1) = 96, top-k 12 in uint8 36;
 sampled: 3 per draw. Every row read is checked (``rows.bad_rows``): a row never written, an
-id outside the vocabulary or weights that do not sum to one stop the run, naming the row.
+id outside the vocabulary, a NaN or weights that do not sum to one stop the run, naming the
+row; then its checksum, which catches what no rule can (ids and values of different writes).
 
 Work is cut into parts of ``part_samples`` samples taken in the walk order (``Walk``: the
 training sampler's epoch 0 for ``order=trainer``, ids in order for ``sequential``), computed
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,6 +52,8 @@ import torch.distributed as dist
 from fbi.config import ConfigError, TrainConfig
 from fbi.data.sampler import GlobalSampler
 from fbi.data.shards import Manifest as ShardManifest, TokenShards, sha256_file, token_dtype
+from fbi.distributed import detect
+from fbi.distill.cache_files import CacheFiles, row_checksum
 from fbi.distill.progress import Liveness, Progress
 from fbi.distill.rows import bad_rows, decode_units, decode_values, sum_tolerance
 from fbi.distill.targets import SparseTargets, label_tail
@@ -54,14 +62,17 @@ from fbi.distill.teacher_checkpoint import Measure, WaitEnded, check_weights, te
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 2  # 1: a marker file per part (python -m fbi.distill.progress convert DIR)
+# 1: a marker file per part; 2: no row checksums (python -m fbi.distill.convert DIR)
+FORMAT = 3
 POLL_S = 0.2  # how often a waiting trainer looks at the progress logs
 # Must agree for a trainer to use the cache: they decide what the targets mean.
 CONTENT_KEYS = ("format", "mode", "slots", "temperature", "seq_len", "vocab_size", "teacher",
                 "tokenizer_fingerprint", "token_shards")
 # Must also agree for a writer to resume into the cache: they decide where each entry goes.
+# ``generator``: torch version and device kind (CPU and CUDA draw differently); the writer
+# adds it to ``describe``'s manifest.
 LAYOUT_KEYS = ("value_dtype", "id_dtype", "count_dtype", "order", "seed", "shuffle",
-               "part_samples")
+               "part_samples", "teacher_dtype", "generator")
 
 
 def cache_dir(cfg: TrainConfig, shards_dir: Path, teacher_path: Path) -> Path:
@@ -102,6 +113,7 @@ def describe(cfg: TrainConfig, teacher_path: Path, shards_dir: Path,
         "seed": cfg.seed,
         "shuffle": cfg.data.shuffle,
         "part_samples": c.part_samples,
+        "teacher_dtype": cfg.teacher.dtype,
         "num_samples": train.num_samples,
         "teacher_path": str(teacher_path),
         "complete": False,
@@ -109,9 +121,10 @@ def describe(cfg: TrainConfig, teacher_path: Path, shards_dir: Path,
 
 
 def refuse_mismatch(directory: Path, found: dict, expected: dict, keys: Sequence[str]) -> None:
-    if found.get("format") == 1:
-        raise ConfigError(f"teacher.cache.dir: {directory} is a format-1 cache (a marker file "
-                          f"per part); convert it once: python -m fbi.distill.progress convert "
+    if found.get("format") in (1, 2):
+        what = {1: "a marker file per part", 2: "no row checksums"}[found["format"]]
+        raise ConfigError(f"teacher.cache.dir: {directory} is a format-{found['format']} cache "
+                          f"({what}); convert it once: python -m fbi.distill.convert "
                           f"{directory}")
     for key in keys:
         if found.get(key) != expected[key]:
@@ -126,8 +139,22 @@ def refuse_mismatch(directory: Path, found: dict, expected: dict, keys: Sequence
 
 
 def check_teacher(directory: Path, manifest: dict, teacher_path: Path) -> None:
+    """The teacher is the cache's (``check_weights``), checked by this process alone."""
     check_weights(teacher_path, manifest["teacher_weights"], directory / "teacher_blocks",
                   f"the cache {directory}")
+
+
+def check_teacher_on_every_rank(directory: Path, manifest: dict, teacher_path: Path) -> None:
+    """``check_teacher`` on every rank, the first of each node first (a collective): a copy
+    hashed in full is recorded as verified, and the others sample it."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    first = not distributed or detect(os.environ).local_rank == 0
+    if first:
+        check_teacher(directory, manifest, teacher_path)
+    if distributed:
+        dist.barrier()
+    if not first:
+        check_teacher(directory, manifest, teacher_path)
 
 
 class Walk:
@@ -158,60 +185,6 @@ class Walk:
 
 def num_parts(manifest: dict) -> int:
     return -(-manifest["num_samples"] // manifest["part_samples"])
-
-
-def has_tail_file(manifest: dict) -> bool:
-    """Top-k in a float format stores the tail; uint8 units imply it, sampled has none."""
-    return manifest["mode"] == "topk" and manifest["value_dtype"] != "uint8"
-
-
-def file_names(manifest: dict) -> list[str]:
-    kinds = ("ids", "vals", "tail") if has_tail_file(manifest) else ("ids", "vals")
-    return [f"{Path(s['file']).stem}.{k}" for s in manifest["token_shards"] for k in kinds]
-
-
-def _vals_dtype(manifest: dict) -> np.dtype:
-    if manifest["mode"] == "sampled":
-        return np.dtype(manifest["count_dtype"])
-    # numpy has no bfloat16: its bits are stored as uint16 and reinterpreted by torch.
-    return np.dtype("uint16" if manifest["value_dtype"] == "bfloat16" else manifest["value_dtype"])
-
-
-class CacheArrays:
-    """The cache's files as memmaps, one (ids, vals, tail) triple per token shard."""
-
-    def __init__(self, directory: Path, manifest: dict, mode: str = "r") -> None:
-        seq, slots = manifest["seq_len"], manifest["slots"]
-        ids_t, vals_t = np.dtype(manifest["id_dtype"]), _vals_dtype(manifest)
-        self.directory = directory
-        self.shards = []
-        for s in manifest["token_shards"]:
-            stem, n = Path(s["file"]).stem, max(1, s["samples"])
-            ids = np.memmap(directory / f"{stem}.ids", ids_t, mode, shape=(n, seq, slots))
-            vals = np.memmap(directory / f"{stem}.vals", vals_t, mode, shape=(n, seq, slots))
-            tail = (np.memmap(directory / f"{stem}.tail", vals_t, mode, shape=(n, seq))
-                    if has_tail_file(manifest) else None)
-            self.shards.append((ids, vals, tail))
-
-    @staticmethod
-    def create(directory: Path, manifest: dict) -> None:
-        """Files of their final size, holes until written (so any rank may fill any row)."""
-        seq, slots = manifest["seq_len"], manifest["slots"]
-        row_bytes = {"ids": np.dtype(manifest["id_dtype"]).itemsize * slots,
-                     "vals": _vals_dtype(manifest).itemsize * slots,
-                     "tail": _vals_dtype(manifest).itemsize}
-        for name in file_names(manifest):
-            stem, kind = name.rsplit(".", 1)
-            samples = next(s["samples"] for s in manifest["token_shards"]
-                           if Path(s["file"]).stem == stem)
-            with open(directory / name, "ab") as f:
-                f.truncate(max(1, samples) * seq * row_bytes[kind])
-
-    def flush(self) -> None:
-        for arrays in self.shards:
-            for a in arrays:
-                if a is not None:
-                    a.flush()
 
 
 def load_manifest(directory: Path) -> dict:
@@ -256,7 +229,7 @@ class CacheTeacher:
         self._wait_for_manifest()
         self.manifest = load_manifest(self.dir)
         refuse_mismatch(self.dir, self.manifest, expected, CONTENT_KEYS)
-        check_teacher(self.dir, self.manifest, teacher_path)
+        check_teacher_on_every_rank(self.dir, self.manifest, teacher_path)
         written = (self.manifest["seed"], self.manifest["shuffle"])
         if self.manifest["order"] == "trainer" and written != (cfg.seed, cfg.data.shuffle):
             log.warning("teacher.cache: written in the order of seed %d, data.shuffle=%s; this "
@@ -270,8 +243,10 @@ class CacheTeacher:
             self._verify()
         self.walk = Walk(self.manifest)
         self.progress = Progress(self.dir, num_parts(self.manifest))
-        self.liveness = Liveness(self.dir, cfg.teacher.cache.dead_after_s, self.wait_s)
-        self._arrays = CacheArrays(self.dir, self.manifest)
+        self.liveness = Liveness(self.dir, cfg.teacher.cache.dead_after_s, self.wait_s,
+                                 cfg.teacher.cache.stall_parts)
+        self.files = CacheFiles(self.dir, self.manifest,
+                                max_open=cfg.teacher.cache.max_open_files)
         log.info("teacher targets from cache %s (%s, %d slots, %s)", self.dir,
                  self.manifest["mode"], self.manifest["slots"],
                  "complete" if self.complete else "being written")
@@ -337,8 +312,6 @@ class CacheTeacher:
                     log.info("waiting for part %d (sample ids %s) from the cache job",
                              missing[0], [list(ids) for ids in micro_batches])
             time.sleep(POLL_S)
-        if waiting:  # fresh maps: the rows were written after ours were made
-            self._arrays = CacheArrays(self.dir, self.manifest)
         return None
 
     def targets(self, sample_ids: Sequence[int], inputs: torch.Tensor) -> SparseTargets:
@@ -348,17 +321,17 @@ class CacheTeacher:
                 raise CacheWaitError(ended.reason)
         m = self.manifest
         rows = [self.train.locate(int(i)) for i in sample_ids]
-        ids = np.stack([self._arrays.shards[s][0][r] for s, r in rows])
-        vals = np.stack([self._arrays.shards[s][1][r] for s, r in rows])
+        read = [self.files.read(s, r) for s, r in rows]
+        ids, vals = np.stack([r.ids for r in read]), np.stack([r.vals for r in read])
         if m["mode"] == "sampled":
             weights, tail = torch.from_numpy(vals.astype(np.float32)) / m["slots"], None
         elif m["value_dtype"] == "uint8":
             weights, tail = decode_units(vals)
         else:
             weights = decode_values(vals, m["value_dtype"]).exp()
-            tail = decode_values(np.stack([self._arrays.shards[s][2][r] for s, r in rows]),
-                                 m["value_dtype"]).exp()
+            tail = decode_values(np.stack([r.tail for r in read]), m["value_dtype"]).exp()
         self._check(sample_ids, rows, ids, weights, tail)
+        self._check_sums(sample_ids, rows, read)
         targets = SparseTargets(torch.from_numpy(ids.astype(np.int64)), weights, tail)
         if self.tail == "label" and tail is not None:
             labels = torch.from_numpy(self.train.batch(sample_ids)[:, 1:].astype(np.int64))
@@ -377,6 +350,20 @@ class CacheTeacher:
                 f"{sample_ids[b]}, part {self.walk.parts([sample_ids[b]])[0]}), position "
                 f"{position}, holds {what}; the cache is damaged: delete it and write it "
                 "again with python -m fbi.distill.cache_writer")
+
+    def _check_sums(self, sample_ids, rows, read) -> None:
+        for sample, (shard, row), r in zip(sample_ids, rows, read):
+            if row_checksum(sample, r.ids, r.vals, r.tail) == r.crc:
+                continue
+            part = self.walk.parts([sample])[0]
+            writer = self.progress.writer_of(part)
+            stem = Path(self.manifest["token_shards"][shard]["file"]).stem
+            raise CacheRowError(
+                f"teacher.cache {self.dir}: row {row} of {stem} (sample id {sample}, part "
+                f"{part}, written by {writer or 'no writer on record'}) fails its checksum "
+                f"({stem}.crc): its ids and values are not what the writer wrote; the cache is "
+                "damaged: delete it and write it again with python -m "
+                "fbi.distill.cache_writer")
 
     def val_ppl(self, measure: Measure) -> float | None:
         """The value the cache job measured on the same validation batches, if it has."""

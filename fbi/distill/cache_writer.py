@@ -6,11 +6,13 @@
 Takes train.py's overrides, so it finds the same shards and writes where ``teacher=cache``
 training reads (``teacher.cache.*``, fbi/distill/cache.py). Rank r of w writes parts
 r, r + w, r + 2w, ...: with ``teacher.cache.order=trainer`` (the default) parts follow the
-trainer's sample order, so training can start at once and follow behind. A job started
+trainer's sample order, so training can start at once and follow behind. One job writes a
+cache at a time (fbi/distill/claim.py: a second is refused while the first beats). A job started
 again writes only the parts no progress log holds; a finished job records file checksums and
 the teacher's validation perplexity in the manifest. Each writer process keeps a heartbeat
-and records why it stopped (fbi/distill/progress.py), so a trainer waiting on it can tell a
-job stopped by ``max_parts`` from one that died, and name the command that restarts it.
+and its progress, and records why it stopped (fbi/distill/progress.py), so a trainer waiting
+on it can tell a job stopped by ``max_parts`` from one that died or stalled, and name the
+command that restarts it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from itertools import islice
 from pathlib import Path
 
 import hydra
@@ -34,9 +37,10 @@ from fbi.data.prepare import ensure_shards
 from fbi.data.shards import TokenShards, sha256_file
 from fbi.deepspeed_setup import Dist, init_distributed
 from fbi.distributed import detect
-from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, CacheArrays, cache_dir,
-                               check_teacher, describe, file_names, load_manifest, num_parts,
-                               refuse_mismatch, Walk)
+from fbi.distill import claim
+from fbi.distill.cache import (CONTENT_KEYS, LAYOUT_KEYS, MANIFEST, cache_dir, check_teacher,
+                               describe, load_manifest, num_parts, refuse_mismatch, Walk)
+from fbi.distill.cache_files import CacheFiles, file_names
 from fbi.distill.progress import (DONE, FAILED, MAX_PARTS, Heartbeat, Progress, ProgressLog,
                                   writer_name)
 from fbi.distill.rows import encode_units, encode_values
@@ -95,13 +99,13 @@ def prepare(directory: Path, expected: dict, teacher_path: Path) -> None:
         check_teacher(directory, found, teacher_path)
         return
     directory.mkdir(parents=True, exist_ok=True)
-    CacheArrays.create(directory, expected)
+    CacheFiles.create(directory, expected)
     record = hash_weights(teacher_path, directory / "teacher_blocks")
     # last: a reader finds the files in place
     write_json(directory / MANIFEST, {**expected, "teacher_weights": record})
 
 
-def write_part(arrays: CacheArrays, train: TokenShards, teacher: OnlineTeacher, manifest: dict,
+def write_part(files: CacheFiles, train: TokenShards, teacher: OnlineTeacher, manifest: dict,
                sample_ids: np.ndarray, part: int, device: torch.device,
                progress: ProgressLog) -> None:
     batch = torch.from_numpy(train.batch(sample_ids)).to(device)
@@ -121,13 +125,15 @@ def write_part(arrays: CacheArrays, train: TokenShards, teacher: OnlineTeacher, 
     ids = ids.cpu().numpy()
     for j, sample in enumerate(sample_ids):
         shard, row = train.locate(int(sample))
-        out_ids, out_vals, out_tail = arrays.shards[shard]
-        out_ids[row] = ids[j]
-        out_vals[row] = vals[j]
-        if tail is not None:
-            out_tail[row] = tail[j]
-    arrays.flush()  # the rows reach the file before the log says they are there
+        files.write(shard, row, int(sample), ids[j], vals[j], None if tail is None else tail[j])
+    files.flush()  # the rows reach the file before the log says they are there
     progress.append(part)
+
+
+def generator_key(device: torch.device) -> str:
+    """What decides the drawn bytes besides the seed: CPU and CUDA generators, and torch
+    versions, may draw differently from the same seed."""
+    return f"torch {torch.__version__} on {device.type}"
 
 
 def restart_command(overrides: list[str], world_size: int) -> str:
@@ -151,22 +157,28 @@ def write_cache(cfg: TrainConfig, dist_info: Dist, command: str = "") -> int:
     shards = on_rank0_first(dist_info, ensure_shards, cfg.data, tokenizer, cache)
     train = TokenShards(shards, "train", cfg.data.seq_len, cfg.data.verify_checksums)
     directory = cache_dir(cfg, shards, teacher_path)
-    expected = describe(cfg, teacher_path, shards, train)
+    device = torch.device(get_accelerator().current_device_name())
+    expected = {**describe(cfg, teacher_path, shards, train), "generator": generator_key(device)}
+    c, name = cfg.teacher.cache, writer_name()
+    held = [None, None]  # (job, claim generation), decided by rank 0
     if dist_info.is_main:
         prepare(directory, expected, teacher_path)
-    dist.barrier()
+        if not load_manifest(directory)["complete"]:
+            held = [name, claim.acquire(directory, name, dist_info.world_size, command,
+                                        c.dead_after_s)]
+    dist.broadcast_object_list(held, src=0)
     manifest = load_manifest(directory)
     if manifest["complete"]:
         log.info("cache %s is already complete", directory)
         return 0
-    c, name = cfg.teacher.cache, writer_name()
-    heartbeat = Heartbeat(directory, name, c.heartbeat_s, command, dist_info.rank, c.max_parts)
+    job, generation = held
+    heartbeat = Heartbeat(directory, name, c.heartbeat_s, command, dist_info.rank, c.max_parts,
+                          job, dist_info.world_size)
     try:  # a heartbeat from here on: loading a large teacher takes minutes
-        device = torch.device(get_accelerator().current_device_name())
         teacher = OnlineTeacher(teacher_path, cfg.teacher.dtype, device, cfg.data.seq_len)
         written, stopped_early = write_parts(cfg, dist_info, directory, manifest, train,
                                              teacher, device, ProgressLog(directory, name),
-                                             heartbeat)
+                                             heartbeat, generation)
     except BaseException:
         heartbeat.stop(FAILED)
         raise
@@ -182,23 +194,34 @@ def write_cache(cfg: TrainConfig, dist_info: Dist, command: str = "") -> int:
 
 
 def write_parts(cfg, dist_info, directory, manifest, train, teacher, device, progress_log,
-                heartbeat) -> tuple[int, bool]:
+                heartbeat, generation) -> tuple[int, bool]:
     """This rank's missing parts, at most ``max_parts``: (how many written, whether
-    ``max_parts`` left some)."""
+    ``max_parts`` left some). Stops if another job claimed the cache meanwhile."""
     walk = Walk(manifest)
-    arrays = CacheArrays(directory, manifest, "r+")
+    files = CacheFiles(directory, manifest, writable=True,
+                       max_open=cfg.teacher.cache.max_open_files)
     progress = Progress(directory, num_parts(manifest))
     progress.refresh()
-    missing = progress.missing(range(dist_info.rank, num_parts(manifest), dist_info.world_size))
-    todo = missing[:cfg.teacher.cache.max_parts]
-    log.info("cache %s: rank %d writes %d parts of %d samples", directory, dist_info.rank,
-             len(todo), walk.part_samples)
-    for n, part in enumerate(todo):
-        write_part(arrays, train, teacher, manifest, walk.part_ids(part),
+    todo = progress.missing_every(dist_info.rank, dist_info.world_size)
+    limit = cfg.teacher.cache.max_parts
+    log.info("cache %s: rank %d of %d writes its missing parts of %d samples%s", directory,
+             dist_info.rank, dist_info.world_size, walk.part_samples,
+             "" if limit is None else f" (at most {limit})")
+    written = 0
+    for part in todo if limit is None else islice(todo, limit):
+        if not claim.held(directory, generation):
+            raise claim.ClaimRefused(
+                f"teacher.cache.dir: {directory} was claimed by another cache job while this "
+                f"one wrote (it judged this one dead); stopping before part {part}")
+        heartbeat.starting(part)
+        write_part(files, train, teacher, manifest, walk.part_ids(part),
                    part, device, progress_log)
-        heartbeat.wrote(n + 1)
+        heartbeat.finished()
+        written += 1
+    files.close()
     progress_log.close()
-    return len(todo), len(todo) < len(missing)
+    log.info("cache %s: rank %d wrote %d parts", directory, dist_info.rank, written)
+    return written, next(todo, None) is not None
 
 
 def finish(cfg, dist_info, directory, manifest, teacher, shards, device) -> None:

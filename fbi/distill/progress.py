@@ -11,13 +11,14 @@ is the last of its log and is ignored. The number of files grows with the number
 processes started, not with the number of parts (format 1 wrote one marker file per part:
 about 38M files for one pass over Amber with parts of 16 samples).
 
-Liveness is judged on the reader's clock: a writer is gone when its heartbeat has not changed
-for ``dead_after_s`` while the reader watched, so clocks of different hosts never compare.
+Liveness is judged on the reader's clock, so clocks of different hosts never compare: a
+writer is dead when its heartbeat has not changed for ``dead_after_s`` while the reader
+watched, stalled when it beats but its count of finished parts does not move (``Liveness``).
+Only the writers of the job holding the cache count (fbi/distill/claim.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,16 +27,18 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from fbi.atomic import write_json
-from fbi.distill.teacher_checkpoint import hash_weights
+from fbi.distill import claim
 
 log = logging.getLogger(__name__)
 
 RECORD = np.dtype("<i8")
-RUNNING, DONE, MAX_PARTS, FAILED = "running", "done", "max_parts", "failed"
+RUNNING, DONE, MAX_PARTS, FAILED = claim.RUNNING, "done", "max_parts", "failed"
+MISSING_CHUNK = 2**16  # parts examined at once by ``missing_every``
 
 
 def writer_name() -> str:
@@ -90,22 +93,44 @@ class Progress:
     def missing(self, parts) -> list[int]:
         return [p for p in parts if not self.has(p)]
 
+    def missing_every(self, start: int, step: int) -> Iterator[int]:
+        """The missing parts among start, start + step, ... in order, generated a chunk at a
+        time (a list of Amber's 38M parts would take 1.5 GB)."""
+        span = step * MISSING_CHUNK
+        for a in range(start, self.num_parts, span):
+            parts = np.arange(a, min(a + span, self.num_parts), step, dtype=np.int64)
+            written = (self._bits[parts // 8] >> (parts % 8).astype(np.uint8)) & 1
+            yield from parts[written == 0].tolist()
+
+    def writer_of(self, part: int) -> str | None:
+        """The writer whose log holds ``part`` (a scan of the logs: for error messages)."""
+        for path in sorted(self.directory.glob("*.log")) if self.directory.is_dir() else []:
+            data = path.read_bytes()
+            if (np.frombuffer(data[:len(data) - len(data) % RECORD.itemsize], RECORD)
+                    == part).any():
+                return path.stem
+        return None
+
     def complete(self) -> bool:
         return int(np.unpackbits(self._bits, count=self.num_parts).sum()) == self.num_parts
 
 
 class Heartbeat:
     """A writer's ``writers/<name>.json``: a beat every ``period_s`` from a daemon thread (it
-    dies with the process, whatever kills it) and the reason it stopped, written by ``stop``."""
+    dies with the process, whatever kills it), what the writer is doing (the part it works
+    on, how many it finished, its slowest part so far), and why it stopped, written by
+    ``stop``. A beat says the process lives; ``parts`` says it makes progress."""
 
     def __init__(self, directory: Path, name: str, period_s: float, command: str, rank: int,
-                 max_parts: int | None) -> None:
+                 max_parts: int | None, job: str = "", world_size: int = 1) -> None:
         (directory / "writers").mkdir(exist_ok=True)
         self.path = directory / "writers" / f"{name}.json"
         self.record = {"state": RUNNING, "beat": 0, "rank": rank, "pid": os.getpid(),
                        "host": socket.gethostname(), "command": command, "parts": 0,
-                       "max_parts": max_parts}
+                       "max_parts": max_parts, "job": job, "world_size": world_size,
+                       "part": None, "part_s": None}
         self._lock, self._stopped = threading.Lock(), threading.Event()
+        self._started = time.monotonic()
         self._write()
         self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
         self._thread.start()
@@ -120,8 +145,17 @@ class Heartbeat:
         while not self._stopped.wait(period_s):
             self._write()
 
-    def wrote(self, parts: int) -> None:
-        self.record["parts"] = parts
+    def starting(self, part: int) -> None:
+        self.record["part"] = part
+        self._started = time.monotonic()
+        self._write()
+
+    def finished(self) -> None:
+        """The current part is in the progress log (its time counts toward ``part_s``)."""
+        took = time.monotonic() - self._started
+        self.record["parts"] += 1
+        self.record["part_s"] = max(took, self.record["part_s"] or 0.0)
+        self._write()  # progress is seen at once, not a beat later
 
     def stop(self, state: str) -> None:
         self._stopped.set()
@@ -131,90 +165,81 @@ class Heartbeat:
 
 
 class Liveness:
-    """The reader's view of the writers: ``gone()`` says why none is left to write, or None
-    while one is alive (or none has been seen for less than ``dead_after_s``)."""
+    """The reader's view of the writers of the job holding the cache (fbi/distill/claim.py):
+    ``gone()`` says why the parts cannot come, or None while they may.
 
-    def __init__(self, directory: Path, dead_after_s: float, wait_s: float) -> None:
-        self.directory = directory / "writers"
-        self.dead_after_s, self.wait_s = dead_after_s, wait_s
-        self._seen: dict[str, tuple[int, float]] = {}  # name -> (beat, when it changed)
+    On the reader's clock (hosts' clocks never compare): a writer is dead when it stopped
+    with ``failed`` or its beat has not changed for ``dead_after_s``; stalled when it beats
+    but has finished no part for ``stall_parts`` times its slowest part so far (at least
+    ``dead_after_s``; before its first part, ``wait_s``: loading a teacher takes minutes).
+    One dead or stalled writer is enough: its parts will not come, whatever the others do."""
+
+    def __init__(self, directory: Path, dead_after_s: float, wait_s: float,
+                 stall_parts: float) -> None:
+        self.directory = directory
+        self.dead_after_s, self.wait_s, self.stall_parts = dead_after_s, wait_s, stall_parts
+        # name -> (beat, when it changed, parts, when they changed)
+        self._seen: dict[str, tuple[int, float, int, float]] = {}
         self._since = time.monotonic()
 
     def reset(self) -> None:
         """A new wait begins: writers seen before count from now."""
-        self._since = time.monotonic()
-        self._seen = {name: (beat, self._since) for name, (beat, _) in self._seen.items()}
+        self._since = now = time.monotonic()
+        self._seen = {n: (beat, now, parts, now) for n, (beat, _, parts, _) in self._seen.items()}
+
+    def _watch(self, records: dict[str, dict], now: float) -> None:
+        for name, rec in records.items():
+            beat, beat_t, parts, parts_t = self._seen.get(name, (None, now, None, now))
+            self._seen[name] = (rec["beat"], now if rec["beat"] != beat else beat_t,
+                                rec["parts"], now if rec["parts"] != parts else parts_t)
+
+    def _stall_limit(self, rec: dict) -> float:
+        if rec.get("part_s") is None:
+            return max(self.wait_s, self.dead_after_s)
+        return max(self.stall_parts * rec["part_s"], self.dead_after_s)
+
+    def _trouble(self, name: str, rec: dict, now: float) -> str | None:
+        _, beat_t, _, parts_t = self._seen[name]
+        who = (f"writer {rec['host']} pid {rec['pid']} (rank {rec['rank']} of "
+               f"{rec['world_size']}"
+               + (f", at part {rec['part']})" if rec.get("part") is not None else ")"))
+        if rec["state"] == FAILED:
+            return f"{who} failed"
+        if rec["state"] != RUNNING:
+            return None
+        if now - beat_t >= self.dead_after_s:
+            return f"{who} is gone (silent for {self.dead_after_s:g} s)"
+        limit = self._stall_limit(rec)
+        if now - parts_t >= limit:
+            slowest = ("no part finished yet" if rec.get("part_s") is None else
+                       f"its slowest part took {rec['part_s']:.1f} s")
+            return (f"{who} is stalled: alive, but no part finished for {limit:.0f} s "
+                    f"({slowest}; teacher.cache.stall_parts={self.stall_parts:g})")
+        return None
 
     def gone(self) -> str | None:
         now = time.monotonic()
-        records = {}
-        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
-            try:
-                records[path.stem] = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):  # replaced between glob and read
-                continue
-        for name, rec in records.items():
-            beat, changed = self._seen.get(name, (None, now))
-            self._seen[name] = (rec["beat"], now if rec["beat"] != beat else changed)
-        alive = [n for n, r in records.items()
-                 if r["state"] == RUNNING and now - self._seen[n][1] < self.dead_after_s]
-        if alive:
-            return None
+        held = claim.current(self.directory)
+        records = {} if held is None else claim.writers(self.directory, held[1]["job"])
         if not records:
             if now - self._since < self.wait_s:
                 return None
             return (f"no cache job has started in {self.wait_s:.0f} s (no writer in "
-                    f"{self.directory}); start it: python -m fbi.distill.cache_writer "
-                    "with this run's overrides (or raise teacher.cache.wait_s)")
-        newest = max(records.values(), key=lambda r: r.get("time", 0))
-        command = newest["command"]
+                    f"{self.directory / 'writers'}); start it: python -m "
+                    "fbi.distill.cache_writer with this run's overrides (or raise "
+                    "teacher.cache.wait_s)")
+        self._watch(records, now)
+        command = held[1]["command"]
+        troubles = [t for n, r in sorted(records.items()) if (t := self._trouble(n, r, now))]
+        if troubles:
+            return (f"the cache job's {'; '.join(troubles)}; stop the job if it still runs and "
+                    f"restart it (it writes only the missing parts): {command}")
+        if any(r["state"] == RUNNING for r in records.values()):
+            return None
         if any(r["state"] == MAX_PARTS for r in records.values()):
+            max_parts = next(r["max_parts"] for r in records.values())
             return (f"the cache job stopped on purpose after teacher.cache.max_parts="
-                    f"{newest['max_parts']} parts per rank; resume it (it writes only the "
-                    f"missing parts): {command}")
-        states = ", ".join(sorted({f"{r['state']} ({r['host']} pid {r['pid']})"
-                                   if r["state"] != RUNNING else
-                                   f"silent for {self.dead_after_s:.0f} s ({r['host']} pid "
-                                   f"{r['pid']})" for r in records.values()}))
-        return (f"the cache job's writers are gone ({states}); restart the cache job (it "
-                f"writes only the missing parts): {command}")
-
-
-def convert(directory: Path) -> int:
-    """A format-1 cache (a marker file per part) to format 2: one progress log of its parts,
-    and the full hash of the teacher at ``teacher_path`` (which the quick fingerprint of the
-    format-1 manifest must still match)."""
-    manifest_path = directory / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    if manifest["format"] != 1:
-        raise SystemExit(f"{directory} is format {manifest['format']}: nothing to convert")
-    markers = sorted((directory / "parts").iterdir()) if (directory / "parts").is_dir() else []
-    progress = ProgressLog(directory, "converted-from-markers")
-    for m in markers:
-        progress.append(int(m.name))
-    progress.close()
-    if "teacher_weights" not in manifest:  # format 1 hashed the ends of the files only
-        manifest["teacher_weights"] = hash_weights(Path(manifest["teacher_path"]),
-                                                   directory / "teacher_blocks")
-    manifest["format"] = 2
-    write_json(manifest_path, manifest)
-    for m in markers:
-        m.unlink()
-    if markers:
-        (directory / "parts").rmdir()
-    return len(markers)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m fbi.distill.progress",
-        description="Convert a format-1 teacher cache (one marker file per part) to format 2.")
-    parser.add_argument("convert", choices=["convert"])
-    parser.add_argument("directory", type=Path)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    log.info("converted %d part markers in %s", convert(args.directory), args.directory)
-
-
-if __name__ == "__main__":
-    main()
+                    f"{max_parts} parts per rank; resume it (it writes only the missing "
+                    f"parts): {command}")
+        return (f"the cache job's writers finished without writing every part; restart it "
+                f"(it writes only the missing parts): {command}")

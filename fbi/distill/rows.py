@@ -70,7 +70,9 @@ def bad_rows(ids: np.ndarray, weights: torch.Tensor, tail: torch.Tensor | None,
              vocab_size: int, tolerance: float) -> list[tuple[tuple[int, ...], str]]:
     """Positions of (..., K) targets that cannot be a teacher's, with what is wrong: an id
     outside the vocabulary, an id listed twice (a row never written is all zeros), weights
-    that do not sum to one with the tail (sampled: tail None, counts as weights)."""
+    that do not sum to one with the tail (sampled: tail None, counts as weights), a NaN.
+    Rows that pass may still be damaged in ways no rule sees (ids zeroed under a confident
+    count, ids and values from different writes): the row checksum (cache_files.py) sees those."""
     found = []
     ids_t = torch.from_numpy(ids.astype(np.int64))
     out = (ids_t >= vocab_size).any(-1)
@@ -80,8 +82,10 @@ def bad_rows(ids: np.ndarray, weights: torch.Tensor, tail: torch.Tensor | None,
     ordered = keyed.sort(-1).values
     twice = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
     total = weights.sum(-1) + (0 if tail is None else tail)
+    nan = total.isnan()  # a NaN fails no comparison: the sum test alone would pass it
     off = (total - 1).abs() > tolerance
-    for mask, what in ((out, f"a token id >= the vocabulary size {vocab_size}"),
+    for mask, what in ((nan, "a NaN probability"),
+                       (out, f"a token id >= the vocabulary size {vocab_size}"),
                        (twice, "a token id listed twice (an unwritten row reads as zeros)"),
                        (off, "target probabilities that do not sum to one")):
         for index in mask.nonzero().tolist()[:1]:

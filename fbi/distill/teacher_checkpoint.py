@@ -124,10 +124,17 @@ def hash_weights(path: Path, out: Path) -> dict:
     return {"fingerprint": digest.hexdigest()[:16], "files": files}
 
 
+def verified_marker(blocks_dir: Path, name: str, stat) -> Path:
+    """Present once every block of weight file ``name`` with this size and mtime matched."""
+    return blocks_dir / f"{name}.verified-{stat.st_size}-{stat.st_mtime_ns}"
+
+
 def check_weights(path: Path, record: dict, blocks_dir: Path, where: str) -> None:
     """Refuse ``path`` unless it is the checkpoint ``record`` (``hash_weights``) describes:
     names and sizes always, a few random blocks per file, and every block of a file whose
-    mtime changed (a copy without -p rehashes once; a rewrite in place is found)."""
+    mtime is new (a rewrite in place is found). A copy without ``cp -p`` is hashed in full
+    once: its (size, mtime) is then recorded as verified, so later starts, and the other
+    ranks (``check_teacher`` lets one rank per node go first), sample blocks only."""
     names = [w.name for w in weight_files(path)]
     if sorted(names) != sorted(record["files"]):
         raise ConfigError(f"teacher.path: {path} holds weight files {names}, the teacher "
@@ -136,11 +143,13 @@ def check_weights(path: Path, record: dict, blocks_dir: Path, where: str) -> Non
         w, stored = path / name, np.fromfile(blocks_dir / f"{name}.blocks", np.uint8)
         stored = stored.reshape(-1, 32)
         stat = w.stat()
+        known = (stat.st_mtime_ns == want["mtime_ns"]
+                 or verified_marker(blocks_dir, name, stat).exists())
         if stat.st_size != want["size"]:
             bad = [-1]
         else:
-            blocks = (range(len(stored)) if stat.st_mtime_ns != want["mtime_ns"] else
-                      random.sample(range(len(stored)), min(SAMPLED_BLOCKS, len(stored))))
+            blocks = (random.sample(range(len(stored)), min(SAMPLED_BLOCKS, len(stored)))
+                      if known else range(len(stored)))
             got = block_digests(w, blocks)
             bad = [b for b, g in zip(blocks, got) if not np.array_equal(g, stored[b])]
         if bad:
@@ -150,6 +159,10 @@ def check_weights(path: Path, record: dict, blocks_dir: Path, where: str) -> Non
                 f"teacher.path: {w} is not the teacher {where} was made with ({what}); point "
                 "teacher.path at that teacher, or give this teacher its own cache (the default "
                 "teacher.cache.dir, or a new one)")
+        if not known:
+            log.info("%s: every block matches %s; its new mtime is recorded as verified", w,
+                     where)
+            verified_marker(blocks_dir, name, stat).touch()
 
 
 def check_context(info: dict, path: Path, seq_len: int) -> None:

@@ -131,31 +131,50 @@ def test_interrupted_job_resumed_gives_identical_files(base, topk_cache, tmp_pat
         f.write(b"\xff" * 4096)
     proc = write(base, directory)
     total = num_parts(load_manifest(directory))
-    assert f"writes {total - 3} parts" in proc.stderr  # only what was missing
+    assert f"rank 0 wrote {total - 3} parts" in proc.stderr  # only what was missing
     assert data_files(directory) == data_files(topk_cache)
 
 
-def test_a_format_1_cache_is_refused_with_the_command_that_converts_it(base, topk_cache,
-                                                                       tmp_path):
+@pytest.mark.parametrize("old_format", [1, 2])
+def test_an_old_format_cache_is_refused_with_the_command_that_converts_it(
+        base, topk_cache, tmp_path, old_format):
     from fbi.config import ConfigError
     from fbi.distill.cache import load_manifest, num_parts
 
     old = tmp_path / "old"
-    shutil.copytree(topk_cache, old, ignore=shutil.ignore_patterns("progress", "writers"))
+    shutil.copytree(topk_cache, old, ignore=shutil.ignore_patterns("*.crc", *(
+        ("progress", "writers") if old_format == 1 else ())))
     manifest = load_manifest(old)
-    (old / "parts").mkdir()
-    for part in range(num_parts(manifest)):  # format 1: a marker per part
-        (old / "parts" / f"{part:08d}").touch()
-    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    with pytest.raises(ConfigError, match=f"format-1 cache .* python -m fbi.distill.progress "
-                                          f"convert {old}"):
+    if old_format == 1:
+        (old / "parts").mkdir()
+        for part in range(num_parts(manifest)):  # format 1: a marker per part
+            (old / "parts" / f"{part:08d}").touch()
+    for key in ("teacher_dtype", "generator"):  # not recorded before format 3
+        del manifest[key]
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": old_format}))
+    with pytest.raises(ConfigError, match=f"format-{old_format} cache .* python -m "
+                                          f"fbi.distill.convert {old}"):
         open_cache(base, old)
-    subprocess.run([sys.executable, "-m", "fbi.distill.progress", "convert", str(old)],
+    subprocess.run([sys.executable, "-m", "fbi.distill.convert", str(old)],
                    check=True, cwd=REPO)
     assert not (old / "parts").exists() and written_parts(old) == num_parts(manifest)
     source, _ = open_cache(base, old)
     assert torch.equal(source.targets([5, 2], None).ids, open_cache(base, topk_cache)[0]
                        .targets([5, 2], None).ids)
+    for name, data in data_files(topk_cache).items():
+        if name.endswith(".crc"):  # the checksums the writer recorded, recomputed
+            assert (old / name).read_bytes() == data
+
+
+def test_a_cache_job_with_another_teacher_dtype_is_refused(base, tmp_path):
+    from fbi.config import ConfigError
+
+    directory = tmp_path / "cache"
+    write(base, directory, "teacher.cache.max_parts=1")
+    proc = run_train(base + [f"teacher.cache.dir={directory}", "teacher.dtype=bfloat16"],
+                     script=WRITER, check=False)
+    assert proc.returncode != 0
+    assert "written for another teacher_dtype: 'float32' there, 'bfloat16' here" in proc.stderr
 
 
 @pytest.mark.multiprocess
@@ -285,6 +304,14 @@ def test_a_bad_row_is_refused_naming_shard_row_and_part(base, topk_cache, tmp_pa
     shard, row = train.locate(sample)
     stem = Path(load_manifest(copy)["token_shards"][shard]["file"]).stem  # the sample's shard
     ids = np.memmap(copy / f"{stem}.ids", np.uint16, "r+").reshape(-1, 32, 8)
+    other = (row + 1) % len(ids)
+    ids[[row, other]] = ids[[other, row]]  # each row's ids under the other's values
+    ids.flush()
+    writer = next((copy / "progress").glob("*.log")).stem
+    with pytest.raises(CacheRowError, match=rf"row {row} of {stem} \(sample id {sample}, part 1, "
+                                            rf"written by {writer}\) fails its checksum"):
+        open_cache(base, copy)[0].targets([sample], None)
+    ids[[row, other]] = ids[[other, row]]
     ids[row, 4, 1] = 600  # beyond the 512-token vocabulary
     ids.flush()
     with pytest.raises(CacheRowError, match=rf"row {row} of {stem}.ids/.vals \(sample id "
@@ -312,7 +339,8 @@ def test_the_default_cache_folder_is_keyed_by_the_teacher(base, tmp_path, tokeni
 
 
 def test_uint8_cache_with_the_label_tail_matches_the_float_cache(base, topk_cache, tmp_path):
-    from fbi.distill.cache import file_names, load_manifest
+    from fbi.distill.cache import load_manifest
+    from fbi.distill.cache_files import file_names
 
     extra = ["teacher.cache.value_dtype=uint8", "teacher.cache.tail=label"]
     write(base, tmp_path / "u8", *extra)

@@ -95,7 +95,7 @@ def test_a_killed_writer_stops_the_trainer_with_a_checkpoint_and_the_restart_com
                                                "teacher.cache.dead_after_s=3"])
     log = trainer.communicate(timeout=300)[0]
     assert trainer.returncode == 3, log[-4000:]
-    assert "the cache job's writers are gone (silent for 3 s" in log
+    assert "(rank 0 of 1, at part " in log and ") is gone (silent for 3 s)" in log
     command = log.split("(it writes only the missing parts): ")[1].split(" (after step")[0]
     assert command.startswith("python -m fbi.distill.cache_writer ")
     assert f"teacher.cache.dir={directory}" in command

@@ -154,3 +154,29 @@ def test_a_teacher_changed_in_the_middle_of_a_weight_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="differ"):
         check_weights(teacher, record, tmp_path / "blocks", "the cache")
     assert hash_weights(teacher, tmp_path / "b2")["fingerprint"] != record["fingerprint"]
+
+
+def test_a_teacher_copied_without_its_mtimes_is_hashed_in_full_once(tmp_path, monkeypatch):
+    from fbi.distill import teacher_checkpoint
+
+    teacher = _checkpoint(tmp_path / "teacher", megabytes=20)
+    record = hash_weights(teacher, tmp_path / "blocks")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in teacher.iterdir():  # as cp without -p: new mtimes
+        (copy / f.name).write_bytes(f.read_bytes())
+    read = []
+    real = teacher_checkpoint.block_digests
+    monkeypatch.setattr(teacher_checkpoint, "block_digests",
+                        lambda path, blocks=None: read.append(len(blocks)) or real(path, blocks))
+    for _ in range(3):  # three starts
+        check_weights(copy, record, tmp_path / "blocks", "the cache")
+    assert read == [20, 8, 8]
+    weights = copy / "model.safetensors"
+    with open(weights, "r+b") as f:  # a rewrite in place gives a new mtime: hashed in full
+        f.seek(13 * BLOCK + 7)
+        f.write(b"\x00\x01")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match=rf"bytes {13 * BLOCK}\.\.{14 * BLOCK} differ"):
+        check_weights(copy, record, tmp_path / "blocks", "the cache")
+    assert read[-1] == 20
