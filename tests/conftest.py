@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fbi_testing import make_teacher, make_tokenizer, wikitext_lines
+from fbi_testing import TORCH_EXTENSIONS, make_teacher, make_tokenizer, wikitext_lines
+
+# Inherited by every process the tests start (train.py, torchrun, SLURM jobs, benches); a
+# cache the developer chose wins.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS))
 
 
 @pytest.fixture(scope="session")

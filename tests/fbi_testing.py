@@ -6,17 +6,25 @@ installed libraries; nothing comes from a hub or from outside the clone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fbi.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "data" / "wikitext-2"
+# DeepSpeed's gloo backend JIT-compiles its shared-memory comm op on the first process-group
+# start (about 70 CPU-seconds), caching it under a name alone, with this checkout's paths in
+# its flags: every train.py the suite starts shares this checkout's own cache (conftest sets
+# it), so the op is built once per checkout, not once per cache directory in use, and
+# checkouts side by side do not rebuild each other's.
+TORCH_EXTENSIONS = Path(tempfile.gettempdir()) / f"fbi-torch-ext-{hashlib.sha1(bytes(REPO)).hexdigest()[:8]}"
 
 
 def wikitext_lines(n_chars: int, split: str = "valid") -> list[str]:

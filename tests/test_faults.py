@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import hashlib
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +38,9 @@ def args(run_dir: Path, corpus: Path, tokenizer: Path, cache: Path,
 
 
 def start(overrides: list[str]) -> subprocess.Popen:
-    # DeepSpeed compiles a small CPU extension into a cache keyed by name only, with this
-    # checkout's paths in its flags: checkouts sharing one cache rebuild it (~1 min) in turn.
-    ext = Path(tempfile.gettempdir()) / f"fbi-torch-ext-{hashlib.sha1(bytes(REPO)).hexdigest()[:8]}"
+    # TORCH_EXTENSIONS_DIR: the checkout's own, from conftest (fbi_testing.TORCH_EXTENSIONS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(ext)}
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
