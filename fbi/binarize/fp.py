@@ -8,8 +8,10 @@ A scheme is one layer class deriving from ``DenseLinear``. It overrides what dif
 ``normalize_output`` (a parameter-free function of the product, e.g. OneBit's LayerNorm) and
 ``fold_refusal`` (why the forward is not a dense linear map, if it is not),
 ``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``),
-``SIGN_ONLY`` (its forward reads the latent weight only through ``sign``)
-and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
+``SIGN_ONLY`` (its forward reads the latent weight only through ``sign``),
+``extra_patterns`` (layers it binarizes beyond the architecture's default, e.g. PB-LLM's head),
+``keeps_block_norms`` (False where its layers normalize their own input and the scheme's
+recipe removes the blocks' norms, BitNet b1.58's) and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,16 @@ class DenseLinear(nn.Linear):
             return nn.functional.linear(x, self.weight.to(x.dtype))
         return self.normalize_output(recomputed_linear(
             self.weight_formula, self.quantize_input(x), *self.weight_params()))
+
+    @classmethod
+    def extra_patterns(cls, cfg: SchemeConfig) -> tuple[str, ...]:
+        """Module-path patterns binarized besides the architecture's default ones."""
+        return ()
+
+    @classmethod
+    def keeps_block_norms(cls, cfg: SchemeConfig) -> bool:
+        """Whether the model keeps the norms in front of the blocks' binarized layers."""
+        return True
 
     @classmethod
     def fold_refusal(cls) -> str | None:
