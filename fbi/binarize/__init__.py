@@ -41,8 +41,10 @@ SCHEME_CONFIGS: dict[str, type[SchemeConfig]] = {name: layer.Config for name, la
 # the schemes whose forward reads the latent weight only through sign(W): the 1-bit route's
 SIGN_ONLY: frozenset[str] = frozenset(name for name, layer in SCHEMES.items() if layer.SIGN_ONLY)
 
-LinearFactory = Callable[[str, int, int, float], nn.Module]
-"""``(qualified_name, in_features, out_features, init_std) -> layer``."""
+LinearFactory = Callable[..., nn.Module]
+"""``(qualified_name, in_features, out_features, init_std, init="normal") -> layer``; ``init``
+is the distribution of the draw with that standard deviation, normal or uniform
+(``fp.DenseLinear``)."""
 
 
 def scheme_config(scheme: Union[str, SchemeConfig], **options: Any) -> SchemeConfig:
@@ -68,10 +70,11 @@ def linear_factory(scheme: Union[str, SchemeConfig], patterns: Sequence[str]) ->
     scheme = scheme_config(scheme)
     layer_cls = SCHEMES[scheme.name]
 
-    def make(name: str, in_features: int, out_features: int, init_std: float) -> nn.Module:
+    def make(name: str, in_features: int, out_features: int, init_std: float,
+             init: str = "normal") -> nn.Module:
         if any(fnmatch(name, p) for p in patterns):
-            return layer_cls(in_features, out_features, init_std=init_std, cfg=scheme)
-        return DenseLinear(in_features, out_features, init_std=init_std)
+            return layer_cls(in_features, out_features, init_std=init_std, cfg=scheme, init=init)
+        return DenseLinear(in_features, out_features, init_std=init_std, init=init)
 
     make.block_norms = not patterns or layer_cls.keeps_block_norms(scheme)
     return make
