@@ -305,11 +305,12 @@ def test_onebit_output_is_layer_normalized():
                                rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,latent", [("onebit", "sign"), ("onebit_fold", "dense")])
-def test_onebit_svid_init_is_the_rank1_approximation_of_abs_w(name, latent):
+def test_onebit_fold_init_is_the_rank1_approximation_of_abs_w():
+    """fbi's variant: the exact rank-1 factor of |W| (an independent power iteration), the
+    dense latent weight kept."""
     torch.manual_seed(3)
     dense = torch.randn(30, 20, dtype=torch.float64)
-    layer = SCHEMES[name](20, 30, cfg=scheme_config(name)).double()
+    layer = SCHEMES["onebit_fold"](20, 30, cfg=scheme_config("onebit_fold")).double()
     layer.init_from_dense(dense)
     a = dense.abs()
     v = torch.ones(20, dtype=torch.float64)
@@ -318,9 +319,26 @@ def test_onebit_svid_init_is_the_rank1_approximation_of_abs_w(name, latent):
         v = v / v.norm()
     rank1 = torch.outer(a @ v, v)
     torch.testing.assert_close(torch.outer(layer.h, layer.g), rank1, rtol=1e-8, atol=1e-8)
-    # the authors' build_start_ckpt.py: latent weight 0.01 sign(W); fbi's variant keeps W
-    expected = dense.sign() * 0.01 if latent == "sign" else dense
-    assert torch.equal(layer.weight.detach(), expected)
+    assert torch.equal(layer.weight.detach(), dense)
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (48, 40)), (torch.float32, (96, 24)),
+                                         (torch.float64, (30, 20))])
+def test_onebit_init_is_the_authors_nmf_split(dtype, shape):
+    """The authors' build_start_ckpt.py, run as they run it: scikit-learn's
+    NMF(n_components=1, init='random', random_state=0) on |W| gives h (fit_transform) and g
+    (components_), in W's precision; latent weight 0.01 sign(W)."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    torch.manual_seed(4)
+    dense = torch.randn(*shape, dtype=dtype) * 0.05
+    layer = SCHEMES["onebit"](shape[1], shape[0], cfg=scheme_config("onebit")).to(dtype)
+    layer.init_from_dense(dense)
+    nmf = decomposition.NMF(n_components=1, init="random", random_state=0)
+    h = nmf.fit_transform(dense.abs().numpy())
+    g = nmf.components_
+    torch.testing.assert_close(layer.h.detach(), torch.from_numpy(h).squeeze(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.g.detach(), torch.from_numpy(g).squeeze(0), rtol=1e-6, atol=0)
+    assert torch.equal(layer.weight.detach(), dense.sign() * 0.01)
 
 
 def test_onebit_from_scratch_starts_with_unit_scales():
