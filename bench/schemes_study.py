@@ -1,6 +1,7 @@
 """Every scheme at equal tokens, like the papers' comparison tables (FBI-LLM's Table 2).
 
-    python bench/schemes_study.py [--steps 40] [--seeds 0 1 2] [--schemes fp fbi ...] [--out DIR]
+    python bench/schemes_study.py [--steps 16] [--seeds 0 1 2] [--schemes fp fbi ...] [--out DIR]
+    python bench/schemes_study.py --table     # the table from the stored per-seed results
 
 Demo setup (SmolLM2-135M teacher, fbi_tiny student, Shakespeare + Milton, 4 x 128 tokens per
 step, the demo's learning-rate schedule over ``--steps``). For each seed the teacher runs once
@@ -12,7 +13,10 @@ data every scheme alike: perplexity on the held-out play and on WikiText-2's tes
 KL(teacher || student) on the play; bits per weight of the binarized layers (what ``pack()``
 stores, scales included). Prints mean ± sd over seeds and the paired differences against
 ``fp`` and against ``fbi`` (per seed, same data and targets) with their 95% t intervals.
-Per-seed results go to ``--results`` (JSON, rewritten atomically after every run).
+Each seed's results go to ``--results/seed_N<tag>.json`` (rewritten atomically after every
+run), so seeds and schemes may run as separate processes side by side (``--seeds 1`` in one,
+``--seeds 2 --schemes pbllm --tag _pbllm`` in another); the table merges every seed file of
+the same ``--steps`` and shows the schemes every seed has.
 """
 
 from __future__ import annotations
@@ -76,6 +80,33 @@ def summary(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+class HeldOutTeacher:
+    """The teacher's logits on the held-out batches, computed once and reused for every
+    scheme (the same batches score every run)."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher, self.seen = teacher, {}
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        key = ids.numpy().tobytes()
+        if key not in self.seen:
+            self.seen[key] = self.teacher.logits(ids).float()
+        return self.seen[key]
+
+
+def load(results_dir: Path, steps: int) -> dict:
+    """Every stored seed of ``steps`` steps: {"steps", "seeds", "runs": {scheme: [per seed]}}."""
+    by_seed: dict = {}
+    for path in sorted(results_dir.glob("seed_*.json")):
+        stored = json.loads(path.read_text())
+        if stored["steps"] == steps:
+            by_seed.setdefault(stored["seed"], {}).update(stored["runs"])
+    seeds = sorted(by_seed)
+    names = dict.fromkeys(n for runs in by_seed.values() for n in runs)  # first-run order
+    runs = {n: [by_seed[s][n] for s in seeds] for n in names if all(n in by_seed[s] for s in seeds)}
+    return {"steps": steps, "seeds": seeds, "runs": runs}
+
+
 def table(results: dict) -> str:
     runs, seeds = results["runs"], results["seeds"]
     lines = [f"fbi_tiny, demo corpus, {results['steps']} steps x 512 tokens, "
@@ -104,32 +135,38 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--schemes", nargs="+", default=sorted(SCHEMES))
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_schemes_study")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "schemes_study.json")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "schemes_study")
+    parser.add_argument("--table", action="store_true", help="only print the stored results' table")
+    parser.add_argument("--tag", default="", help="suffix of this process's seed files, so that "
+                        "processes running other schemes of the same seed keep their own")
     args = parser.parse_args()
+    if args.table:
+        return print(table(load(args.results, args.steps)))
     unknown = sorted(set(args.schemes) - set(SCHEMES))
     if unknown:
         parser.error(f"--schemes: {unknown} are not registered; choose from {sorted(SCHEMES)}")
     if len(args.seeds) - 1 > max(T975):
         parser.error(f"--seeds: give 1 to {max(T975) + 1} seeds (the t table's range)")
-    schemes = ["fp", "fbi"] + [s for s in args.schemes if s not in ("fp", "fbi")]
+    schemes = sorted(args.schemes, key=lambda s: (s != "fp", s != "fbi", s))
     dist_info = init_distributed()
     out = args.out.resolve()
-    results: dict = {"steps": args.steps, "seeds": args.seeds, "targets": TARGETS,
-                     "eval_batches": args.eval_batches, "runs": {}}
     text = read_text(REPO / "data" / "wikitext-2" / "test.txt", "wikitext")
+    teacher = None
     for seed in args.seeds:
+        results: dict = {"steps": args.steps, "seed": seed, "targets": TARGETS,
+                         "eval_batches": args.eval_batches, "runs": {}}
         teacher_run = build_run(config(out, "fp", seed, args.steps), dist_info)
-        teacher = teacher_run.teacher
+        teacher = teacher or HeldOutTeacher(teacher_run.teacher)
         wikitext = torch.tensor(teacher_run.tokenizer.encode([text[:400_000]])[0])
         targets = MemoryTargets(TARGETS, teacher_run.train_data)
         for step, ids in enumerate(consumed_ids(teacher_run, args.steps)):
             batch = torch.from_numpy(teacher_run.train_data.batch(ids))
-            targets.add(ids, teacher.logits(batch[:, :-1]).float(), part_seed(seed, step))
+            targets.add(ids, teacher.teacher.logits(batch[:, :-1]).float(), part_seed(seed, step))
         del teacher_run
         for scheme in schemes:
             run = build_run(config(out, scheme, seed, args.steps), dist_info)
@@ -138,14 +175,14 @@ def main() -> None:
             losses = [train_step(run, [ids[i:i + run.cfg.micro_batch_size]
                                        for i in range(0, len(ids), run.cfg.micro_batch_size)])
                       ["loss"] for ids in consumed_ids(run, args.steps)]
-            scores = {"seed": seed, "bits_per_weight": bits(run.engine.module),
+            scores = {"bits_per_weight": bits(run.engine.module),
                       **held_out(run, teacher, wikitext, args.eval_batches),
                       "train_s": time.perf_counter() - start, "final_loss": losses[-1]}
-            results["runs"].setdefault(scheme, []).append(scores)
+            results["runs"][scheme] = scores
             print(f"seed {seed} {scheme}: {scores}", flush=True)
-            write_atomic(args.results, json.dumps(results, indent=1))
+            write_atomic(args.results / f"seed_{seed}{args.tag}.json", json.dumps(results, indent=1))
             del run
-    print("\n" + table(results))
+    print("\n" + table(load(args.results, args.steps)))
 
 
 if __name__ == "__main__":
