@@ -41,8 +41,10 @@ SCHEME_CONFIGS: dict[str, type[SchemeConfig]] = {name: layer.Config for name, la
 # the schemes whose forward reads the latent weight only through sign(W): the 1-bit route's
 SIGN_ONLY: frozenset[str] = frozenset(name for name, layer in SCHEMES.items() if layer.SIGN_ONLY)
 
-LinearFactory = Callable[[str, int, int, float], nn.Module]
-"""``(qualified_name, in_features, out_features, init_std) -> layer``."""
+LinearFactory = Callable[..., nn.Module]
+"""``(qualified_name, in_features, out_features, init_std, init="normal") -> layer``; ``init``
+is the distribution of the draw with that standard deviation, normal or uniform
+(``fp.DenseLinear``)."""
 
 
 def scheme_config(scheme: Union[str, SchemeConfig], **options: Any) -> SchemeConfig:
@@ -55,18 +57,35 @@ def scheme_config(scheme: Union[str, SchemeConfig], **options: Any) -> SchemeCon
     return SCHEMES[scheme].Config(name=scheme, **options)
 
 
+def default_patterns(scheme: Union[str, SchemeConfig], architecture: Sequence[str]) -> list[str]:
+    """The patterns binarized when ``scheme.binarize`` is unset: the architecture's default
+    ones and those the scheme adds (PB-LLM's output head)."""
+    scheme = scheme_config(scheme)
+    return [*architecture, *SCHEMES[scheme.name].extra_patterns(scheme)]
+
+
 def linear_factory(scheme: Union[str, SchemeConfig], patterns: Sequence[str]) -> LinearFactory:
     """Layers named by one of ``patterns`` get ``scheme``'s layer (with its options), the
-    others stay dense."""
+    others stay dense. The factory also answers ``keeps_block_norms`` for the model."""
     scheme = scheme_config(scheme)
     layer_cls = SCHEMES[scheme.name]
 
-    def make(name: str, in_features: int, out_features: int, init_std: float) -> nn.Module:
+    def make(name: str, in_features: int, out_features: int, init_std: float,
+             init: str = "normal") -> nn.Module:
         if any(fnmatch(name, p) for p in patterns):
-            return layer_cls(in_features, out_features, init_std=init_std, cfg=scheme)
-        return DenseLinear(in_features, out_features, init_std=init_std)
+            return layer_cls(in_features, out_features, init_std=init_std, cfg=scheme, init=init)
+        return DenseLinear(in_features, out_features, init_std=init_std, init=init)
 
+    make.block_norms = not patterns or layer_cls.keeps_block_norms(scheme)
     return make
+
+
+def keeps_block_norms(make_linear: LinearFactory) -> bool:
+    """Whether a model built with ``make_linear`` keeps the norms in front of its blocks'
+    linear layers: False where the scheme's layers normalize their own input and its recipe
+    removes those norms (BitNet b1.58's training tips, step 2). A factory not made by
+    ``linear_factory`` keeps them."""
+    return getattr(make_linear, "block_norms", True)
 
 
 def linear_layers(model: nn.Module) -> dict[str, DenseLinear]:

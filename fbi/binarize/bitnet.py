@@ -1,9 +1,14 @@
 """BitNet (Wang et al., 2023, arXiv 2310.11453): ``y = Quant(Norm(x)) W_b^T`` with binary
 weights ``W_b = sign(W - mean(W)) * mean|W|`` and 8-bit absmax activations.
 
-The input is normalized inside the layer before it is quantized (the paper's BitLinear: a
-LayerNorm without affine parameters, ``(x - E x) / sqrt(Var x + eps)``; ``scheme.norm``),
-so every binarized layer, o_proj and down_proj included, quantizes a unit-variance input.
+The default is the authors' published code form: the BitNet b1.58 training tips (Microsoft,
+2024, §4) define b1 as b1.58's BitLinear with only the weight quantizer swapped, so the input
+is RMS-normalized inside the layer (no gain, eps 1e-6) and, the tips' step 2, the model drops
+the RMSNorms in front of attention and the MLP (``scheme.block_norms=false``). The paper's
+form is ``scheme.norm=layernorm scheme.block_norms=true``: a LayerNorm without affine
+parameters, ``(x - E x) / sqrt(Var x + eps)``, inside each BitLinear, and the blocks' norms
+kept. Either way every binarized layer, o_proj and down_proj included, quantizes a normalized
+input.
 Gradients are straight-through estimates (Bengio et al., 2013, arXiv 1308.3432) to the latent
 weight and the normalized input; the ``w + (q(w) - w).detach()`` way of writing them comes from
 the BitNet b1.58 training tips (Microsoft, 2024), not from this paper. The weight scale is a
@@ -19,21 +24,28 @@ import torch.nn.functional as F
 
 from fbi.binarize.fp import DenseLinear
 from fbi.binarize.packing import pack_signs, shape_tensor, sign, straight_through, unpack_signs
-from fbi.config import SchemeConfig, one_of
+from fbi.config import SchemeConfig, one_of, require
 
-NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}  # nn.LayerNorm's; LlamaRMSNorm's (the tips')
+# nn.LayerNorm's default eps; LlamaRMSNorm's default (the tips write ``RMSNorm(x)`` only)
+NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
 
 
 @dataclass
 class BitNetConfig(SchemeConfig):
     name: str = "bitnet"
-    # The parameter-free norm applied to the input before quantization: layernorm (BitNet's),
-    # rmsnorm (b1.58's), none (fbi's earlier form: the block's input quantized unnormalized).
-    norm: str = "layernorm"
+    # The parameter-free norm applied to the input before quantization: rmsnorm (the authors'
+    # code, the b1.58 tips), layernorm (the BitNet paper's), none (fbi's earlier form).
+    norm: str = "rmsnorm"
+    # Keep the RMSNorms in front of attention and the MLP: the tips' step 2 removes them, as
+    # each BitLinear normalizes its own input; true is the paper's and fbi's earlier form.
+    block_norms: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of(self.norm, (*NORM_EPS, "none"), "scheme.norm")
+        require(self.block_norms or self.norm != "none", "scheme.block_norms",
+                "false removes the blocks' norms, but scheme.norm=none leaves the layers' "
+                "inputs unnormalized too; set scheme.block_norms=true or choose a scheme.norm")
 
 
 def absmax8(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +70,10 @@ def normalize(x: torch.Tensor, norm: str) -> torch.Tensor:
 class BitNetLinear(DenseLinear):
     Config = BitNetConfig
     QUANTIZES_ACTIVATIONS = True
+
+    @classmethod
+    def keeps_block_norms(cls, cfg: BitNetConfig) -> bool:
+        return cfg.block_norms
 
     def weight_formula(self, weight) -> torch.Tensor:
         with torch.no_grad():

@@ -8,8 +8,10 @@ A scheme is one layer class deriving from ``DenseLinear``. It overrides what dif
 ``normalize_output`` (a parameter-free function of the product, e.g. OneBit's LayerNorm) and
 ``fold_refusal`` (why the forward is not a dense linear map, if it is not),
 ``SCALES`` (its parameters that are scales, never weight-decayed under ``optim.decay=matrices``),
-``SIGN_ONLY`` (its forward reads the latent weight only through ``sign``)
-and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
+``SIGN_ONLY`` (its forward reads the latent weight only through ``sign``),
+``extra_patterns`` (layers it binarizes beyond the architecture's default, e.g. PB-LLM's head),
+``keeps_block_norms`` (False where its layers normalize their own input and the scheme's
+recipe removes the blocks' norms, BitNet b1.58's) and ``Config`` (its options: a dataclass deriving from ``SchemeConfig``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from fbi.config import SchemeConfig
 
 
 class DenseLinear(nn.Linear):
-    """``y = x W^T`` with W initialized from N(0, init_std^2), as in LLaMA/GPT-NeoX."""
+    """``y = x W^T`` with W drawn with standard deviation ``init_std``: from N(0, init_std^2)
+    (``init="normal"``, as LLaMA/GPT-NeoX) or uniformly in +-sqrt(3) init_std
+    (``init="uniform"``: ``nn.Linear``'s own Kaiming-uniform when init_std = 1/sqrt(3 in),
+    as mamba-ssm and Bi-Mamba leave their projections)."""
 
     Config = SchemeConfig
     SCALES: tuple[str, ...] = ()
@@ -32,15 +37,19 @@ class DenseLinear(nn.Linear):
     SIGN_ONLY = False
 
     def __init__(self, in_features: int, out_features: int, init_std: float = 0.02,
-                 cfg: SchemeConfig | None = None) -> None:
-        self.init_std = init_std
+                 cfg: SchemeConfig | None = None, init: str = "normal") -> None:
+        self.init_std, self.init = init_std, init
         self.cfg = cfg if cfg is not None else self.Config()
         super().__init__(in_features, out_features, bias=False)
         self.make_scales()
         self.reset_scales()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        if self.init == "uniform":
+            bound = 3 ** 0.5 * self.init_std
+            nn.init.uniform_(self.weight, -bound, bound)
+        else:
+            nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
     def make_scales(self) -> None:
         """Create the scheme's extra parameters (shapes only)."""
@@ -77,6 +86,16 @@ class DenseLinear(nn.Linear):
             return nn.functional.linear(x, self.weight.to(x.dtype))
         return self.normalize_output(recomputed_linear(
             self.weight_formula, self.quantize_input(x), *self.weight_params()))
+
+    @classmethod
+    def extra_patterns(cls, cfg: SchemeConfig) -> tuple[str, ...]:
+        """Module-path patterns binarized besides the architecture's default ones."""
+        return ()
+
+    @classmethod
+    def keeps_block_norms(cls, cfg: SchemeConfig) -> bool:
+        """Whether the model keeps the norms in front of the blocks' binarized layers."""
+        return True
 
     @classmethod
     def fold_refusal(cls) -> str | None:

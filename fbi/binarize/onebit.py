@@ -9,19 +9,22 @@ forward non-linear in x (no fold into a dense layer).
 
 Initialization as the authors': from scratch ``g = h = 1``; from a dense W, the
 sign-value-independent decomposition ``|W| ~ h g^T`` and a latent weight ``0.01 sign(W)``
-(their ``build_start_ckpt.py``). They fit the rank-1 factor with scikit-learn's NMF; here it is
-the top singular pair of |W|, the minimizer NMF's iterations approach (a non-negative
-matrix's top singular vectors are non-negative), split between g and h differently, which the
-product does not see. ``sign(0) = +1`` (one bit per weight), where ``torch.sign`` gives 0.
+(their ``build_start_ckpt.py``). They fit the rank-1 factor with scikit-learn's
+``NMF(n_components=1, init="random", random_state=0)``; ``_nmf_rank1`` replays that fit (its
+random start, coordinate descent, stopping rule) in numpy, so g and h are theirs, split
+between the two as theirs (the product alone would hide the split from the output, which the
+LayerNorm rescales, but not from the gradients of g and h). ``sign(0) = +1`` (one bit per
+weight), where ``torch.sign`` gives 0.
 
 ``onebit_fold`` is fbi's earlier form: no LayerNorm (so the layer folds into the dense weight
 ``h sign(W) g`` for a transformers checkpoint), the identity straight-through gradient (so
 it is ``SIGN_ONLY``), the latent weight kept as the dense W, ``h`` the row's mean |W| from
-scratch.
+scratch, and from a dense W the exact rank-1 SVD of |W| split evenly, ``|h| = |g|``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,8 +50,42 @@ class _TanhSign(torch.autograd.Function):
         return grad * (1.001 - torch.tanh(w) ** 2)
 
 
+def _nmf_rank1(weight: torch.Tensor, tol: float = 1e-4, max_iter: int = 200
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, g), (out,) and (in,): scikit-learn's ``NMF(n_components=1, init="random",
+    random_state=0)`` fit to |W| (its defaults: coordinate descent, tol 1e-4, 200 iterations),
+    as the authors' ``build_start_ckpt.py`` calls it, in W's precision (float64 stays float64,
+    anything else float32 as their float32 checkpoint)."""
+    dtype = np.float64 if weight.dtype == torch.float64 else np.float32
+    x = np.ascontiguousarray(weight.detach().abs().cpu().numpy().astype(dtype))
+    rng = np.random.RandomState(0)  # sklearn's random init: H drawn before W, then |.|
+    avg = np.sqrt(x.mean())
+    h_t = np.abs(avg * rng.standard_normal(size=(1, x.shape[1])).astype(dtype)).T.copy()
+    w = np.abs(avg * rng.standard_normal(size=(x.shape[0], 1)).astype(dtype))
+
+    def update(factor: np.ndarray, data: np.ndarray, other: np.ndarray) -> float:
+        """One coordinate-descent sweep over ``factor`` (sklearn's _update_cdnmf_fast at rank 1:
+        a Newton step per entry, clipped at 0); returns the projected-gradient violation,
+        summed in order in the factor's precision as the Cython loop does."""
+        hess = np.dot(other.T, other)[0, 0]
+        grad = -np.dot(data, other)[:, 0] + hess * factor[:, 0]
+        pg = np.where(factor[:, 0] == 0, np.minimum(grad, 0), grad)
+        violation = np.cumsum(np.abs(pg))[-1] if pg.size else 0.0
+        if hess != 0:
+            factor[:, 0] = np.maximum(factor[:, 0] - grad / hess, 0)
+        return float(violation)
+
+    for n_iter in range(1, max_iter + 1):
+        violation = update(w, x, h_t) + update(h_t, x.T, w)
+        if n_iter == 1:
+            first = violation
+        if first == 0 or violation / first <= tol:
+            break
+    return torch.from_numpy(w[:, 0]).to(weight.dtype), torch.from_numpy(h_t[:, 0]).to(weight.dtype)
+
+
 def _svid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, g): the rank-1 non-negative factors of |W| (out,), (in,)."""
+    """(h, g): the exact rank-1 non-negative factors of |W| (out,), (in,), split evenly."""
     u, s, vh = torch.linalg.svd(weight.abs().double(), full_matrices=False)
     # |W| is non-negative, so its top singular vectors can be taken non-negative.
     return (u[:, 0] * s[0].sqrt()).abs(), (vh[0] * s[0].sqrt()).abs()
@@ -68,7 +105,7 @@ class OneBitLinear(DenseLinear):
 
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor) -> None:
-        h, g = _svid(weight)
+        h, g = _nmf_rank1(weight)
         self.h.copy_(h)
         self.g.copy_(g)
         self.weight.copy_(sign(weight) * LATENT_FROM_DENSE)

@@ -8,16 +8,21 @@ and the ``salient_fraction / 2`` largest values of W (signed, over the whole mat
 asymmetric 8-bit grid per output row (``min + k (max - min) / 255``, k in 0..255). Salient
 weights are frozen at their grid values (no gradient); the others become
 ``alpha * sign(W)`` with ``alpha`` the mean |W| over all non-salient weights of the matrix
-(one per tensor, no gradient), and take the identity straight-through gradient.
-Differences from the authors' code, kept small on purpose: the grid's zero point is the row
+(one per tensor, no gradient). Their gradient is the authors' ``STEBinary(W) * binary_scale``
+(``outlier_quantizer.py``): the identity through sign, times alpha, so ``alpha * G``
+(``scheme.gradient=scaled``, the default; ``identity`` is fbi's earlier G). As ``run_qat.py``
+replaces every ``nn.Linear``, the output head is binarized too (``scheme.lm_head=true``, the
+default, when ``scheme.binarize`` is left to the architecture; ``false`` keeps it dense, fbi's
+earlier form). Differences from the authors' code, kept small on purpose: the grid's zero point is the row
 minimum (theirs rounds it to an integer, ``round(min)``, which for rows inside (-0.5, 0.5)
 sends negative codes through a uint8 cast); ``sign(0) = +1``; alpha is recomputed at every
 forward (theirs keeps the last training value in eval mode); the forward snaps salient
 weights back onto their grid, so weight decay cannot move them (the authors train with none).
 
 ``scheme.form=reselect`` is fbi's earlier variant: the salient weights are the largest |W|,
-re-selected at every forward and trained; symmetric 8-bit absmax per row over the salient
-ones; alpha per row.
+re-selected at every forward and trained (identity gradient); symmetric 8-bit absmax per row
+over the salient ones; alpha per row (the binary ones' gradient as ``scheme.gradient`` says;
+fbi's earlier form: ``scheme.gradient=identity``).
 
 Export: a salient bitmap (1 bit per weight), signs of the binary ones (1 bit each), 8-bit codes
 of the salient ones, per-row scales.
@@ -30,7 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from fbi.binarize.fp import DenseLinear
-from fbi.binarize.packing import pack_signs, shape_tensor, sign, straight_through, unpack_signs
+from fbi.binarize.packing import (pack_signs, shape_tensor, sign, sign_ste, straight_through,
+                                  unpack_signs)
 from fbi.config import SchemeConfig, one_of, require
 
 
@@ -39,9 +45,13 @@ class PBLLMConfig(SchemeConfig):
     name: str = "pbllm"
     salient_fraction: float = 0.1  # share of weights kept at 8 bits
     form: str = "authors"  # authors: fixed mask, frozen salient weights | reselect (fbi's)
+    # binary weights' gradient: scaled (the authors' STEBinary(W) * alpha: alpha G) | identity (G)
+    gradient: str = "scaled"
+    lm_head: bool = True  # binarize the output head too, as run_qat.py replaces every nn.Linear
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        one_of(self.gradient, ("scaled", "identity"), "scheme.gradient")
         require(0.0 <= self.salient_fraction <= 1.0, "scheme.salient_fraction",
                 f"got {self.salient_fraction}; choose a share in [0, 1]")
         one_of(self.form, ("authors", "reselect"), "scheme.form")
@@ -88,6 +98,10 @@ def _reselect_parts(w: torch.Tensor, fraction: float):
 class PBLLMLinear(DenseLinear):
     Config = PBLLMConfig
 
+    @classmethod
+    def extra_patterns(cls, cfg: PBLLMConfig) -> tuple[str, ...]:
+        return ("lm_head",) if cfg.lm_head else ()
+
     def make_scales(self) -> None:
         if self.cfg.form == "authors":  # the fixed mask, packed (1 bit per weight), and grid
             n = self.in_features * self.out_features
@@ -116,17 +130,23 @@ class PBLLMLinear(DenseLinear):
         """The mean |W| over all non-salient weights: one per tensor."""
         return torch.where(mask, 0, w.abs()).sum() / (~mask).sum().clamp(min=1)
 
+    def _binary(self, weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """``alpha * sign(W)``; gradient alpha G (the authors') or G (``gradient=identity``)."""
+        if self.cfg.gradient == "scaled":
+            return sign_ste(weight) * alpha
+        return straight_through(weight, alpha * sign(weight))
+
     def weight_formula(self, weight) -> torch.Tensor:
         if self.cfg.form == "reselect":
             with torch.no_grad():
                 mask, codes, step, alpha = _reselect_parts(weight, self.cfg.salient_fraction)
-                q = torch.where(mask, codes.to(step.dtype) * step, alpha * sign(weight))
-            return straight_through(weight, q)
+                salient = codes.to(step.dtype) * step
+            return torch.where(mask, straight_through(weight, salient), self._binary(weight, alpha))
         mask = self.salient()
         with torch.no_grad():
             frozen = snap(weight, self.step.to(weight.dtype), self.zero.to(weight.dtype))
-            binary = self._alpha(weight, mask) * sign(weight)
-        return torch.where(mask, frozen, straight_through(weight, binary))
+            alpha = self._alpha(weight, mask)
+        return torch.where(mask, frozen, self._binary(weight, alpha))
 
     @torch.no_grad()
     def pack(self) -> dict[str, torch.Tensor]:

@@ -22,25 +22,32 @@ PROBE_SHAPE = (32, 16)  # (in, out): every scheme's constraints hold (e.g. a Had
 def magnitude_dependence(cls: type[DenseLinear], cfg: SchemeConfig) -> list[str]:
     """What a ``cls`` layer with scheme config ``cfg`` computes differently (bit for bit,
     in float64) after every ``|W|`` is redrawn with the signs kept: ``[]`` for a layer that
-    reads W only through sign(W), else e.g. ``["output", "input gradient"]``. Probes a small
-    fresh layer (the model's own may be ZeRO-3-partitioned already); the global random streams
-    are left as they were."""
+    reads W only through sign(W), else e.g. ``["output (train)", "input gradient (eval)"]``.
+    The new magnitudes span ten orders (1e-5 to 1e5, log-uniform), so a clip or threshold at
+    any ordinary |W| shows; both training and eval mode are probed, so a dependence that
+    exists in one mode only shows. Probes a small fresh layer (the model's own may be
+    ZeRO-3-partitioned already); the global random streams are left as they were."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         a = cls(*PROBE_SHAPE, init_std=0.5, cfg=cfg).double()
         b = copy.deepcopy(a)
         with torch.no_grad():  # new magnitudes, same signs (none zero), scales untouched
-            b.weight.copy_(sign(a.weight) * (torch.rand_like(a.weight) * 3 + 0.01))
+            b.weight.copy_(sign(a.weight) * 10.0 ** (torch.rand_like(a.weight) * 10 - 5))
         x = torch.randn(5, PROBE_SHAPE[0], dtype=torch.float64)
         grad = torch.randn(5, PROBE_SHAPE[1], dtype=torch.float64)
-    results = []
-    for probe in (a, b):
-        xr = x.clone().requires_grad_()
-        y = probe(xr)
-        y.backward(grad)
-        results.append({"output": y, "input gradient": xr.grad,
-                        **{f"{n} gradient": p.grad for n, p in probe.named_parameters()}})
-    return [k for k in results[0] if not torch.equal(results[0][k], results[1][k])]
+    differs = []
+    for mode in ("train", "eval"):
+        results = []
+        for probe in (a, b):
+            probe.train(mode == "train")
+            probe.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            y = probe(xr)
+            y.backward(grad)
+            results.append({"output": y, "input gradient": xr.grad,
+                            **{f"{n} gradient": p.grad for n, p in probe.named_parameters()}})
+        differs += [f"{k} ({mode})" for k in results[0] if not torch.equal(results[0][k], results[1][k])]
+    return differs
 
 
 def verify_sign_only(cls: type[DenseLinear], cfg: SchemeConfig) -> None:

@@ -12,12 +12,14 @@ Adding an architecture is its module with its config dataclass, and one entry he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from fbi.binarize import LinearFactory, linear_factory, linear_layers, scale_names
+from fbi.binarize import (LinearFactory, default_patterns, linear_factory, linear_layers,
+                          scale_names)
 from fbi.config import SchemeConfig
 from fbi.models import llama, mamba2
 
@@ -70,10 +72,16 @@ def architecture(cfg_or_arch: Any) -> Architecture:
 
 def binarize_patterns(cfg: Any, scheme: "str | SchemeConfig",
                       binarize: Sequence[str] | None = None) -> list[str]:
-    """The patterns in force: ``binarize``, else the scheme's, else the architecture's."""
+    """The patterns in force: ``binarize``, else the scheme's, else the architecture's (with
+    those the scheme adds to them: PB-LLM's output head, unless it is tied to the embeddings,
+    which stay dense)."""
     if binarize is None and not isinstance(scheme, str):
         binarize = scheme.binarize
-    return list(architecture(cfg).binarize if binarize is None else binarize)
+    if binarize is not None:
+        return list(binarize)
+    tied = getattr(cfg, "tie_embeddings", False)
+    return [p for p in default_patterns(scheme, architecture(cfg).binarize)
+            if not (tied and p == "lm_head")]
 
 
 def build_model(cfg: Any, scheme: "str | SchemeConfig",
@@ -85,7 +93,13 @@ def build_model(cfg: Any, scheme: "str | SchemeConfig",
     """
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is unset: it is taken from the tokenizer")
-    return architecture(cfg).build(cfg, linear_factory(scheme, binarize_patterns(cfg, scheme, binarize)))
+    patterns = binarize_patterns(cfg, scheme, binarize)
+    if getattr(cfg, "tie_embeddings", False) and any(fnmatch("lm_head", p) for p in patterns):
+        raise ValueError("model.tie_embeddings=true shares the output head with the embeddings, "
+                         "which stay dense, but the scheme binarizes lm_head; untie them, or "
+                         "keep the head dense (scheme.binarize without lm_head, or "
+                         "scheme.lm_head=false for pbllm)")
+    return architecture(cfg).build(cfg, linear_factory(scheme, patterns))
 
 
 def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fbi.binarize import LinearFactory
+from fbi.binarize import LinearFactory, keeps_block_norms
 from fbi.config import require
 
 
@@ -139,9 +139,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, make_linear: LinearFactory) -> None:
         super().__init__()
         prefix = f"model.layers.{index}"
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # Identity where the scheme's layers normalize their own input (BitNet b1.58's tips)
+        norm = (lambda: RMSNorm(cfg.d_model, cfg.norm_eps)) if keeps_block_norms(make_linear) \
+            else nn.Identity
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,11 @@ class Mamba2Config:
     # Bi-Mamba's configs); the blocks still compute in the model's dtype.
     residual_in_fp32: bool = False
     norm_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = 0.02  # embeddings (and in_proj/out_proj with proj_init=normal)
+    # in_proj and out_proj as mamba-ssm and Bi-Mamba draw them (bimamba_mixer_seq_simple.py):
+    # kaiming_uniform is nn.Linear's default, U(+-1/sqrt(in)), out_proj redrawn so and divided
+    # by sqrt(n_layers); normal is fbi's earlier N(0, init_std), N(0, init_std / sqrt(n_layers)).
+    proj_init: str = "kaiming_uniform"
     tie_embeddings: bool = True
     # auto: mamba-ssm's fused kernels on a GPU when the package imports, else the PyTorch
     # chunked scan | torch | mamba_ssm (refused where it cannot run)
@@ -73,6 +77,7 @@ class Mamba2Config:
         require(0 < self.a_init_min <= self.a_init_max, "model.a_init_min",
                 "needs 0 < a_init_min <= a_init_max (mamba-ssm: 1 and 16)")
         one_of(self.scan, ("auto", "torch", "mamba_ssm"), "model.scan")
+        one_of(self.proj_init, ("kaiming_uniform", "normal"), "model.proj_init")
 
     @property
     def n_heads(self) -> int:
@@ -103,8 +108,13 @@ class Mixer(nn.Module):
         self.n_heads = cfg.n_heads
         self.bc_dim = cfg.n_groups * cfg.d_state
         self.conv_dim = self.d_inner + 2 * self.bc_dim
+        # Kaiming-uniform (a = sqrt 5) is U(+-1/sqrt(in)): standard deviation 1/sqrt(3 in).
+        uniform = cfg.proj_init == "kaiming_uniform"
+        init = "uniform" if uniform else "normal"
+        in_std = 1 / math.sqrt(3 * cfg.d_model) if uniform else cfg.init_std
+        out_std = 1 / math.sqrt(3 * self.d_inner) if uniform else cfg.init_std
         self.in_proj = make_linear(f"{prefix}.in_proj", cfg.d_model,
-                                   self.d_inner + self.conv_dim + self.n_heads, cfg.init_std)
+                                   self.d_inner + self.conv_dim + self.n_heads, in_std, init)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
                                 padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         # Time steps start log-uniform in [dt_min, dt_max]; dt_bias holds softplus^-1 of them.
@@ -121,7 +131,7 @@ class Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.n_groups, cfg.norm_eps)
         # Residual-branch outputs scaled by 1/sqrt(layers) (GPT-2; Mamba's prenorm rescale).
         self.out_proj = make_linear(f"{prefix}.out_proj", self.d_inner, cfg.d_model,
-                                    cfg.init_std / math.sqrt(cfg.n_layers))
+                                    out_std / math.sqrt(cfg.n_layers), init)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         b, length, _ = u.shape

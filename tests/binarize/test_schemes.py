@@ -37,7 +37,7 @@ def norm_ref(x, norm):
     if norm == "layernorm":  # BitNet: (x - E x) / sqrt(Var x + eps), nn.LayerNorm's eps
         mu = x.mean(-1, keepdim=True)
         return (x - mu) / ((x - mu).pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
-    if norm == "rmsnorm":  # b1.58 tips: a fresh LlamaRMSNorm (weight 1, eps 1e-6)
+    if norm == "rmsnorm":  # the tips' RMSNorm(x): no gain, LlamaRMSNorm's eps (our inference)
         return x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     return x
 
@@ -60,7 +60,15 @@ def onebit_sign(w):
     return sgn(w.detach()) + (f - f.detach())
 
 
-def pbllm_reselect_weight(w, fraction):
+def pbllm_binary(w, alpha, gradient):
+    """The authors' ``STEBinary().apply(W) * binary_scale`` (STEBinary: value sign, gradient
+    the identity), so the gradient is alpha G; ``identity``: fbi's earlier G."""
+    if gradient == "scaled":
+        return ste(w, sgn(w.detach())) * alpha
+    return ste(w, alpha * sgn(w.detach()))
+
+
+def pbllm_reselect_weight(w, fraction, gradient):
     wd = w.detach()
     k = round(fraction * wd.numel())
     thresh = wd.abs().flatten().sort(descending=True).values[k - 1] if k else math.inf
@@ -68,7 +76,7 @@ def pbllm_reselect_weight(w, fraction):
     step = (wd.abs() * mask).max(dim=1, keepdim=True).values / 127
     salient = torch.round(wd / step).clamp(-127, 127) * step
     alpha = (wd.abs() * ~mask).sum(1, keepdim=True) / (~mask).sum(1, keepdim=True)
-    return ste(w, torch.where(mask, salient, alpha * sgn(wd)))
+    return torch.where(mask, ste(w, salient), pbllm_binary(w, alpha, gradient))
 
 
 def pbllm_authors_init(dense, fraction):
@@ -87,12 +95,12 @@ def pbllm_authors_init(dense, fraction):
     return mask, torch.round((dense - rmin) / step).clamp(0, 255) * step + rmin
 
 
-def pbllm_authors_weight(w, dense, fraction):
-    """Salient weights frozen at their init grid values; the rest per-tensor alpha * sign,
-    identity STE."""
+def pbllm_authors_weight(w, dense, fraction, gradient):
+    """Salient weights frozen at their init grid values (``train_outlier=False``: detached);
+    the rest per-tensor alpha * sign (``binary_scale``: mean |W| of the non-salient, detached)."""
     mask, grid = pbllm_authors_init(dense, fraction)
     alpha = w.detach().abs()[~mask].mean()
-    return torch.where(mask, grid, ste(w, alpha * sgn(w.detach())))
+    return torch.where(mask, grid, pbllm_binary(w, alpha, gradient))
 
 
 def layernorm_ref(y):
@@ -119,9 +127,9 @@ def reference(name, cfg, x, w, p, dense):
     if name == "onebit_fold":
         return ((x * p["g"]) @ ste(w, sgn(w.detach())).T) * p["h"]
     if name == "pbllm" and cfg.form == "reselect":
-        return x @ pbllm_reselect_weight(w, cfg.salient_fraction).T
+        return x @ pbllm_reselect_weight(w, cfg.salient_fraction, cfg.gradient).T
     if name == "pbllm":
-        return x @ pbllm_authors_weight(w, dense, cfg.salient_fraction).T
+        return x @ pbllm_authors_weight(w, dense, cfg.salient_fraction, cfg.gradient).T
     if name == "fbi_w1a1":
         block = math.gcd(cfg.hadamard_block, x.shape[-1] & -x.shape[-1])
         xr = (x.reshape(x.shape[0], -1, block) @ hadamard_ref(block).T).reshape(x.shape)
@@ -136,8 +144,11 @@ def reference(name, cfg, x, w, p, dense):
 
 # Every registered scheme with its defaults (the paper's form), then fbi's variants.
 CASES = [(name, {}) for name in sorted(SCHEMES)] + [
-    ("fbi", {"layout": "row"}), ("fbi", {"layout": "tensor"}), ("bitnet", {"norm": "none"}),
-    ("bitnet158", {"norm": "none"}), ("pbllm", {"form": "reselect"}),
+    ("fbi", {"layout": "row"}), ("fbi", {"layout": "tensor"}),
+    ("bitnet", {"norm": "layernorm", "block_norms": True}),
+    ("bitnet", {"norm": "none", "block_norms": True}),
+    ("bitnet158", {"norm": "none", "block_norms": True}), ("pbllm", {"gradient": "identity"}),
+    ("pbllm", {"form": "reselect", "gradient": "identity"}), ("pbllm", {"form": "reselect"}),
     ("pbllm", {"salient_fraction": 0.3}), ("fbi_w1a1", {"hadamard_block": 16})]
 IDS = [f"{n}-{'-'.join(map(str, o.values()))}" if o else n for n, o in CASES]
 
@@ -250,12 +261,14 @@ def test_fbi_weight_takes_two_values_per_group(layout, dims):
         assert len(torch.unique(group)) == 2
 
 
-@pytest.mark.parametrize("name,norm", [("bitnet", "layernorm"), ("bitnet158", "rmsnorm")])
-def test_bitnet_quantizes_its_normalized_input_per_token(name, norm):
-    """The papers' BitLinear: the input normalized inside the layer, then 8-bit codes per
-    token; so a layer fed an unnormalized input (o_proj, down_proj) computes the same as
-    one fed that input rescaled."""
-    _, layer, _ = make(name, {}, n_in=200, n_out=50)
+@pytest.mark.parametrize("name,opts,norm", [
+    ("bitnet", {}, "rmsnorm"), ("bitnet", {"norm": "layernorm"}, "layernorm"),
+    ("bitnet158", {}, "rmsnorm")])
+def test_bitnet_quantizes_its_normalized_input_per_token(name, opts, norm):
+    """The BitLinear of the authors' code (both b1 and b1.58: RMSNorm) and of the BitNet paper
+    (LayerNorm): the input normalized inside the layer, then 8-bit codes per token; so a layer
+    fed an unnormalized input (o_proj, down_proj) computes the same as one fed it rescaled."""
+    _, layer, _ = make(name, opts, n_in=200, n_out=50)
     assert layer.cfg.norm == norm
     x = torch.randn(4, 200) * 3 + 1
     xn = norm_ref(x.double(), norm).float()
@@ -292,11 +305,12 @@ def test_onebit_output_is_layer_normalized():
                                rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,latent", [("onebit", "sign"), ("onebit_fold", "dense")])
-def test_onebit_svid_init_is_the_rank1_approximation_of_abs_w(name, latent):
+def test_onebit_fold_init_is_the_rank1_approximation_of_abs_w():
+    """fbi's variant: the exact rank-1 factor of |W| (an independent power iteration), the
+    dense latent weight kept."""
     torch.manual_seed(3)
     dense = torch.randn(30, 20, dtype=torch.float64)
-    layer = SCHEMES[name](20, 30, cfg=scheme_config(name)).double()
+    layer = SCHEMES["onebit_fold"](20, 30, cfg=scheme_config("onebit_fold")).double()
     layer.init_from_dense(dense)
     a = dense.abs()
     v = torch.ones(20, dtype=torch.float64)
@@ -305,9 +319,26 @@ def test_onebit_svid_init_is_the_rank1_approximation_of_abs_w(name, latent):
         v = v / v.norm()
     rank1 = torch.outer(a @ v, v)
     torch.testing.assert_close(torch.outer(layer.h, layer.g), rank1, rtol=1e-8, atol=1e-8)
-    # the authors' build_start_ckpt.py: latent weight 0.01 sign(W); fbi's variant keeps W
-    expected = dense.sign() * 0.01 if latent == "sign" else dense
-    assert torch.equal(layer.weight.detach(), expected)
+    assert torch.equal(layer.weight.detach(), dense)
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (48, 40)), (torch.float32, (96, 24)),
+                                         (torch.float64, (30, 20))])
+def test_onebit_init_is_the_authors_nmf_split(dtype, shape):
+    """The authors' build_start_ckpt.py, run as they run it: scikit-learn's
+    NMF(n_components=1, init='random', random_state=0) on |W| gives h (fit_transform) and g
+    (components_), in W's precision; latent weight 0.01 sign(W)."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    torch.manual_seed(4)
+    dense = torch.randn(*shape, dtype=dtype) * 0.05
+    layer = SCHEMES["onebit"](shape[1], shape[0], cfg=scheme_config("onebit")).to(dtype)
+    layer.init_from_dense(dense)
+    nmf = decomposition.NMF(n_components=1, init="random", random_state=0)
+    h = nmf.fit_transform(dense.abs().numpy())
+    g = nmf.components_
+    torch.testing.assert_close(layer.h.detach(), torch.from_numpy(h).squeeze(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.g.detach(), torch.from_numpy(g).squeeze(0), rtol=1e-6, atol=0)
+    assert torch.equal(layer.weight.detach(), dense.sign() * 0.01)
 
 
 def test_onebit_from_scratch_starts_with_unit_scales():
@@ -417,11 +448,13 @@ def test_scale_names_are_what_is_not_decayed():
 
 @pytest.mark.parametrize("name,field,value", [
     ("bitnet2", "name", None), ("fbi", "layout", "diag"), ("pbllm", "salient_fraction", 1.5),
-    ("pbllm", "form", "hessian"), ("bitnet", "norm", "batchnorm"),
+    ("pbllm", "form", "hessian"), ("pbllm", "gradient", "tanh"), ("bitnet", "norm", "batchnorm"),
+    ("bitnet", "block_norms", None), ("bitnet158", "block_norms", None),
     ("fbi_w1a1", "hadamard_block", 100), ("fbi_w1a1", "trust", 0.0)])
 def test_bad_options_are_refused_naming_the_field(name, field, value):
+    opts = {"norm": "none"} if field == "block_norms" else {} if value is None else {field: value}
     with pytest.raises(ConfigError, match=f"scheme.{field}"):
-        scheme_config(name, **({} if value is None else {field: value}))
+        scheme_config(name, **opts)
 
 
 @pytest.mark.parametrize("override,field", [

@@ -200,3 +200,42 @@ def test_residual_in_fp32_keeps_the_stream_fp32_in_a_bf16_model():
     exact = fp32(ids)
     assert (outs[True] - exact).abs().mean() < (outs[False] - exact).abs().mean()
     assert to_hf(fp32, Mamba2Config(**base, residual_in_fp32=True)).config.residual_in_fp32
+
+
+@pytest.mark.parametrize("n_layers", [1, 4])
+def test_projections_start_as_bimamba_draws_them(n_layers):
+    """Bi-Mamba's ``bimamba_mixer_seq_simple.py`` (mamba-ssm's ``_init_weights``): in_proj keeps
+    ``nn.Linear``'s default Kaiming-uniform draw; out_proj is redrawn the same way and divided
+    by sqrt(n_layer) (one residual per layer, no MLP). Each projection fbi builds, from the
+    same random state, equals that reference draw."""
+    cfg = Mamba2Config(n_layers=n_layers, d_model=24, vocab_size=40, d_state=8, head_dim=8,
+                       chunk_size=8)
+    calls = []
+
+    def recording(name, n_in, n_out, std, init="normal"):
+        calls.append((name, n_in, n_out, std, init))
+        return DenseLinear(n_in, n_out, init_std=std, init=init)
+
+    from fbi.models.mamba2 import Mamba2LM
+    Mamba2LM(cfg, recording)
+    assert sorted({c[0].rsplit(".", 1)[-1] for c in calls}) == ["in_proj", "lm_head", "out_proj"]
+    for name, n_in, n_out, std, init in calls:
+        if name == "lm_head":
+            continue
+        torch.manual_seed(7)
+        ours = DenseLinear(n_in, n_out, init_std=std, init=init).weight.detach()
+        torch.manual_seed(7)
+        reference = torch.nn.Linear(n_in, n_out, bias=False).weight.detach()
+        if name.endswith("out_proj"):
+            reference = reference / n_layers ** 0.5
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=0)
+
+
+def test_projections_keep_the_earlier_normal_draw_on_request():
+    cfg = Mamba2Config(n_layers=4, d_model=64, vocab_size=40, d_state=8, head_dim=16,
+                       chunk_size=8, proj_init="normal")
+    torch.manual_seed(0)
+    model = build_model(cfg, "fp")
+    mixer = model.backbone.layers[0].mixer
+    assert abs(mixer.in_proj.weight.std().item() / 0.02 - 1) < 0.05
+    assert abs(mixer.out_proj.weight.std().item() / 0.01 - 1) < 0.05
