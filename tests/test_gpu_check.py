@@ -71,7 +71,7 @@ def test_a_row_past_its_limit_is_killed_and_reported(tmp_path):
 def test_the_overall_limit_ends_the_check_with_its_table_and_no_process_left(tmp_path):
     """The resume row starts train.py runs; GPU_CHECK_TIMEOUT ends the check in the middle:
     the table so far is written, with an ERROR row, and nothing it started keeps running."""
-    code, result, _ = check(tmp_path, "--only", "environment,resume", GPU_CHECK_TIMEOUT="60")
+    code, result, _ = check(tmp_path, "--only", "environment,resume", GPU_CHECK_TIMEOUT="10")
     assert code == 1
     assert result["rows"][-1]["row"] == "(time limit)"
     assert result["rows"][-1]["verdict"] == "ERROR"

@@ -70,12 +70,19 @@ def to_transformers(trained: Trained, keep_packed: bool = False) -> torch.nn.Mod
     config.document_start_token_id = trained.start_id
     if hasattr(config, "max_position_embeddings"):  # attention models: the trained context
         config.max_position_embeddings = trained.max_length
+    # Modules a scheme removed (BitNet's block norms: each BitLinear normalizes its own input)
+    # are identities in the transformers twin too, so the state dict matches it key for key.
+    removed = [n for n, m in trained.model.named_modules() if isinstance(m, torch.nn.Identity)]
     if not keep:
         hf = getattr(transformers, arch.hf_class)(config)
+        for name in removed:
+            hf.set_submodule(name, torch.nn.Identity())
         hf.load_state_dict(state, strict=True)
         return hf.eval()
     with torch.device("meta"):  # no dense copy: the parameters are trained.model's own
         hf = getattr(transformers, arch.hf_class)(config)
+    for name in removed:
+        hf.set_submodule(name, torch.nn.Identity())
     for name in keep:
         hf.set_submodule(name, trained.model.get_submodule(name))
     hf.load_state_dict(state, strict=True, assign=True)

@@ -94,11 +94,6 @@ def build_model(cfg: Any, scheme: "str | SchemeConfig",
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is unset: it is taken from the tokenizer")
     patterns = binarize_patterns(cfg, scheme, binarize)
-    if getattr(cfg, "tie_embeddings", False) and any(fnmatch("lm_head", p) for p in patterns):
-        raise ValueError("model.tie_embeddings=true shares the output head with the embeddings, "
-                         "which stay dense, but the scheme binarizes lm_head; untie them, or "
-                         "keep the head dense (scheme.binarize without lm_head, or "
-                         "scheme.lm_head=false for pbllm)")
     return architecture(cfg).build(cfg, linear_factory(scheme, patterns))
 
 
