@@ -88,7 +88,7 @@ def test_one_dead_writer_of_two_is_named_while_the_other_still_runs(tmp_path):
         killed.kill()  # SIGKILL: it records nothing
         killed.wait()
         message, _ = until(liveness.gone, 10)
-        assert 1.5 <= time.monotonic() - reset < 3.5
+        assert 1.5 <= time.monotonic() - reset < 6.5  # named at once, not after the live one ends
         assert f"pid {killed.pid} (rank 1 of 2, at part 4) is gone (silent for 1.5 s)" in message
         assert live.record["state"] == "running"
         failed = Heartbeat(tmp_path, "failed", BEAT, "cmd", 1, None, "job", 2)
@@ -123,7 +123,7 @@ def test_a_second_job_is_refused_while_the_first_beats_and_replaces_a_silent_one
         first.wait()
         start = time.monotonic()
         assert claim.acquire(tmp_path, "second", 1, "cmd", 1.0) == 1
-        assert 1.0 <= time.monotonic() - start < 3.0  # it watched the silent job first
+        assert 1.0 <= time.monotonic() - start < 6.0  # it watched the silent job first
         assert not claim.held(tmp_path, 0) and claim.held(tmp_path, 1)
         assert claim.current(tmp_path) == (1, {"job": "second", "world_size": 1,
                                                "command": "cmd"})
@@ -136,4 +136,4 @@ def test_a_job_whose_writers_all_stopped_is_replaced_at_once(tmp_path):
     Heartbeat(tmp_path, "w", BEAT, "cmd", 0, None, "first", 1).stop(DONE)
     start = time.monotonic()
     assert claim.acquire(tmp_path, "second", 1, "cmd", 60.0) == 1
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # far below the 60 s it would watch a live job
