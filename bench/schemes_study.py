@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,17 +37,13 @@ from fbi.binarize import SCHEMES  # noqa: E402
 from fbi.configure import compose  # noqa: E402
 from fbi.deepspeed_setup import init_distributed  # noqa: E402
 from fbi.distill.cache_writer import part_seed  # noqa: E402
-from fbi.eval.perplexity import read_text  # noqa: E402
 from fbi.loop import train_step  # noqa: E402
 from fbi.run import build_run  # noqa: E402
-from targets_study import MemoryTargets, consumed_ids, held_out  # noqa: E402
+from study_results import MAX_SEEDS, load, tables, write_atomic  # noqa: E402
+from targets_study import (DIGITS, METRICS, MemoryTargets, consumed_ids, held_out,  # noqa: E402
+                           wikitext_tokens)
 
 TARGETS = "sampled12"  # conf/teacher/cache.yaml's default
-METRICS = {"ppl_play": "val ppl, play", "ppl_wikitext2": "val ppl, WikiText-2",
-           "kl_teacher": "KL(teacher‖student)"}
-# two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228}
 
 
 def config(out: Path, scheme: str, seed: int, steps: int):
@@ -59,30 +52,9 @@ def config(out: Path, scheme: str, seed: int, steps: int):
                     "resume=false"])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float, bool]:
-    """(mean of a - b, half-width of its 95% t interval, whether the interval excludes 0)."""
-    d = [x - y for x, y in zip(a, b)]
-    if len(d) < 2:
-        return statistics.mean(d), math.nan, False
-    half = T975[len(d) - 1] * statistics.stdev(d) / math.sqrt(len(d))
-    return statistics.mean(d), half, abs(statistics.mean(d)) > half
-
-
-def summary(values: list[float], digits: int) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
-
-
 class HeldOutTeacher:
     """The teacher's logits on the held-out batches, computed once and reused for every
-    scheme (the same batches score every run)."""
+    scheme (the same batches score every run of a seed)."""
 
     def __init__(self, teacher) -> None:
         self.teacher, self.seen = teacher, {}
@@ -94,43 +66,13 @@ class HeldOutTeacher:
         return self.seen[key]
 
 
-def load(results_dir: Path, steps: int) -> dict:
-    """Every stored seed of ``steps`` steps: {"steps", "seeds", "runs": {scheme: [per seed]}}."""
-    by_seed: dict = {}
-    for path in sorted(results_dir.glob("seed_*.json")):
-        stored = json.loads(path.read_text())
-        if stored["steps"] == steps:
-            by_seed.setdefault(stored["seed"], {}).update(stored["runs"])
-    seeds = sorted(by_seed)
-    names = dict.fromkeys(n for runs in by_seed.values() for n in runs)  # first-run order
-    runs = {n: [by_seed[s][n] for s in seeds] for n in names if all(n in by_seed[s] for s in seeds)}
-    return {"steps": steps, "seeds": seeds, "runs": runs}
-
-
 def table(results: dict) -> str:
-    runs, seeds = results["runs"], results["seeds"]
-    lines = [f"fbi_tiny, demo corpus, {results['steps']} steps x 512 tokens, "
-             f"{TARGETS} targets from SmolLM2-135M, seeds {seeds} (mean ± sd)", "",
-             "| scheme | bits/weight | " + " | ".join(METRICS.values()) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for scheme, rs in runs.items():
-        lines.append(f"| {scheme} | {rs[0]['bits_per_weight']:.3f} | " + " | ".join(
-            summary([r[m] for r in rs], 2 if m == "kl_teacher" else 1) for m in METRICS) + " |")
-    for base in ("fp", "fbi"):
-        if base not in runs:
-            continue
-        lines += ["", f"paired difference against {base} (mean, 95% interval; * excludes 0)", "",
-                  "| scheme | " + " | ".join(METRICS.values()) + " |", "|---|" + "---|" * len(METRICS)]
-        for scheme, rs in runs.items():
-            if scheme == base or len(rs) != len(runs[base]):
-                continue
-            cells = []
-            for m in METRICS:
-                mean, half, separates = paired([r[m] for r in rs], [r[m] for r in runs[base]])
-                digits = 2 if m == "kl_teacher" else 1
-                cells.append(f"{mean:+.{digits}f} ± {half:.{digits}f}{' *' if separates else ''}")
-            lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    runs = results["runs"]
+    return "\n".join([
+        f"fbi_tiny, demo corpus, {results['steps']} steps x 512 tokens, {TARGETS} targets from "
+        f"SmolLM2-135M, seeds {results['seeds']} (mean ± sd)", "",
+        *tables(runs, METRICS, DIGITS, ("fp", "fbi"),
+                ("bits/weight", lambda name, rs: f"{rs[0]['bits_per_weight']:.3f}"))])
 
 
 def main() -> None:
@@ -150,19 +92,18 @@ def main() -> None:
     unknown = sorted(set(args.schemes) - set(SCHEMES))
     if unknown:
         parser.error(f"--schemes: {unknown} are not registered; choose from {sorted(SCHEMES)}")
-    if len(args.seeds) - 1 > max(T975):
-        parser.error(f"--seeds: give 1 to {max(T975) + 1} seeds (the t table's range)")
+    if len(args.seeds) > MAX_SEEDS:
+        parser.error(f"--seeds: give 1 to {MAX_SEEDS} seeds (the t table's range)")
     schemes = sorted(args.schemes, key=lambda s: (s != "fp", s != "fbi", s))
     dist_info = init_distributed()
     out = args.out.resolve()
-    text = read_text(REPO / "data" / "wikitext-2" / "test.txt", "wikitext")
     teacher = None
     for seed in args.seeds:
         results: dict = {"steps": args.steps, "seed": seed, "targets": TARGETS,
                          "eval_batches": args.eval_batches, "runs": {}}
         teacher_run = build_run(config(out, "fp", seed, args.steps), dist_info)
         teacher = teacher or HeldOutTeacher(teacher_run.teacher)
-        wikitext = torch.tensor(teacher_run.tokenizer.encode([text[:400_000]])[0])
+        wikitext = wikitext_tokens(teacher_run.tokenizer)
         targets = MemoryTargets(TARGETS, teacher_run.train_data)
         for step, ids in enumerate(consumed_ids(teacher_run, args.steps)):
             batch = torch.from_numpy(teacher_run.train_data.batch(ids))
@@ -176,7 +117,7 @@ def main() -> None:
                                        for i in range(0, len(ids), run.cfg.micro_batch_size)])
                       ["loss"] for ids in consumed_ids(run, args.steps)]
             scores = {"bits_per_weight": bits(run.engine.module),
-                      **held_out(run, teacher, wikitext, args.eval_batches),
+                      **held_out(run, teacher, wikitext, args.eval_batches, seed),
                       "train_s": time.perf_counter() - start, "final_loss": losses[-1]}
             results["runs"][scheme] = scores
             print(f"seed {seed} {scheme}: {scores}", flush=True)

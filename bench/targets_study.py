@@ -1,13 +1,18 @@
 """Which teacher target teaches best at equal tokens: the study behind the cache's defaults.
 
     python bench/targets_study.py [--steps 40] [--seeds 0 1 2] [--sources ...] [--out DIR]
+    python bench/targets_study.py --steps 100 --table   # the table from the stored per-seed results
 
 Demo setup (SmolLM2-135M teacher, fbi_tiny binary student, Shakespeare + Milton, 4 x 128
 tokens per step). Each source trains a fresh student for ``--steps`` steps per seed (the seed
 sets the student's initialization, the sample order and the sampled draws); then the student's
 validation perplexity on the held-out play and on WikiText-2 (test split, the repo's
 data/wikitext-2: text it never trained on), and, for every source alike, KL(teacher || student)
-on held-out batches: the quantity that compares sources whose own losses do not.
+on held-out batches: the quantity that compares sources whose own losses do not. The
+held-out windows are drawn across each whole text by the seed. Each seed's results go to
+``--results/seed_N.json`` (rewritten atomically after every run); the table merges every
+seed file of the same ``--steps`` and adds the paired differences against ``sampled12`` (the
+default) with their 95% t intervals.
 
 ``--metric-check N`` instead checks the training log's comparable metric: for a student at
 initialization and after N online steps, each source's own ``distill`` and its ``soft_ce``
@@ -28,7 +33,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,9 +54,14 @@ from fbi.distill.teacher import NoTeacher, Ready  # noqa: E402
 from fbi.eval.perplexity import read_text  # noqa: E402
 from fbi.loop import train_step  # noqa: E402
 from fbi.run import build_run  # noqa: E402
+from study_results import MAX_SEEDS, load, tables, write_atomic  # noqa: E402
 
 DEFAULT_SOURCES = ["ce", "online", "topk8", "topk8_label", "topk32", "topk32_label",
                    "topk12_label_u8", "sampled8", "sampled16", "sampled32"]
+BASE = "sampled12"  # conf/teacher/cache.yaml's default: every row is compared with it
+METRICS = {"ppl_play": "val ppl, play", "ppl_wikitext2": "val ppl, WikiText-2",
+           "kl_teacher": "KL(teacher‖student)"}
+DIGITS = {"ppl_play": 1, "ppl_wikitext2": 1, "kl_teacher": 3}
 
 
 def config(out: Path, name: str, seed: int, steps: int):
@@ -119,23 +128,33 @@ def bytes_per_token(name: str, vocab: int) -> float:
     return slots * (id_bytes + 1) if spec[4] else slots * (id_bytes + 2) + 2
 
 
+def wikitext_tokens(tokenizer) -> torch.Tensor:
+    """The repo's WikiText-2 test split (text no run trains on), as one token stream."""
+    text = read_text(REPO / "data" / "wikitext-2" / "test.txt", "wikitext")
+    return torch.tensor(tokenizer.encode([text])[0])
+
+
 @torch.no_grad()
-def held_out(run, teacher, wikitext: torch.Tensor, batches: int) -> dict:
-    """Student ppl on the held-out play and on WikiText-2; KL(teacher || student) on the play."""
+def held_out(run, teacher, wikitext: torch.Tensor, batches: int, seed: int) -> dict:
+    """Student ppl on the held-out play and on WikiText-2; KL(teacher || student) on the play.
+
+    The windows are drawn across each whole text by ``seed``: every run of one seed is scored
+    on the same windows (so runs pair), each seed on others (so the seed spread includes
+    which text was scored)."""
     run.engine.eval()
     bs, seq = run.cfg.micro_batch_size, run.cfg.data.seq_len
-    nll = tok = kl = 0.0
+    g = torch.Generator().manual_seed(seed)
+    play = torch.randperm(run.val_data.num_samples, generator=g)[:batches * bs].tolist()
+    starts = torch.randint(0, len(wikitext) - seq, (batches * bs,), generator=g).tolist()
+    nll = tok = kl = w_nll = w_tok = 0.0
     for b in range(batches):
-        batch = torch.from_numpy(run.val_data.batch(range(b * bs, (b + 1) * bs)))
+        batch = torch.from_numpy(run.val_data.batch(play[b * bs:(b + 1) * bs]))
         s = run.engine(batch[:, :-1]).float()
         mean, n = mean_token_nll(s, batch[:, 1:])
         nll, tok = nll + mean.item() * n.item(), tok + n.item()
         logp_t = torch.log_softmax(teacher.logits(batch[:, :-1]).float(), -1)
         kl += (logp_t.exp() * (logp_t - torch.log_softmax(s, -1))).sum(-1).mean().item()
-    w_nll = w_tok = 0.0
-    for b in range(batches):
-        start = b * bs * (seq + 1)
-        chunk = wikitext[start:start + bs * (seq + 1)].view(bs, seq + 1)
+        chunk = torch.stack([wikitext[i:i + seq + 1] for i in starts[b * bs:(b + 1) * bs]])
         mean, n = mean_token_nll(run.engine(chunk[:, :-1]).float(), chunk[:, 1:])
         w_nll, w_tok = w_nll + mean.item() * n.item(), w_tok + n.item()
     run.engine.train()
@@ -184,9 +203,14 @@ def metric_check(out: Path, sources: list[str], steps: int, batches: int, dist_i
                                            for s in found) + " |")
 
 
-def summary(values: list[float], digits: int = 1) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+def table(results: dict) -> str:
+    runs = results["runs"]
+    vocab = 2**16  # SmolLM2's 49,152 ids fit uint16
+    return "\n".join([
+        f"fbi_tiny binary student, demo corpus, {results['steps']} steps x 512 tokens, "
+        f"seeds {results['seeds']} (mean ± sd)", "",
+        *tables(runs, METRICS, DIGITS, (BASE,),
+                ("bytes/token", lambda name, rs: f"{bytes_per_token(name, vocab):.0f}"))])
 
 
 def main() -> None:
@@ -196,19 +220,25 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_targets_study")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "targets_study")
+    parser.add_argument("--table", action="store_true", help="only print the stored results' table")
     parser.add_argument("--metric-check", type=int, metavar="N", default=None)
     args = parser.parse_args()
+    if args.table:
+        return print(table(load(args.results, args.steps)))
+    if len(args.seeds) > MAX_SEEDS:
+        parser.error(f"--seeds: give 1 to {MAX_SEEDS} seeds (the t table's range)")
     dist_info = init_distributed()
     out = args.out.resolve()
     if args.metric_check is not None:
         sparse = [n for n in args.sources if n not in ("ce", "online")]
         return metric_check(out, sparse, args.metric_check, args.eval_batches, dist_info)
-    results: dict = {"steps": args.steps, "seeds": args.seeds, "runs": {}}
     for seed in args.seeds:
+        results: dict = {"steps": args.steps, "seed": seed, "eval_batches": args.eval_batches,
+                         "runs": {}}
         teacher_run = build_run(config(out, "teacher", seed, args.steps), dist_info)
         teacher = teacher_run.teacher
-        text = read_text(REPO / "data" / "wikitext-2" / "test.txt", "wikitext")
-        wikitext = torch.tensor(teacher_run.tokenizer.encode([text[:400_000]])[0])
+        wikitext = wikitext_tokens(teacher_run.tokenizer)
         sparse = {n: MemoryTargets(n, teacher_run.train_data) for n in args.sources
                   if n not in ("ce", "online")}
         for step, ids in enumerate(consumed_ids(teacher_run, args.steps)):
@@ -224,22 +254,14 @@ def main() -> None:
             losses = [train_step(run, [ids[i:i + run.cfg.micro_batch_size]
                                        for i in range(0, len(ids), run.cfg.micro_batch_size)])
                       ["loss"] for ids in consumed_ids(run, args.steps)]
-            scores = held_out(run, teacher, wikitext, args.eval_batches)
+            scores = held_out(run, teacher, wikitext, args.eval_batches, seed)
             scores.update(train_s=time.perf_counter() - start, final_loss=losses[-1])
-            results["runs"].setdefault(name, []).append(scores)
+            results["runs"][name] = scores
             print(f"seed {seed} {name}: {scores}", flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+            write_atomic(args.results / f"seed_{seed}.json", json.dumps(results, indent=1))
             del run
         del teacher_run, sparse
-    vocab = teacher.vocab_size
-    print(f"\n{args.steps} steps x {4 * 128} tokens, seeds {args.seeds} (mean ± sd)")
-    print("| target | bytes/token | val ppl (play) | val ppl (WikiText-2) | KL(teacher‖student) |")
-    print("|---|---|---|---|---|")
-    for name, runs in results["runs"].items():
-        print(f"| {name} | {bytes_per_token(name, vocab):.0f} | "
-              f"{summary([r['ppl_play'] for r in runs])} | "
-              f"{summary([r['ppl_wikitext2'] for r in runs])} | "
-              f"{summary([r['kl_teacher'] for r in runs], 2)} |")
+    print("\n" + table(load(args.results, args.steps)))
 
 
 if __name__ == "__main__":
