@@ -65,7 +65,10 @@ class SlurmCluster:
         self.root, self.nodes, self.task_plugin = root, nodes, task_plugin
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self.started_munge = False
+        # A munged of this cluster's own, in munge's directory (it runs as the munge user):
+        # one shared by two test sessions was stopped by the one that started it, under
+        # the other's jobs.
+        self.munge = Path("/run/munge") / f"fbi-{os.getpid()}-{root.name}"
         self.daemons: list[subprocess.Popen] = []
 
     def _write_conf(self) -> None:
@@ -74,7 +77,8 @@ class SlurmCluster:
         lines = [
             "ClusterName=fbitest", f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={free_port()}", "SlurmUser=root", "AuthType=auth/munge",
-            "CredType=cred/munge", "MailProg=/bin/true", "MpiDefault=none",
+            f"AuthInfo=socket={self.munge}.socket", "CredType=cred/munge",
+            "MailProg=/bin/true", "MpiDefault=none",
             "ProctrackType=proctrack/linuxproc", f"TaskPlugin={self.task_plugin}",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
@@ -91,17 +95,16 @@ class SlurmCluster:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _munge(self) -> None:
-        if _run("munge", "-n", check=False).returncode == 0:
-            return  # already running (another test run, or the machine's own)
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        _run("runuser", "-u", "munge", "--", "/usr/sbin/munged")
-        self.started_munge = True
+        self.munge.parent.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.munge.parent, "munge", "munge")
+        _run("runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge}.socket",
+             f"--pid-file={self.munge}.pid", f"--log-file={self.munge}.log",
+             f"--seed-file={self.munge}.seed")
         for _ in range(50):
-            if _run("munge", "-n", check=False).returncode == 0:
+            if _run("munge", "-n", f"--socket={self.munge}.socket", check=False).returncode == 0:
                 return
             time.sleep(0.1)
-        raise RuntimeError("munged did not come up")
+        raise RuntimeError(f"munged did not come up: see {self.munge}.log")
 
     def start(self, timeout: float = 60) -> float:
         """Start everything and wait until every node is idle; return the seconds it took."""
@@ -158,17 +161,25 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if self.started_munge:
-            pid = Path("/run/munge/munged.pid")
-            if pid.exists():
-                os.kill(int(pid.read_text()), 15)
+        pid = Path(f"{self.munge}.pid")
+        if pid.exists():
+            os.kill(int(pid.read_text()), 15)
+        for leftover in self.munge.parent.glob(f"{self.munge.name}.*"):  # its log, seed, socket
+            leftover.unlink(missing_ok=True)
+
+
+def node_names() -> tuple[str, str]:
+    """Two namespace (and host) names of this process's own: network namespaces are global
+    to the machine, and a second test session (another checkout, the stress check's second
+    worker) that used the same names would delete this one's nodes under its tests."""
+    return f"fbi{os.getpid()}n1", f"fbi{os.getpid()}n2"
 
 
 class Namespaces:
     """Network namespaces ``names`` joined by one bridge-less veth pair each way (two nodes),
     addresses 10.211.0.{1,2}/24, each with a hosts file naming both."""
 
-    def __init__(self, names: tuple[str, str] = ("fbinode1", "fbinode2")):
+    def __init__(self, names: tuple[str, str]):
         self.names = names
         self.addrs = {n: f"10.211.0.{i + 1}" for i, n in enumerate(names)}
 
@@ -177,6 +188,7 @@ class Namespaces:
         self.__exit__()
         for n in self.names:
             _run("ip", "netns", "add", n)
+        # made inside the namespaces, so their names cannot meet another session's
         _run("ip", "link", "add", "fbiveth1", "netns", a, "type", "veth", "peer", "name",
              "fbiveth2", "netns", b)
         hosts = "127.0.0.1 localhost\n" + "".join(f"{ip} {n}\n" for n, ip in self.addrs.items())

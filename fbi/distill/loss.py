@@ -17,13 +17,18 @@ one class:
 Dense logits are the case w = p_t over all V ids, r = 0.
 
 Comparable across sources. ``distill`` is each source's own loss, and a lumped top-k tail
-leaves out the tail's spread, so it reads below the dense loss for the same student. ``soft_ce`` estimates the full-vocabulary term alike for every source:
+leaves out the tail's spread, so it reads below the dense loss for the same student.
+``soft_ce`` estimates the full-vocabulary term alike for every source:
 
-    soft_ce = distill + T**2 * mean_valid( r * H(p_s restricted to the ids not listed) )
+    soft_ce = T**2 * mean_valid( -sum_k w_k log p_s(id_k) - r log sum_{v not listed} p_s(v)
+                                 + r * H(p_s restricted to the ids not listed) )
 
 which is exact for dense logits, unbiased for sampled ones (r = 0: equal to ``distill``),
 and exact for top-k when the teacher's tail has the student's shape (the one assumption
-that needs nothing the cache does not store).
+that needs nothing the cache does not store). With the label tail (``label_slot``) the
+loss puts r on the label, but ``soft_ce`` reads the same top-k ids and r as the lumped
+form: the label is one token of the data, not the teacher's tail, and a student that has
+learnt the labels would otherwise read low by the tail's spread.
 
 Memory. The logits are the largest activations of an LLM (B*S*V), so the loss never holds a
 full-size fp32 copy of them: positions are processed `chunk_rows` at a time, each chunk is
@@ -83,7 +88,7 @@ def distillation_loss(
     _check(student_logits, teacher, labels, temperature, ce_weight, chunk_rows)
     vocab = student_logits.shape[-1]
     rows = chunk_rows or max(1, DEFAULT_CHUNK_BYTES // (4 * vocab))
-    # autograd.Function takes tensors, not tuples: sparse targets travel as three arguments.
+    # autograd.Function takes tensors, not tuples: sparse targets travel as their four fields.
     sparse = teacher if isinstance(teacher, SparseTargets) else SparseTargets(None, None, None)
     dense = teacher if isinstance(teacher, Tensor) else None
     args = (student_logits, dense, *sparse, labels, temperature, ce_weight, ignore_index, rows)
@@ -152,12 +157,12 @@ def _check_sparse(student: Tensor, t: SparseTargets) -> None:
 
 
 def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, want_grad: bool):
-    """Per-row soft cross-entropy (without T**2), the tail's part ``soft_ce`` adds (None
-    without a tail), and the gradient w.r.t. s_T for one chunk.
+    """Per-row soft cross-entropy (without T**2), per-row ``soft_ce`` (without T**2; None
+    when it is the loss itself), and the gradient w.r.t. s_T for one chunk.
 
-    target: ("dense", (rows, V) teacher logits) or ("sparse", ids, weights, tail), rows first.
-    The gradient of  W lse - sum_k w_k s[id_k] - r lse_rest,  with W = sum_k w_k + r and
-    lse_rest the log-sum-exp over the ids not listed, is
+    target: ("dense", (rows, V) teacher logits) or ("sparse", ids, weights, tail, label_slot),
+    rows first. The gradient of  W lse - sum_k w_k s[id_k] - r lse_rest,  with W = sum_k w_k + r
+    and lse_rest the log-sum-exp over the ids not listed, is
     W softmax(s) - w (at the ids) - r softmax_rest(s) (zero at the ids).
     ``s_T`` is not modified (it may alias the student's logits).
     """
@@ -168,31 +173,47 @@ def _kd_rows_and_grad(s_T: Tensor, lse_T: Tensor, target, temperature: float, wa
         if not want_grad:
             return rows, None, None
         return rows, None, (s_T - lse_T.unsqueeze(-1)).exp_().sub_(p_t)
-    _, ids, w, tail = target
+    _, ids, w, tail, label_slot = target
     ids, w = ids.long(), w.float()
     total = w.sum(-1) if tail is None else w.sum(-1) + tail.float()
     s_k = s_T.gather(-1, ids)
     rows = total * lse_T - (w * s_k).sum(-1)
     p_s = (s_T - lse_T.unsqueeze(-1)).exp_() if want_grad or tail is not None else None
-    spread = None
+    soft = None
     if tail is not None:
         r = tail.float()
-        # The student's mass outside the ids, summed directly (no 1 - sum cancellation);
-        # floored so that a student with none left gives a large loss, not inf. An id
-        # listed twice (a label-tail slot, fbi.distill.targets) is excluded once.
-        p_rest = p_s.scatter(-1, ids, 0.0)
-        rest = p_rest.sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+        p_rest, rest = _outside(p_s, ids)
         rows = rows - r * (lse_T + rest.log())  # lse_rest = lse_T + log(rest)
-        # r H(p_rest / rest) = r (log rest - sum_j p_rest_j (s_j - lse) / rest)
-        spread = r * (rest.log() - (torch.linalg.vecdot(p_rest, s_T) - rest * lse_T)
-                      / rest).clamp_(min=0.0)  # an entropy; the floor above can undershoot
+        if label_slot:  # soft_ce reads the teacher's top-k and its whole tail r + w_label
+            top, w_top, r_all = ids[..., :-1], w[..., :-1], r + w[..., -1]
+            top_rest, top_mass = _outside(p_s, top)
+            soft = (total * lse_T - (w_top * s_k[..., :-1]).sum(-1)
+                    - r_all * (lse_T + top_mass.log())
+                    + _spread(top_rest, top_mass, s_T, lse_T, r_all))
+        else:
+            soft = rows + _spread(p_rest, rest, s_T, lse_T, r)
     if not want_grad:
-        return rows, spread, None
+        return rows, soft, None
     g = p_s.mul_(total.unsqueeze(-1))
     if tail is not None:  # - r softmax_rest(s) = - (r / rest) p_s outside the ids
         g.sub_(p_rest.mul_((r / rest).unsqueeze(-1)))
     g.scatter_add_(-1, ids, -w)
-    return rows, spread, g
+    return rows, soft, g
+
+
+def _outside(p_s: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The student's probabilities with ``ids`` zeroed, and their sum per row: summed
+    directly (no 1 - sum cancellation), floored so that a student with no mass left gives a
+    large loss, not inf. An id listed twice (a label-tail slot) is excluded once."""
+    p_rest = p_s.scatter(-1, ids, 0.0)
+    return p_rest, p_rest.sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def _spread(p_rest: Tensor, rest: Tensor, s_T: Tensor, lse_T: Tensor, r: Tensor) -> Tensor:
+    """r H(p_rest / rest) = r (log rest - sum_j p_rest_j (s_j - lse) / rest): what a lumped
+    tail leaves out of the soft cross-entropy when the teacher's tail has the student's shape."""
+    return r * (rest.log() - (torch.linalg.vecdot(p_rest, s_T) - rest * lse_T)
+                / rest).clamp_(min=0.0)  # an entropy; the floor in _outside can undershoot
 
 
 def _row_reader(x: Tensor):
@@ -208,7 +229,7 @@ def _row_reader(x: Tensor):
     return lambda a, b: x[torch.unravel_index(torch.arange(a, b, device=x.device), lead)]
 
 
-def _target_reader(dense, ids, weights, tail):
+def _target_reader(dense, ids, weights, tail, label_slot):
     """Rows [a, b) of the teacher's targets, in the form _kd_rows_and_grad takes; None
     without a teacher."""
     if dense is not None:
@@ -219,15 +240,15 @@ def _target_reader(dense, ids, weights, tail):
     read_ids, read_w = _row_reader(ids), _row_reader(weights)
     flat_tail = tail.reshape(-1) if tail is not None else None
     return lambda a, b: ("sparse", read_ids(a, b), read_w(a, b),
-                         flat_tail[a:b] if flat_tail is not None else None)
+                         flat_tail[a:b] if flat_tail is not None else None, label_slot)
 
 
-def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_weight,
-                   ignore_index, chunk_rows, grad: Tensor | None):
+def _loss_and_grad(student, dense, ids, weights, tail, label_slot, labels, temperature,
+                   ce_weight, ignore_index, chunk_rows, grad: Tensor | None):
     """Loss values, and, when `grad` (an (N, V) buffer) is given, d loss / d student into it."""
     n_rows, T = labels.numel(), temperature
     read_s = _row_reader(student)
-    read_t = _target_reader(dense, ids, weights, tail)  # None without a teacher
+    read_t = _target_reader(dense, ids, weights, tail, label_slot)  # None without a teacher
     flat_labels = labels.reshape(-1)
     tokens = (flat_labels != ignore_index).sum()
     inv_n = 1.0 / tokens.clamp(min=1).float()  # a tensor: no host sync on GPU
@@ -235,7 +256,7 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
     w_ce = ce_weight if read_t is not None else 1.0
     w_kd = 1.0 - w_ce
     distill_sum = torch.zeros((), dtype=torch.float32, device=student.device)
-    ce_sum, spread_sum = torch.zeros_like(distill_sum), torch.zeros_like(distill_sum)
+    ce_sum, soft_sum = torch.zeros_like(distill_sum), torch.zeros_like(distill_sum)
     for a in range(0, n_rows, chunk_rows):
         b = min(a + chunk_rows, n_rows)
         s = read_s(a, b).float()  # may alias `student` when it is fp32: never modified below
@@ -249,11 +270,10 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
             s_T, lse_T = (s, lse) if T == 1.0 else (s / T, None)
             if lse_T is None:
                 lse_T = torch.logsumexp(s_T, dim=-1)
-            kd_rows, spread, kd_grad = _kd_rows_and_grad(
+            kd_rows, soft, kd_grad = _kd_rows_and_grad(
                 s_T, lse_T, read_t(a, b), T, want_grad=grad is not None and w_kd > 0)
             distill_sum += torch.where(valid, kd_rows, 0.0).sum()
-            if spread is not None:
-                spread_sum += torch.where(valid, spread, 0.0).sum()
+            soft_sum += torch.where(valid, kd_rows if soft is None else soft, 0.0).sum()
         if grad is None:
             continue
         # d/dz_s of T**2 * (soft-CE at z_s/T) = T * (d soft-CE / d s_T);
@@ -269,18 +289,19 @@ def _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_w
     ce = ce_sum * inv_n
     distill = distill_sum * inv_n * T**2
     loss = w_kd * distill + w_ce * ce  # a new tensor even without a teacher (w_kd = 0)
-    return loss, distill, ce, tokens, distill + spread_sum * inv_n * T**2
+    return loss, distill, ce, tokens, soft_sum * inv_n * T**2
 
 
 class _ChunkedDistillation(torch.autograd.Function):
     """Forward computes the loss and its gradient together; backward only scales it."""
 
     @staticmethod
-    def forward(ctx, student, dense, ids, weights, tail, labels, temperature, ce_weight,
-                ignore_index, chunk_rows):
+    def forward(ctx, student, dense, ids, weights, tail, label_slot, labels, temperature,
+                ce_weight, ignore_index, chunk_rows):
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        out = _loss_and_grad(student, dense, ids, weights, tail, labels, temperature, ce_weight,
-                             ignore_index, chunk_rows, grad=grad.view(-1, student.shape[-1]))
+        out = _loss_and_grad(student, dense, ids, weights, tail, label_slot, labels, temperature,
+                             ce_weight, ignore_index, chunk_rows,
+                             grad=grad.view(-1, student.shape[-1]))
         ctx.grad = grad  # an intermediate, not an input/output: kept as a plain attribute
         ctx.mark_non_differentiable(*out[1:])
         return out
@@ -293,4 +314,4 @@ class _ChunkedDistillation(torch.autograd.Function):
                                "buffer is scaled in place and released by the first")
         grad, ctx.grad = ctx.grad, None
         # In place: a second full-size tensor here would double the loss's peak memory.
-        return (grad.mul_(grad_loss),) + (None,) * 9
+        return (grad.mul_(grad_loss),) + (None,) * 10

@@ -29,15 +29,18 @@ from torch import Tensor
 class SparseTargets(NamedTuple):
     """ids: (B, S, K) integer token ids; weights: (B, S, K) float target probabilities
     (already at the distillation temperature); tail: (B, S) float mass outside ``ids``
-    (top-k) or None (sampled: the weights alone are the target)."""
+    (top-k) or None (sampled: the weights alone are the target). ``label_slot``: the last
+    slot is the label tail's (``label_tail``), so ``soft_ce`` can read the teacher's top-k
+    apart from where the loss put its tail."""
 
     ids: Tensor
     weights: Tensor
     tail: Tensor | None
+    label_slot: bool = False
 
     def to(self, device) -> "SparseTargets":
         tail = None if self.tail is None else self.tail.to(device)
-        return SparseTargets(self.ids.to(device), self.weights.to(device), tail)
+        return SparseTargets(self.ids.to(device), self.weights.to(device), tail, self.label_slot)
 
 
 Targets = Union[Tensor, SparseTargets]  # a Tensor is the teacher's dense (B, S, V) logits
@@ -51,4 +54,4 @@ def label_tail(t: SparseTargets, labels: Tensor) -> SparseTargets:
     listed = (t.ids == labels).any(-1)
     ids = torch.cat([t.ids, labels.to(t.ids.dtype)], -1)
     weights = torch.cat([t.weights, torch.where(listed, 0.0, t.tail).unsqueeze(-1)], -1)
-    return SparseTargets(ids, weights, torch.where(listed, t.tail, 0.0))
+    return SparseTargets(ids, weights, torch.where(listed, t.tail, 0.0), label_slot=True)

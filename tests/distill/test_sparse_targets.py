@@ -127,9 +127,17 @@ def test_soft_ce_is_exact_for_dense_and_for_a_tail_shaped_like_the_students(T):
                                labels, temperature=T)
     torch.testing.assert_close(lumped.soft_ce.double(), exact)
     assert exact - lumped.distill.double() > 0.5  # the spread the lumped loss leaves out
-    labelled = distillation_loss(student, label_tail(SparseTargets(
+    # The label tail's soft_ce reads the same top-k and tail, wherever the loss put the tail:
+    # a student sure of the labels (as a trained one is) must not read low.
+    sure = student.detach().clone()
+    sure.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), torch.full((B, S, 1), 6.0))
+    q = F.softmax(sure.double() / T, dim=-1).scatter(-1, ids, 0.0)
+    p_t = (0.3 * q / q.sum(-1, keepdim=True)).scatter(-1, ids, w)
+    labelled = distillation_loss(sure, label_tail(SparseTargets(
         ids, w.float(), torch.full((B, S), 0.3)), labels.clamp(min=0)), labels, temperature=T)
-    assert labelled.soft_ce.item() > lumped.distill.item()  # the label stands in for the tail
+    exact = _exact_soft_ce(sure, p_t, labels, T)
+    torch.testing.assert_close(labelled.soft_ce.double(), exact, rtol=1e-6, atol=0.0)
+    assert exact - labelled.distill.double() > 0.2  # the label tail's own loss reads low
 
 
 def test_soft_ce_of_sampled_targets_is_unbiased():

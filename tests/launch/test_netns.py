@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Namespaces, steps_logged, why_not_netns
+from cluster import Namespaces, node_names, steps_logged, why_not_netns
 from fbi_testing import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-NODES = ("fbinode1", "fbinode2")
+NODES = node_names()
 
 
 @pytest.fixture(scope="module")
