@@ -48,10 +48,14 @@ def test_ctrl_c_stops_the_runs_on_every_host(tmp_path):
     env = {**os.environ, "RSH": str(script(tmp_path / "rsh", FAKE_SSH)),
            "PYTHON": str(script(tmp_path / "probe", PROBE.format(dir=tmp_path))),
            "RUN_DIR": str(tmp_path / "run")}
+    # As from a terminal: SIGINT not ignored. A test session started in the background
+    # (nohup, `&`) ignores it and passes that on, and bash cannot trap a signal it was
+    # started ignoring, so the launcher would never see the Ctrl-C.
     launcher = subprocess.Popen(
         ["bash", str(REPO / "launch" / "torchrun_hosts.sh"), "localhost,localhost",
          "max_steps=1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
+        text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = [tmp_path / "0.started", tmp_path / "1.started"]
     try:
         wait_for(lambda: all(p.exists() and p.read_text().strip() for p in started), 60,
