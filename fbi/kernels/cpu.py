@@ -88,8 +88,8 @@ def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",
     """``u @ S^T`` by torch's int8 GEMM (``torch._int_mm``: AMX or VNNI where the CPU has them):
     S, the sum of ``planes`` sign matrices, written as int8 (1 byte a weight) into this thread's
     reused buffer (one layer at a time, the largest seen: 11.5 MB at fbi_1p3b's MLP, 45 MB at
-    7B), u split exactly into three int8 pieces (``sign_matmul.cpp``), so every product is exact
-    and the result is u's to 2^-21 of each token's largest input."""
+    7B), u split into three int8 pieces (``sign_matmul.cpp``), so every product is exact and the
+    result is u's to 2^-24 of each token's largest input, as fine as fp32's own rounding."""
     ext = extension(variant)
     need = bits.shape[0] // planes * u.shape[1]
     buffer = getattr(_scratch, "buffer", None)

@@ -154,12 +154,11 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
 }
 
 // Prefill: torch's int8 GEMM (AMX or VNNI where the CPU has them) on S and on the inputs split
-// exactly into three int8 pieces, so that every product is exact and summed in int32:
-//   u[t] = s_t (q1 + q2 / 128 + q3 / 128^2) + r,  s_t a power of two with max |u[t]| / s_t <= 127,
-// each piece the rounded remainder of the last (|q2|, |q3| <= 64), all in exact fp32 arithmetic
-// (power-of-two scaling, x - round(x)); |r| <= s_t / 2^15, 2^-21 of the token's largest input.
-// Then y[t] = s_t (Y1 + Y2 / 128 + Y3 / 128^2) with Y = q S^T (exact int32, in fp32 below 2^24).
-
+// into three int8 pieces, so that every product is exact and summed in int32:
+//   u[t] = s_t (q1 + q2 / 254 + q3 / 254^2) + r,  s_t = max |u[t]| / 127,
+// each piece the rounded remainder of the last (x - round(x) is exact), |q| <= 127; |r| <= s_t /
+// 2 / 254^2, 2^-24 of the token's largest input, as fine as fp32's own rounding. Then
+// y[t] = s_t (Y1 + (Y2 + Y3 / 254) / 254) with Y = q S^T (exact int32, in fp32 below 2^24).
 #if defined(__AVX512F__)
 namespace {
 inline __mmask16 lanes16(int64_t left) {  // the first min(left, 16) lanes
@@ -249,24 +248,22 @@ std::vector<torch::Tensor> split_int8(torch::Tensor u) {
         std::memset(q1, 0, k), std::memset(q2, 0, k), std::memset(q3, 0, k);
         continue;
       }
-      // the power of two 2^e with amax / 2^e <= 127: frexp gives amax / 127 = f 2^e, f in [0.5, 1)
-      int e = 0;
-      if (amax > 0.0f) std::frexp(amax / 127.0f, &e);
-      const float inv = std::ldexp(1.0f, -e);
-      ps[t] = std::ldexp(1.0f, e);
+      // (a token below 1e-30 everywhere gives zeros, not 127 / amax = inf)
+      ps[t] = amax / 127.0f;
+      const float inv = amax >= 1e-30f ? 127.0f / amax : 0.0f;
       i = 0;
 #if defined(__AVX512F__)
       constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-      const __m512 vinv = _mm512_set1_ps(inv), v128 = _mm512_set1_ps(128.0f);
+      const __m512 vinv = _mm512_set1_ps(inv), v254 = _mm512_set1_ps(254.0f);
       for (; i < k; i += 16) {
         const __mmask16 lanes = lanes16(k - i);
         __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + i), vinv);
         __m512 r = _mm512_roundscale_ps(v, kNearest);
         _mm512_mask_cvtepi32_storeu_epi8(q1 + i, lanes, _mm512_cvtps_epi32(r));
-        v = _mm512_mul_ps(_mm512_sub_ps(v, r), v128);
+        v = _mm512_mul_ps(_mm512_sub_ps(v, r), v254);
         r = _mm512_roundscale_ps(v, kNearest);
         _mm512_mask_cvtepi32_storeu_epi8(q2 + i, lanes, _mm512_cvtps_epi32(r));
-        r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, r), v128), kNearest);
+        r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, r), v254), kNearest);
         _mm512_mask_cvtepi32_storeu_epi8(q3 + i, lanes, _mm512_cvtps_epi32(r));
       }
 #endif
@@ -274,10 +271,10 @@ std::vector<torch::Tensor> split_int8(torch::Tensor u) {
         float v = x[i] * inv;
         float r = std::nearbyint(v);
         q1[i] = static_cast<int8_t>(r);
-        v = (v - r) * 128.0f;
+        v = (v - r) * 254.0f;
         r = std::nearbyint(v);
         q2[i] = static_cast<int8_t>(r);
-        q3[i] = static_cast<int8_t>(std::nearbyint((v - r) * 128.0f));
+        q3[i] = static_cast<int8_t>(std::nearbyint((v - r) * 254.0f));
       }
     }
   });
@@ -303,7 +300,7 @@ torch::Tensor combine_int8(torch::Tensor y3, torch::Tensor s) {
       float* out = py + t * rows;
       int64_t o = 0;
 #if defined(__AVX512F__)
-      const __m512 st = _mm512_set1_ps(ps[t]), step = _mm512_set1_ps(0.0078125f);
+      const __m512 st = _mm512_set1_ps(ps[t]), step = _mm512_set1_ps(1.0f / 254.0f);
       for (; o < rows; o += 16) {
         const __mmask16 lanes = lanes16(rows - o);
         const __m512 low = _mm512_fmadd_ps(
@@ -315,7 +312,7 @@ torch::Tensor combine_int8(torch::Tensor y3, torch::Tensor s) {
 #endif
       for (; o < rows; ++o)
         out[o] = ps[t] * (static_cast<float>(a[o]) +
-                          (static_cast<float>(b[o]) + static_cast<float>(c[o]) * 0.0078125f) * 0.0078125f);
+                          (static_cast<float>(b[o]) + static_cast<float>(c[o]) * (1.0f / 254.0f)) * (1.0f / 254.0f));
     }
   });
   return y;
