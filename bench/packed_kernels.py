@@ -72,7 +72,8 @@ def main() -> None:
             print(f"{label:>12} {ms['packed']:10.3f} {ms['fp32']:9.3f} {ms['bf16']:9.3f} "
                   f"{ms['fp32'] / ms['packed']:12.2f} {ms['bf16'] / ms['packed']:12.2f} {err:12.2e}")
         if args.crossover:
-            print(f"\ntokens  masked adds ms  int8 GEMM ms   (PREFILL_TOKENS = {cpu.PREFILL_TOKENS})")
+            print(f"\ntokens  masked adds ms  int8 GEMM ms   "
+                  f"(PREFILL_TOKENS = {cpu.PREFILL_TOKENS})")
             bits = packed.bits
             for n in (1, 4, 16, 32, 64, 256):
                 u = torch.randn(n, 8 * bits.shape[1])

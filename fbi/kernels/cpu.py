@@ -55,7 +55,8 @@ def host_signature() -> str:
 
 @functools.cache
 def extension(variant: str = "native"):
-    """The compiled module (``sign_matmul``, ``effective_weight``, ``simd_path``), built once per host."""
+    """The compiled module (``sign_matmul``, prefill's ``sign_weight``, ``split_int8`` and
+    ``combine_int8``, ``simd_path``), built once per host."""
     from torch.utils.cpp_extension import load
 
     if variant not in FLAGS:
@@ -85,7 +86,7 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") ->
 
 def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",
                 planes: int = 1) -> torch.Tensor:
-    """``u @ S^T`` by torch's int8 GEMM (``torch._int_mm``: AMX or VNNI where the CPU has them):
+    """``u @ S^T`` by torch's int8 GEMM (``torch._int_mm``, oneDNN: AMX where the CPU has it):
     S, the sum of ``planes`` sign matrices, written as int8 (1 byte a weight) into this thread's
     reused buffer (one layer at a time, the largest seen: 11.5 MB at fbi_1p3b's MLP, 45 MB at
     7B), u split into three int8 pieces (``sign_matmul.cpp``), so every product is exact and the

@@ -169,7 +169,8 @@ inline __mmask16 lanes16(int64_t left) {  // the first min(left, 16) lanes
 
 // S (the sum of ``planes`` +-1 matrices; bits: planes x rows of them) as int8 (rows,
 // in_features) into ``w``, a reused buffer (a fresh one pays its page faults at every call).
-torch::Tensor sign_weight(torch::Tensor bits, int64_t planes, int64_t in_features, torch::Tensor w) {
+torch::Tensor sign_weight(torch::Tensor bits, int64_t planes, int64_t in_features,
+                          torch::Tensor w) {
   TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
               "bits: a contiguous uint8 (planes * rows, bytes) tensor");
   TORCH_CHECK((planes == 1 || planes == 2) && bits.size(0) % planes == 0,
@@ -306,13 +307,15 @@ torch::Tensor combine_int8(torch::Tensor y3, torch::Tensor s) {
         const __m512 low = _mm512_fmadd_ps(
             _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, c + o)), step,
             _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, b + o)));
-        const __m512 sum = _mm512_fmadd_ps(low, step, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, a + o)));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, a + o));
+        const __m512 sum = _mm512_fmadd_ps(low, step, high);
         _mm512_mask_storeu_ps(out + o, lanes, _mm512_mul_ps(st, sum));
       }
 #endif
       for (; o < rows; ++o)
         out[o] = ps[t] * (static_cast<float>(a[o]) +
-                          (static_cast<float>(b[o]) + static_cast<float>(c[o]) * (1.0f / 254.0f)) * (1.0f / 254.0f));
+                          (static_cast<float>(b[o]) + static_cast<float>(c[o]) * (1.0f / 254.0f)) *
+                              (1.0f / 254.0f));
     }
   });
   return y;

@@ -110,8 +110,8 @@ def test_int8_prefill_product_against_float64(variant):
     if variant == "avx2" and not host_has("avx2"):
         pytest.skip("this CPU has no AVX2")
     torch.manual_seed(2)
-    for rows, in_features, n, planes in [(1, 1, 32, 1), (17, 63, 33, 2), (40, 64, 35, 1), (3, 70, 32, 1),
-                                         (70, 130, 64, 2), (300, 1000, 40, 1)]:
+    for rows, in_features, n, planes in [(1, 1, 32, 1), (17, 63, 33, 2), (40, 64, 35, 1),
+                                         (3, 70, 32, 1), (70, 130, 64, 2), (300, 1000, 40, 1)]:
         nb = 8 * -(-in_features // 64)
         bits = torch.randint(0, 256, (planes * rows, nb), dtype=torch.uint8)
         # inputs over six orders of magnitude, so each token's scale and pieces differ
