@@ -98,7 +98,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=PATHS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--export", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.export:
+        return export(args.export, Path(args.child), max(2048, args.prefill))
     if args.child:
         return child(args)
     rows = []
@@ -108,7 +111,10 @@ def main() -> None:
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "packed"
-            export(name, out, max(2048, args.prefill))
+            # in its own process too: the parent holding the built model (5 GB at fbi_1p3b)
+            # beside the fp32 path's child would count against the machine, not the path
+            subprocess.run([sys.executable, __file__, "--export", name, "--child", str(out),
+                            "--prefill", str(args.prefill)], check=True)
             for path in PATHS:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--child", str(out), "--path", path,

@@ -6,9 +6,9 @@ An FBI-Linear layer (the paper's column layout) of random weights: ``PackedLinea
 compiled CPU kernel) against ``x @ W^T`` in fp32 and bf16 with W dense. Prints ms per call
 (median of interleaved repeats, so that a busy machine slows every path alike), ratios
 against the packed path, the weight bytes each path reads per call, and the largest relative
-error of the fp32-accumulated packed output. ``--crossover`` also times the kernel's masked
-adds against blocks of rows unpacked for torch's GEMM by token count: the measurement behind
-``fbi.kernels.cpu.PREFILL_TOKENS``.
+error of the packed output (decode: the kernel's masked adds; prefill: torch's int8 GEMM on the
+signs and the inputs' int8 pieces). ``--crossover`` also times the two routes against each
+other by token count: the measurement behind ``fbi.kernels.cpu.PREFILL_TOKENS``.
 """
 
 from __future__ import annotations
@@ -72,13 +72,14 @@ def main() -> None:
             print(f"{label:>12} {ms['packed']:10.3f} {ms['fp32']:9.3f} {ms['bf16']:9.3f} "
                   f"{ms['fp32'] / ms['packed']:12.2f} {ms['bf16'] / ms['packed']:12.2f} {err:12.2e}")
         if args.crossover:
-            print(f"\ntokens  masked adds ms  unpacked+GEMM ms   (PREFILL_TOKENS = {cpu.PREFILL_TOKENS})")
+            print(f"\ntokens  masked adds ms  int8 GEMM ms   "
+                  f"(PREFILL_TOKENS = {cpu.PREFILL_TOKENS})")
             bits = packed.bits
             for n in (1, 4, 16, 32, 64, 256):
                 u = torch.randn(n, 8 * bits.shape[1])
-                ms = median_ms({"kernel": lambda: cpu.extension().sign_matmul(bits, u),
-                                "unpacked": lambda: cpu.unpacked_matmul(bits, u)}, 5)
-                print(f"{n:6d} {ms['kernel']:15.3f} {ms['unpacked']:17.3f}")
+                ms = median_ms({"kernel": lambda: cpu.sign_matmul(bits, u),
+                                "int8": lambda: cpu.int8_matmul(bits, u)}, 5)
+                print(f"{n:6d} {ms['kernel']:15.3f} {ms['int8']:13.3f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ def host_signature() -> str:
 
 @functools.cache
 def extension(variant: str = "native"):
-    """The compiled module (``sign_matmul``, ``simd_path``), built once per host."""
+    """The compiled module (``sign_matmul``, prefill's ``sign_weight``, ``split_int8`` and
+    ``combine_int8``, ``simd_path``), built once per host."""
     from torch.utils.cpp_extension import load
 
     if variant not in FLAGS:
@@ -69,29 +71,32 @@ def extension(variant: str = "native"):
                 build_directory=str(folder), verbose=False)
 
 
-# From this many tokens on, blocks unpacked for torch's GEMM beat the masked adds: about 20-30
-# on this 2-core Xeon when idle, up to ~200 when it is shared (the GEMM suffers more);
+# From this many tokens on (prefill), int8_matmul beats sign_matmul's masked adds:
 # python bench/packed_kernels.py --crossover measures it.
 PREFILL_TOKENS = 32
-PREFILL_ROWS = 256  # rows unpacked at a time: 256 x 5632 fp32 is 5.8 MB
+
+_scratch = threading.local()  # each thread's int8 sign matrix for prefill
 
 
 def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") -> torch.Tensor:
-    """``u @ S^T`` for S = +-1 from ``bits`` (rows, bytes) uint8 and u (n, 8 bytes) float32:
-    the kernel's masked adds for decode-sized batches; from ``PREFILL_TOKENS`` tokens on, blocks
-    of ``PREFILL_ROWS`` rows unpacked to +-1 fp32 for torch's matmul (its fused multiply-adds
-    win once every bit serves many tokens; only one block is ever dense)."""
-    if u.shape[0] < PREFILL_TOKENS:
-        return extension(variant).sign_matmul(bits, u)
-    return unpacked_matmul(bits, u, variant)
+    """``u @ S^T`` (n, rows) for S = +-1 from ``bits`` (rows, bytes) uint8 and u (n, 8 bytes)
+    float32 by the kernel's masked adds: decode's product, no dense weight exists."""
+    return extension(variant).sign_matmul(bits, u)
 
 
-def unpacked_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") -> torch.Tensor:
-    """``u @ S^T`` by blocks of ``PREFILL_ROWS`` rows unpacked into one reused fp32 buffer."""
+def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",
+                planes: int = 1) -> torch.Tensor:
+    """``u @ S^T`` by torch's int8 GEMM (``torch._int_mm``, oneDNN: AMX where the CPU has it):
+    S, the sum of ``planes`` sign matrices, written as int8 (1 byte a weight) into this thread's
+    reused buffer (one layer at a time, the largest seen: 11.5 MB at fbi_1p3b's MLP, 45 MB at
+    7B), u split into three int8 pieces (``sign_matmul.cpp``), so every product is exact and the
+    result is u's to 2^-24 of each token's largest input, as fine as fp32's own rounding."""
     ext = extension(variant)
-    y = u.new_empty(u.shape[0], bits.shape[0])
-    block = u.new_empty(min(PREFILL_ROWS, bits.shape[0]), u.shape[1])
-    for r in range(0, bits.shape[0], PREFILL_ROWS):
-        w = ext.unpack(bits[r:r + PREFILL_ROWS], block)
-        torch.matmul(u, w.T, out=y[:, r:r + PREFILL_ROWS])
-    return y
+    need = bits.shape[0] // planes * u.shape[1]
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < need:
+        _scratch.buffer = buffer = None  # free the smaller one before allocating
+        buffer = _scratch.buffer = torch.empty(need, dtype=torch.int8)
+    s = ext.sign_weight(bits, planes, u.shape[1], buffer)
+    q, scale = ext.split_int8(u.contiguous())
+    return ext.combine_int8(torch._int_mm(q, s.T), scale)

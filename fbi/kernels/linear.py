@@ -1,10 +1,10 @@
 """A scheme layer of a packed export run straight from its bits: ``PackedLinear``.
 
 It keeps the scheme's own input quantizer and output function and replaces the dense product
-with the sign product of ``fbi.kernels.forms``: on CPU the compiled kernel (``fbi.kernels.cpu``),
-decode and prefill alike (unpacking blocks of rows for torch's fp32 matmul measured slower at
-every batch size, ``bench/packed_kernels.py``); on a GPU the Triton kernel
-(``fbi.kernels.triton_sign``). No dense weight is ever held: memory is the bits.
+with the sign product of ``fbi.kernels.forms``: on CPU the compiled kernel (``fbi.kernels.cpu``)
+for decode-sized batches and torch's int8 GEMM on the signs and exact int8 pieces of the input
+from ``cpu.PREFILL_TOKENS`` tokens on; on a GPU the Triton kernel (``fbi.kernels.triton_sign``).
+Memory is the bits, plus one layer's int8 signs (1 byte a weight) once a prefill has run.
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def apply(form: SignProduct, x: torch.Tensor) -> torch.Tensor:
     """``x W_eff^T`` in fp32 for x (n, in) fp32: the binary product of the rescaled input,
-    rescaled outputs, the rank-1 term."""
+    rescaled outputs, the rank-1 term. On CPU from ``cpu.PREFILL_TOKENS`` tokens on, the binary
+    product is ``cpu.int8_matmul`` (its planes summed into one int8 matrix)."""
     u = x if form.in_scale is None else x * form.in_scale
-    u = nn.functional.pad(u, (0, 8 * form.bits.shape[1] - form.in_features)).contiguous()
-    y = sign_matmul(form.bits, u)
-    if form.planes == 2:
-        y = y[:, :form.out_features] + y[:, form.out_features:]
+    if not form.bits.is_cuda and x.shape[0] >= cpu.PREFILL_TOKENS:
+        y = cpu.int8_matmul(form.bits, u, planes=form.planes)
+    else:
+        u = nn.functional.pad(u, (0, 8 * form.bits.shape[1] - form.in_features)).contiguous()
+        y = sign_matmul(form.bits, u)
+        if form.planes == 2:
+            y = y[:, :form.out_features] + y[:, form.out_features:]
     if form.out_scale is not None:
         y = y * form.out_scale
     if form.has_rank1:

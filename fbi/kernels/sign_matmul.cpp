@@ -12,8 +12,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -150,40 +153,180 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
   return y;
 }
 
-// +-1 float32 (rows, 8 nb) from bits (rows, nb): prefill's blocks for a dense GEMM, whose fused
-// multiply-adds outrun the masked adds above once each bit serves many tokens.
-// Written into ``w`` (a reused buffer: a fresh one pays its page faults at every block).
-torch::Tensor unpack(torch::Tensor bits, torch::Tensor w) {
-  TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
-              "bits: a contiguous uint8 (rows, bytes) tensor");
-  const int64_t rows = bits.size(0), nb = bits.size(1);
-  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.numel() >= rows * 8 * nb,
-              "w: a contiguous float32 buffer of at least ", rows * 8 * nb, " values");
-  const uint8_t* pb = bits.data_ptr<uint8_t>();
-  float* pw = w.data_ptr<float>();
-  at::parallel_for(0, rows * nb, 4096, [&](int64_t b0, int64_t b1) {
+// Prefill: torch's int8 GEMM (AMX or VNNI where the CPU has them) on S and on the inputs split
+// into three int8 pieces, so that every product is exact and summed in int32:
+//   u[t] = s_t (q1 + q2 / 254 + q3 / 254^2) + r,  s_t = max |u[t]| / 127,
+// each piece the rounded remainder of the last (x - round(x) is exact), |q| <= 127; |r| <= s_t /
+// 2 / 254^2, 2^-24 of the token's largest input, as fine as fp32's own rounding. Then
+// y[t] = s_t (Y1 + (Y2 + Y3 / 254) / 254) with Y = q S^T (exact int32, in fp32 below 2^24).
 #if defined(__AVX512F__)
-    const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
-    int64_t b = b0;
-    for (; b + 2 <= b1; b += 2) {
-      uint16_t m;
-      std::memcpy(&m, pb + b, 2);
-      _mm512_storeu_ps(pw + 8 * b, _mm512_mask_blend_ps((__mmask16)m, minus, plus));
-    }
-    for (; b < b1; ++b)
-      for (int j = 0; j < 8; ++j) pw[8 * b + j] = ((pb[b] >> j) & 1) ? 1.0f : -1.0f;
-#else
-    for (int64_t b = b0; b < b1; ++b)
-      for (int j = 0; j < 8; ++j) pw[8 * b + j] = ((pb[b] >> j) & 1) ? 1.0f : -1.0f;
+namespace {
+inline __mmask16 lanes16(int64_t left) {  // the first min(left, 16) lanes
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+}  // namespace
 #endif
+
+// S (the sum of ``planes`` +-1 matrices; bits: planes x rows of them) as int8 (rows,
+// in_features) into ``w``, a reused buffer (a fresh one pays its page faults at every call).
+torch::Tensor sign_weight(torch::Tensor bits, int64_t planes, int64_t in_features,
+                          torch::Tensor w) {
+  TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
+              "bits: a contiguous uint8 (planes * rows, bytes) tensor");
+  TORCH_CHECK((planes == 1 || planes == 2) && bits.size(0) % planes == 0,
+              "planes: 1 or 2, dividing the bits' ", bits.size(0), " rows");
+  const int64_t rows = bits.size(0) / planes, nb = bits.size(1);
+  TORCH_CHECK(nb % 8 == 0, "bits: ", nb, " bytes a row, not a multiple of 8");
+  TORCH_CHECK(in_features <= 8 * nb, "in_features ", in_features, ": the bits hold ", 8 * nb);
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.is_contiguous() && w.numel() >= rows * in_features,
+              "w: a contiguous int8 buffer of at least ", rows * in_features, " values");
+  const uint8_t* pb = bits.data_ptr<uint8_t>();
+  int8_t* pw = w.data_ptr<int8_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t o = r0; o < r1; ++o) {
+      const uint8_t* s1 = pb + o * nb;
+      const uint8_t* s2 = planes == 2 ? pb + (rows + o) * nb : nullptr;
+      int8_t* row = pw + o * in_features;
+      int64_t i = 0;
+#if defined(__AVX512BW__)
+      const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+      for (; i < in_features; i += 64) {  // 64 weights a step; the rows' bytes run to 8 nb
+        const __mmask64 lanes = in_features - i >= 64 ? ~0ULL : (1ULL << (in_features - i)) - 1;
+        uint64_t m;
+        std::memcpy(&m, s1 + i / 8, 8);
+        __m512i v = _mm512_mask_blend_epi8(m, minus, plus);
+        if (s2) {
+          std::memcpy(&m, s2 + i / 8, 8);
+          v = _mm512_add_epi8(v, _mm512_mask_blend_epi8(m, minus, plus));
+        }
+        _mm512_mask_storeu_epi8(row + i, lanes, v);
+      }
+#else
+      for (; i < in_features; ++i) {
+        int v = ((s1[i >> 3] >> (i & 7)) & 1) ? 1 : -1;
+        if (s2) v += ((s2[i >> 3] >> (i & 7)) & 1) ? 1 : -1;
+        row[i] = static_cast<int8_t>(v);
+      }
+#endif
+    }
   });
-  return w.view(-1).narrow(0, 0, rows * 8 * nb).view({rows, 8 * nb});
+  return w.view(-1).narrow(0, 0, rows * in_features).view({rows, in_features});
+}
+
+// u (n, k) float32 -> (q (3 n, k) int8: the pieces q1, q2, q3 of every token, piece-major;
+// s (n,) float32).
+std::vector<torch::Tensor> split_int8(torch::Tensor u) {
+  TORCH_CHECK(u.dtype() == torch::kFloat32 && u.dim() == 2 && u.is_contiguous(),
+              "u: a contiguous float32 (tokens, features) tensor");
+  const int64_t n = u.size(0), k = u.size(1);
+  auto q = torch::empty({3 * n, k}, u.options().dtype(torch::kInt8));
+  auto s = torch::empty({n}, u.options());
+  const float* pu = u.data_ptr<float>();
+  int8_t* pq = q.data_ptr<int8_t>();
+  float* ps = s.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* x = pu + t * k;
+      // max drops NaNs: x * 0 is NaN for every non-finite x, so their sum says whether any came
+      float amax = 0.0f, bad = 0.0f;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      __m512 vmax = _mm512_setzero_ps(), vbad = _mm512_setzero_ps();
+      for (; i < k; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(lanes16(k - i), x + i);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        vbad = _mm512_add_ps(vbad, _mm512_mul_ps(v, _mm512_setzero_ps()));
+      }
+      amax = _mm512_reduce_max_ps(vmax);
+      bad = _mm512_reduce_add_ps(vbad);
+#endif
+      for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i])), bad += x[i] * 0.0f;
+      int8_t* q1 = pq + t * k;
+      int8_t* q2 = pq + (n + t) * k;
+      int8_t* q3 = pq + (2 * n + t) * k;
+      if (std::isnan(bad)) {  // NaN out, as the dense product gives
+        ps[t] = std::numeric_limits<float>::quiet_NaN();
+        std::memset(q1, 0, k), std::memset(q2, 0, k), std::memset(q3, 0, k);
+        continue;
+      }
+      // (a token below 1e-30 everywhere gives zeros, not 127 / amax = inf)
+      ps[t] = amax / 127.0f;
+      const float inv = amax >= 1e-30f ? 127.0f / amax : 0.0f;
+      i = 0;
+#if defined(__AVX512F__)
+      constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      const __m512 vinv = _mm512_set1_ps(inv), v254 = _mm512_set1_ps(254.0f);
+      for (; i < k; i += 16) {
+        const __mmask16 lanes = lanes16(k - i);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + i), vinv);
+        __m512 r = _mm512_roundscale_ps(v, kNearest);
+        _mm512_mask_cvtepi32_storeu_epi8(q1 + i, lanes, _mm512_cvtps_epi32(r));
+        v = _mm512_mul_ps(_mm512_sub_ps(v, r), v254);
+        r = _mm512_roundscale_ps(v, kNearest);
+        _mm512_mask_cvtepi32_storeu_epi8(q2 + i, lanes, _mm512_cvtps_epi32(r));
+        r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, r), v254), kNearest);
+        _mm512_mask_cvtepi32_storeu_epi8(q3 + i, lanes, _mm512_cvtps_epi32(r));
+      }
+#endif
+      for (; i < k; ++i) {
+        float v = x[i] * inv;
+        float r = std::nearbyint(v);
+        q1[i] = static_cast<int8_t>(r);
+        v = (v - r) * 254.0f;
+        r = std::nearbyint(v);
+        q2[i] = static_cast<int8_t>(r);
+        q3[i] = static_cast<int8_t>(std::nearbyint((v - r) * 254.0f));
+      }
+    }
+  });
+  return {q, s};
+}
+
+// y (n, rows) float32 from Y = q S^T (3 n, rows) int32 and the tokens' scales s.
+torch::Tensor combine_int8(torch::Tensor y3, torch::Tensor s) {
+  TORCH_CHECK(y3.dtype() == torch::kInt32 && y3.dim() == 2 && y3.is_contiguous() &&
+                  y3.size(0) % 3 == 0,
+              "Y: a contiguous int32 (3 tokens, rows) tensor");
+  const int64_t n = y3.size(0) / 3, rows = y3.size(1);
+  TORCH_CHECK(s.dtype() == torch::kFloat32 && s.numel() == n, "s: one float32 scale a token");
+  auto y = torch::empty({n, rows}, s.options());
+  const int32_t* p = y3.data_ptr<int32_t>();
+  const float* ps = s.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int32_t* a = p + t * rows;
+      const int32_t* b = p + (n + t) * rows;
+      const int32_t* c = p + (2 * n + t) * rows;
+      float* out = py + t * rows;
+      int64_t o = 0;
+#if defined(__AVX512F__)
+      const __m512 st = _mm512_set1_ps(ps[t]), step = _mm512_set1_ps(1.0f / 254.0f);
+      for (; o < rows; o += 16) {
+        const __mmask16 lanes = lanes16(rows - o);
+        const __m512 low = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, c + o)), step,
+            _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, b + o)));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, a + o));
+        const __m512 sum = _mm512_fmadd_ps(low, step, high);
+        _mm512_mask_storeu_ps(out + o, lanes, _mm512_mul_ps(st, sum));
+      }
+#endif
+      for (; o < rows; ++o)
+        out[o] = ps[t] * (static_cast<float>(a[o]) +
+                          (static_cast<float>(b[o]) + static_cast<float>(c[o]) * (1.0f / 254.0f)) *
+                              (1.0f / 254.0f));
+    }
+  });
+  return y;
 }
 
 std::string simd_path() { return kPath; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_matmul", &sign_matmul, "binary (+-1 bits) matrix times float32 tokens");
-  m.def("unpack", &unpack, "+-1 float32 rows from their bits");
+  m.def("sign_weight", &sign_weight, "the int8 sign matrix from its bits");
+  m.def("split_int8", &split_int8, "float32 inputs as three exact int8 pieces and a scale a token");
+  m.def("combine_int8", &combine_int8, "float32 outputs from the pieces' int32 products");
   m.def("simd_path", &simd_path, "the SIMD path this build compiled");
 }

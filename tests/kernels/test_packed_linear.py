@@ -89,7 +89,7 @@ def test_cpu_kernel_variants_against_float64(variant):
         pytest.skip("this CPU has no AVX2")
     torch.manual_seed(1)
     # 136 bytes: two feature chunks of the kernel (128 bytes each); 300 rows x 33 tokens:
-    # prefill's unpacked blocks (256 rows), the last one short
+    # 4 x 4 tiles and their remainders
     for rows, nb, n in [(1, 8, 1), (9, 8, 1), (13, 16, 5), (70, 24, 4), (33, 8, 7), (6, 136, 6),
                         (300, 16, 33)]:
         bits = torch.randint(0, 256, (rows, nb), dtype=torch.uint8)
@@ -100,3 +100,33 @@ def test_cpu_kernel_variants_against_float64(variant):
         if variant != "native":
             assert cpu.extension(variant).simd_path() == variant
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(u.abs().sum(1).max()))
+
+
+@pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
+def test_int8_prefill_product_against_float64(variant):
+    """Prefill's int8 route (``cpu.int8_matmul``: the signs as int8, the inputs split into three
+    int8 pieces) on each compiled path: within 2^-24 of each token's largest input, the
+    ternary planes summed, widths that end mid-byte and mid-vector, zero and non-finite tokens."""
+    if variant == "avx2" and not host_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    torch.manual_seed(2)
+    for rows, in_features, n, planes in [(1, 1, 32, 1), (17, 63, 33, 2), (40, 64, 35, 1),
+                                         (3, 70, 32, 1), (70, 130, 64, 2), (300, 1000, 40, 1)]:
+        nb = 8 * -(-in_features // 64)
+        bits = torch.randint(0, 256, (planes * rows, nb), dtype=torch.uint8)
+        # inputs over six orders of magnitude, so each token's scale and pieces differ
+        u = torch.randn(n, in_features) * 10.0 ** torch.randint(-3, 3, (n, 1)).float()
+        u[0] = 0.0
+        u[-1, :] = 1e-31  # below the split's floor: zeros
+        s = unpack_signs(bits, (planes * rows, 8 * nb), torch.float64)[:, :in_features]
+        want = u.double() @ (s[:rows] + s[rows:] if planes == 2 else s).T
+        got = cpu.int8_matmul(bits, u, variant, planes=planes).double()
+        # the split's error, and below its floor (1e-30) the token's whole product
+        bound = (2.0 ** -22 * u.abs().amax(1, keepdim=True).double() + 1e-30) * planes * in_features
+        assert got.shape == (n, rows) and (got - want).abs().le(bound).all()
+        assert torch.equal(got[0], torch.zeros(rows, dtype=torch.float64))
+        assert torch.equal(got[-1], torch.zeros(rows, dtype=torch.float64))
+    u[1, 3] = float("nan")
+    u[2, 0] = float("inf")
+    got = cpu.int8_matmul(bits, u, variant)
+    assert got[1:3].isnan().all() and got[3:].isfinite().all()
