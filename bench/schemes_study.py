@@ -71,7 +71,7 @@ def table(results: dict) -> str:
     return "\n".join([
         f"fbi_tiny, demo corpus, {results['steps']} steps x 512 tokens, {TARGETS} targets from "
         f"SmolLM2-135M, seeds {results['seeds']} (mean ± sd)", "",
-        *tables(runs, METRICS, DIGITS, ("fp", "fbi"),
+        *tables("scheme", runs, METRICS, DIGITS, ("fp", "fbi"),
                 ("bits/weight", lambda name, rs: f"{rs[0]['bits_per_weight']:.3f}"))])
 
 

@@ -51,12 +51,12 @@ def load(results_dir: Path, steps: int) -> dict:
     return {"steps": steps, "seeds": seeds, "runs": runs}
 
 
-def tables(runs: dict, metrics: dict[str, str], digits: dict[str, int], bases: tuple[str, ...],
-           lead: tuple[str, Callable[[str, list], str]]) -> list[str]:
-    """Markdown lines: one row per run name with mean ± sd of each metric (after the ``lead``
-    column: its header and a cell per row), then per base the paired differences."""
+def tables(row: str, runs: dict, metrics: dict[str, str], digits: dict[str, int],
+           bases: tuple[str, ...], lead: tuple[str, Callable[[str, list], str]]) -> list[str]:
+    """Markdown lines: one ``row`` per run name with mean ± sd of each metric (after the
+    ``lead`` column: its header and a cell per row), then per base the paired differences."""
     header, cell = lead
-    lines = [f"| row | {header} | " + " | ".join(metrics.values()) + " |",
+    lines = [f"| {row} | {header} | " + " | ".join(metrics.values()) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for name, rs in runs.items():
         lines.append(f"| {name} | {cell(name, rs)} | " + " | ".join(
@@ -65,7 +65,7 @@ def tables(runs: dict, metrics: dict[str, str], digits: dict[str, int], bases: t
         if base not in runs:
             continue
         lines += ["", f"paired difference against {base} (mean, 95% interval; * excludes 0)", "",
-                  "| row | " + " | ".join(metrics.values()) + " |", "|---|" + "---|" * len(metrics)]
+                  f"| {row} | " + " | ".join(metrics.values()) + " |", "|---|" + "---|" * len(metrics)]
         for name, rs in runs.items():
             if name == base:
                 continue

@@ -209,7 +209,7 @@ def table(results: dict) -> str:
     return "\n".join([
         f"fbi_tiny binary student, demo corpus, {results['steps']} steps x 512 tokens, "
         f"seeds {results['seeds']} (mean ± sd)", "",
-        *tables(runs, METRICS, DIGITS, (BASE,),
+        *tables("target", runs, METRICS, DIGITS, (BASE,),
                 ("bytes/token", lambda name, rs: f"{bytes_per_token(name, vocab):.0f}"))])
 
 
