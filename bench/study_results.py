@@ -65,13 +65,15 @@ def tables(row: str, runs: dict, metrics: dict[str, str], digits: dict[str, int]
         if base not in runs:
             continue
         lines += ["", f"paired difference against {base} (mean, 95% interval; * excludes 0)", "",
-                  f"| {row} | " + " | ".join(metrics.values()) + " |", "|---|" + "---|" * len(metrics)]
+                  f"| {row} | " + " | ".join(metrics.values()) + " |",
+                  "|---|" + "---|" * len(metrics)]
         for name, rs in runs.items():
             if name == base:
                 continue
             cells = []
             for m in metrics:
                 mean, half, separates = paired([r[m] for r in rs], [r[m] for r in runs[base]])
-                cells.append(f"{mean:+.{digits[m]}f} ± {half:.{digits[m]}f}{' *' if separates else ''}")
+                mark = " *" if separates else ""
+                cells.append(f"{mean:+.{digits[m]}f} ± {half:.{digits[m]}f}{mark}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

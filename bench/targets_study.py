@@ -12,7 +12,7 @@ on held-out batches: the quantity that compares sources whose own losses do not.
 held-out windows are drawn across each whole text by the seed. Each seed's results go to
 ``--results/seed_N.json`` (rewritten atomically after every run); the table merges every
 seed file of the same ``--steps`` and adds the paired differences against ``sampled12`` (the
-default) with their 95% t intervals.
+default) and against ``topk12_label_u8`` (top-k's default) with their 95% t intervals.
 
 ``--metric-check N`` instead checks the training log's comparable metric: for a student at
 initialization and after N online steps, each source's own ``distill`` and its ``soft_ce``
@@ -209,7 +209,7 @@ def table(results: dict) -> str:
     return "\n".join([
         f"fbi_tiny binary student, demo corpus, {results['steps']} steps x 512 tokens, "
         f"seeds {results['seeds']} (mean ± sd)", "",
-        *tables("target", runs, METRICS, DIGITS, (BASE,),
+        *tables("target", runs, METRICS, DIGITS, (BASE, "topk12_label_u8"),
                 ("bytes/token", lambda name, rs: f"{bytes_per_token(name, vocab):.0f}"))])
 
 
@@ -220,7 +220,8 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=DEFAULT_SOURCES)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_targets_study")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "targets_study")
+    parser.add_argument("--results", type=Path,
+                        default=REPO / "bench" / "results" / "targets_study")
     parser.add_argument("--table", action="store_true", help="only print the stored results' table")
     parser.add_argument("--metric-check", type=int, metavar="N", default=None)
     args = parser.parse_args()
