@@ -7,6 +7,7 @@ Both need root and the system packages that .ci/run installs (slurm-wlm, munge, 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -70,12 +71,14 @@ class SlurmCluster:
         # the other's jobs.
         self.munge = Path("/run/munge") / f"fbi-{os.getpid()}-{root.name}"
         self.daemons: list[subprocess.Popen] = []
+        self.job_lock: int | None = None
 
     def _write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
         cpus = os.cpu_count() or 1
         lines = [
             "ClusterName=fbitest", f"SlurmctldHost={host}(127.0.0.1)",
+            f"FirstJobId={self._job_ids()}",
             f"SlurmctldPort={free_port()}", "SlurmUser=root", "AuthType=auth/munge",
             f"AuthInfo=socket={self.munge}.socket", "CredType=cred/munge",
             "MailProg=/bin/true", "MpiDefault=none",
@@ -93,6 +96,22 @@ class SlurmCluster:
                      "MaxTime=INFINITE State=UP OverSubscribe=FORCE:4")
         (self.root / "state").mkdir(parents=True, exist_ok=True)
         self.conf.write_text("\n".join(lines) + "\n")
+
+    def _job_ids(self) -> int:
+        """The first job id of a block of 20 that no other live test cluster on this host
+        holds. fbi.distributed derives a plain srun step's master port from the job id
+        (unique on a real cluster); two test clusters both starting at job 1 met on one port."""
+        for i in range(850):  # 850 blocks of 20: the port derivation's 17,000 ids
+            block = (os.getpid() + i) % 850
+            fd = os.open(f"/tmp/fbi-slurm-jobs-{block}.lock", os.O_CREAT | os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.job_lock = fd  # held until stop(); a process that dies releases it
+            return 1 + 20 * block
+        raise RuntimeError("every block of SLURM job ids is held by another test cluster")
 
     def _munge(self) -> None:
         self.munge.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +185,8 @@ class SlurmCluster:
             os.kill(int(pid.read_text()), 15)
         for leftover in self.munge.parent.glob(f"{self.munge.name}.*"):  # its log, seed, socket
             leftover.unlink(missing_ok=True)
+        if self.job_lock is not None:
+            os.close(self.job_lock)
 
 
 def node_names() -> tuple[str, str]:
