@@ -18,6 +18,7 @@ import torch
 from fbi.export.card import model_card
 from fbi.export.packed import DTYPES, make_readable, packed_tensors, scheme_layers
 from fbi.kernels.linear import PackedLinear
+from fbi.kernels.stored import StoredEmbedding, StoredHead
 from fbi.lm import Trained
 
 
@@ -63,6 +64,10 @@ def to_transformers(trained: Trained, keep_packed: bool = False) -> torch.nn.Mod
     keep = frozenset(n for n, m in scheme_layers(trained.model).items()
                      if keep_packed and isinstance(m, PackedLinear))
     state = arch.to_hf_state_dict(folded_state(trained.model, trained.scheme_cfg.name, keep))
+    # the head and embeddings as stored (fbi.kernels.stored) go in as modules too: their
+    # weights keep the export's dtype, which transformers' own modules would not compute in
+    stored = frozenset(n for n, m in trained.model.named_modules()
+                       if keep_packed and isinstance(m, (StoredHead, StoredEmbedding)))
     config = arch.to_hf_config(trained.model_cfg)
     config.bos_token_id, config.eos_token_id = trained.tokenizer.bos_id, trained.tokenizer.eos_id
     # What training put before every document (EOS under the default data.separator=eos):
@@ -83,7 +88,7 @@ def to_transformers(trained: Trained, keep_packed: bool = False) -> torch.nn.Mod
         hf = getattr(transformers, arch.hf_class)(config)
     for name in removed:
         hf.set_submodule(name, torch.nn.Identity())
-    for name in keep:
+    for name in keep | stored:  # fbi's names are the transformers model's (identity mapping)
         hf.set_submodule(name, trained.model.get_submodule(name))
     hf.load_state_dict(state, strict=True, assign=True)
     for name, module in list(hf.named_modules()):  # buffers computed at init (rotary inv_freq)

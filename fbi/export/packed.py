@@ -28,6 +28,7 @@ from fbi.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from fbi.export.card import model_card
 from fbi.kernels.forms import NoKernel
 from fbi.kernels.linear import PackedLinear
+from fbi.kernels.stored import StoredEmbedding, StoredHead
 from fbi.lm import Trained
 from fbi.models import architecture, build_model
 
@@ -205,9 +206,22 @@ def kernel_layer(scheme_layer: DenseLinear, packed: dict[str, torch.Tensor], ker
 _WARNED: set[str] = set()
 
 
+def stored_parts(model: nn.Module) -> dict[str, type]:
+    """The weights the packed kernels keep as stored, by key: the token embeddings and a
+    full-precision output head (``fbi.kernels.stored``)."""
+    parts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            parts[f"{name}.weight"] = StoredEmbedding
+        elif name == "lm_head" and type(module) in (nn.Linear, DenseLinear) and module.bias is None:
+            parts[f"{name}.weight"] = StoredHead
+    return parts
+
+
 def load_packed(directory: Path, kernel: str = "packed") -> Trained:
     """The model of a packed export; ``kernel``: ``packed`` (scheme layers on the packed
-    kernels) or ``dense`` (unpacked to fp32, bit-identical to the trained model)."""
+    kernels, the embeddings and head as stored: ``fbi.kernels.stored``) or ``dense``
+    (everything in fp32, bit-identical to the trained model)."""
     from safetensors.torch import load_file
 
     if kernel not in KERNELS:
@@ -230,7 +244,8 @@ def load_packed(directory: Path, kernel: str = "packed") -> Trained:
         packed = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
         model.set_submodule(name, kernel_layer(model.get_submodule(name), packed, kernel,
                                                scheme_cfg.name))
-    tensors = {k: v.float() for k, v in tensors.items()}
+    as_stored = stored_parts(model) if kernel == "packed" else {}
+    tensors = {k: v if k in as_stored else v.float() for k, v in tensors.items()}
     for name, stored in config["ties"].items():
         tensors[name] = tensors[stored]
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -239,6 +254,10 @@ def load_packed(directory: Path, kernel: str = "packed") -> Trained:
         stored_owner, _, stored_attr = stored.rpartition(".")
         setattr(model.get_submodule(owner), attr,
                 getattr(model.get_submodule(stored_owner), stored_attr))
+    for key, stored_type in as_stored.items():  # after the ties: a tied pair shares one tensor
+        owner = key.rpartition(".")[0]
+        weight = model.get_submodule(owner).weight
+        model.set_submodule(owner, stored_type(nn.Parameter(weight, requires_grad=False)))
     tokenizer = load_tokenizer(str(directory / config["tokenizer"]))
     if tokenizer.fingerprint != config["tokenizer_fingerprint"]:
         raise ConfigError(f"{directory}: the tokenizer saved there is not the model's (fingerprint)")

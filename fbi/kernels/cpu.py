@@ -55,8 +55,9 @@ def host_signature() -> str:
 
 @functools.cache
 def extension(variant: str = "native"):
-    """The compiled module (``sign_matmul``, prefill's ``sign_weight``, ``split_int8`` and
-    ``combine_int8``, ``simd_path``), built once per host."""
+    """The compiled module (``sign_matmul``, decode's ``sign_linear``, prefill's
+    ``sign_weight``, ``split_int8`` and ``combine_int8``, the head's ``bf16_matmul``,
+    ``simd_path``), built once per host."""
     from torch.utils.cpp_extension import load
 
     if variant not in FLAGS:
@@ -84,6 +85,13 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") ->
     return extension(variant).sign_matmul(bits, u)
 
 
+def sign_linear(form, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
+    """Decode's whole layer for x (n, in) float32 (``form``: its ``forms.SignProduct``): the
+    sign product of the rescaled input, the output scales and the rank-1 term in one call."""
+    return extension(variant).sign_linear(form.bits, x, form.planes, form.in_scale,
+                                          form.out_scale, form.beta_in, form.beta_out)
+
+
 def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",
                 planes: int = 1) -> torch.Tensor:
     """``u @ S^T`` by torch's int8 GEMM (``torch._int_mm``, oneDNN: AMX where the CPU has it):
@@ -100,3 +108,9 @@ def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",
     s = ext.sign_weight(bits, planes, u.shape[1], buffer)
     q, scale = ext.split_int8(u.contiguous())
     return ext.combine_int8(torch._int_mm(q, s.T), scale)
+
+
+def bf16_matmul(weight: torch.Tensor, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
+    """``x @ weight^T`` (n, rows) for weight bfloat16 (rows, in) and x float32 (n, in), every
+    product and sum in float32: the head as stored, read at 2 bytes a weight."""
+    return extension(variant).bf16_matmul(weight, x)

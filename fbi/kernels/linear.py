@@ -26,10 +26,13 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def apply(form: SignProduct, x: torch.Tensor) -> torch.Tensor:
     """``x W_eff^T`` in fp32 for x (n, in) fp32: the binary product of the rescaled input,
-    rescaled outputs, the rank-1 term. On CPU from ``cpu.PREFILL_TOKENS`` tokens on, the binary
-    product is ``cpu.int8_matmul`` (its planes summed into one int8 matrix)."""
+    rescaled outputs, the rank-1 term. On CPU below ``cpu.PREFILL_TOKENS`` tokens (decode) all
+    of it is one call, ``cpu.sign_linear``; from there on the binary product is
+    ``cpu.int8_matmul`` (its planes summed into one int8 matrix)."""
+    if not form.bits.is_cuda and x.shape[0] < cpu.PREFILL_TOKENS:
+        return cpu.sign_linear(form, x.contiguous())
     u = x if form.in_scale is None else x * form.in_scale
-    if not form.bits.is_cuda and x.shape[0] >= cpu.PREFILL_TOKENS:
+    if not form.bits.is_cuda:
         y = cpu.int8_matmul(form.bits, u, planes=form.planes)
     else:
         u = nn.functional.pad(u, (0, 8 * form.bits.shape[1] - form.in_features)).contiguous()

@@ -153,6 +153,63 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
   return y;
 }
 
+// Decode's whole layer in one call, so that no small torch operation runs between the product
+// and its scales (each costs as much as a 2048-row product): y = out_scale * (S (in_scale * x))
+// + beta_out * (beta_in . x), S the sum of ``planes`` sign matrices (fbi/kernels/forms.py), a
+// scale left out being ones and the rank-1 term absent when both betas are.
+torch::Tensor sign_linear(torch::Tensor bits, torch::Tensor x, int64_t planes,
+                          c10::optional<torch::Tensor> in_scale,
+                          c10::optional<torch::Tensor> out_scale,
+                          c10::optional<torch::Tensor> beta_in,
+                          c10::optional<torch::Tensor> beta_out) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x: a contiguous float32 (tokens, features) tensor");
+  const int64_t n = x.size(0), in = x.size(1), width = 8 * bits.size(1);
+  const int64_t out = bits.size(0) / planes;
+  TORCH_CHECK(in <= width, "x: ", in, " features, the bits hold ", width);
+  // an output's vector may be one value for all; an input's is one a feature
+  auto vec = [&](const c10::optional<torch::Tensor>& v, int64_t size, bool one, const char* name) {
+    if (!v.has_value()) return static_cast<const float*>(nullptr);
+    TORCH_CHECK(v->dtype() == torch::kFloat32 && v->is_contiguous() &&
+                    (v->numel() == size || (one && v->numel() == 1)),
+                name, ": a contiguous float32 tensor of ", size, " values");
+    return static_cast<const float*>(v->data_ptr<float>());
+  };
+  const float* si = vec(in_scale, in, false, "in_scale");
+  const float* so = vec(out_scale, out, true, "out_scale");
+  const float* bi = vec(beta_in, in, false, "beta_in");
+  const float* bo = vec(beta_out, out, true, "beta_out");
+  const bool so_one = so && out_scale->numel() == 1, bo_one = bo && beta_out->numel() == 1;
+  const bool rank1 = bi || bo;
+  const float* px = x.data_ptr<float>();
+  auto u = torch::zeros({n, width}, x.options());  // zero beyond in: the padding adds nothing
+  float* pu = u.data_ptr<float>();
+  std::vector<float> dot(n, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xt = px + t * in;
+    float* ut = pu + t * width;
+    for (int64_t i = 0; i < in; ++i) ut[i] = si ? xt[i] * si[i] : xt[i];
+    if (rank1) {
+      float d = 0.0f;
+      for (int64_t i = 0; i < in; ++i) d += bi ? xt[i] * bi[i] : xt[i];
+      dot[t] = d;
+    }
+  }
+  auto s = sign_matmul(bits, u);
+  const float* ps = s.data_ptr<float>();
+  auto y = torch::empty({n, out}, x.options());
+  float* py = y.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      float v = ps[t * planes * out + o];
+      if (planes == 2) v += ps[t * planes * out + out + o];
+      if (so) v *= so[so_one ? 0 : o];
+      if (rank1) v += bo ? dot[t] * bo[bo_one ? 0 : o] : dot[t];
+      py[t * out + o] = v;
+    }
+  return y;
+}
+
 // Prefill: torch's int8 GEMM (AMX or VNNI where the CPU has them) on S and on the inputs split
 // into three int8 pieces, so that every product is exact and summed in int32:
 //   u[t] = s_t (q1 + q2 / 254 + q3 / 254^2) + r,  s_t = max |u[t]| / 127,
@@ -321,12 +378,90 @@ torch::Tensor combine_int8(torch::Tensor y3, torch::Tensor s) {
   return y;
 }
 
+// The output head as stored (bf16) times float32 tokens, summed in float32: y[t, o] =
+// sum_i w[o, i] x[t, i]. A bf16 value is the top half of its float32, so a weight widens exactly
+// by a 16-bit shift; decode reads 2 bytes a weight instead of fp32's 4. A block of R rows
+// (16 KB at d_model 2048) stays in cache while the tokens pass over it.
+namespace {
+inline float widen(uint16_t b) {
+  const uint32_t v = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+
+template <int R>
+void bf16_rows(const uint16_t* w, const float* x, float* y, int64_t in, int64_t rows, int64_t o,
+               int64_t t) {
+  float sums[R];
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (; i + 16 <= in; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (o + r) * in + i));
+      const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__)
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (; i + 8 <= in; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (o + r) * in + i));
+      const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#if defined(__FMA__)
+      acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);
+#else
+      acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(wv, xv));
+#endif
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) sums[r] = 0.0f;
+#endif
+  for (int r = 0; r < R; ++r) {
+    for (int64_t j = i; j < in; ++j) sums[r] += widen(w[(o + r) * in + j]) * x[j];
+    y[t * rows + o + r] = sums[r];
+  }
+}
+}  // namespace
+
+torch::Tensor bf16_matmul(torch::Tensor w, torch::Tensor x) {
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.dim() == 2 && w.is_contiguous(),
+              "w: a contiguous bfloat16 (rows, features) tensor");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x: a contiguous float32 (tokens, features) tensor");
+  const int64_t rows = w.size(0), in = w.size(1), n = x.size(0);
+  TORCH_CHECK(x.size(1) == in, "x: ", x.size(1), " features, w has ", in);
+  auto y = torch::empty({n, rows}, x.options());
+  const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  constexpr int R = 8;  // independent FMA chains: enough to hide their latency
+  at::parallel_for(0, rows / R, 32, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = 0; t < n; ++t) bf16_rows<R>(pw, px + t * in, py, in, rows, b * R, t);
+  });
+  for (int64_t o = rows / R * R; o < rows; ++o)
+    for (int64_t t = 0; t < n; ++t) bf16_rows<1>(pw, px + t * in, py, in, rows, o, t);
+  return y;
+}
+
 std::string simd_path() { return kPath; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_matmul", &sign_matmul, "binary (+-1 bits) matrix times float32 tokens");
+  m.def("sign_linear", &sign_linear, "decode's layer: the sign product, its scales, rank-1 term");
   m.def("sign_weight", &sign_weight, "the int8 sign matrix from its bits");
   m.def("split_int8", &split_int8, "float32 inputs as three exact int8 pieces and a scale a token");
   m.def("combine_int8", &combine_int8, "float32 outputs from the pieces' int32 products");
+  m.def("bf16_matmul", &bf16_matmul, "bfloat16 matrix times float32 tokens, summed in float32");
   m.def("simd_path", &simd_path, "the SIMD path this build compiled");
 }

@@ -130,3 +130,20 @@ def test_int8_prefill_product_against_float64(variant):
     u[2, 0] = float("inf")
     got = cpu.int8_matmul(bits, u, variant)
     assert got[1:3].isnan().all() and got[3:].isfinite().all()
+
+
+@pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
+def test_bf16_head_product_against_float64(variant):
+    """The head as stored (``cpu.bf16_matmul``): bf16 weights widened exactly, float32 sums;
+    widths that end mid-vector, row counts beside the 8-row blocks, several tokens."""
+    if variant == "avx2" and not host_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    torch.manual_seed(3)
+    for rows, in_features, n in [(1, 1, 1), (7, 15, 1), (9, 16, 3), (70, 130, 2), (300, 2048, 1)]:
+        w = torch.randn(rows, in_features).bfloat16()
+        x = torch.randn(n, in_features)
+        want = x.double() @ w.double().T
+        got = cpu.bf16_matmul(w, x, variant)
+        assert got.dtype == torch.float32 and got.shape == (n, rows)
+        bound = 1e-6 * (x.double().abs() @ w.double().abs().T)  # fp32 sums of in_features terms
+        assert ((got.double() - want).abs() <= bound * max(1, in_features / 64)).all()

@@ -16,6 +16,7 @@ from fbi.binarize import SCHEMES
 from fbi.export.packed import UnpackedLinear, export_packed
 from fbi.generate import cached_model, generate_ids
 from fbi.kernels.linear import PackedLinear
+from fbi.kernels.stored import StoredEmbedding, StoredHead
 from fbi.trained import load
 from fbi_testing import REPO
 
@@ -25,9 +26,9 @@ from test_packed import tiny_trained  # noqa: E402
 SIGN_PRODUCT_SCHEMES = sorted(set(SCHEMES) - {"fp", "pbllm"})
 
 
-def exported(tmp_path, tokenizer_dir, scheme, arch="llama"):
+def exported(tmp_path, tokenizer_dir, scheme, arch="llama", fp_dtype="float32"):
     trained = tiny_trained(scheme, tokenizer_dir, arch=arch)
-    export_packed(trained, tmp_path / "packed", fp_dtype="float32")
+    export_packed(trained, tmp_path / "packed", fp_dtype=fp_dtype)
     return tmp_path / "packed"
 
 
@@ -52,6 +53,30 @@ def test_packed_kernels_give_the_dense_logits(tmp_path, tokenizer_dir, scheme, a
         assert float(err.max()) < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "mamba2"])
+def test_head_and_embeddings_run_as_stored(tmp_path, tokenizer_dir, arch):
+    """A bf16 export (the default) keeps its head and embeddings in bf16 on the kernels, a tied
+    pair as one tensor, in the transformers twin too; the logits are the dense path's (the
+    same bf16 values widened to fp32) to fp32 rounding, in decode's and prefill's shapes."""
+    path = exported(tmp_path, tokenizer_dir, "fbi", arch, fp_dtype="bfloat16")
+    dense, packed = load(path, kernel="dense"), load(path)
+    head = packed.model.lm_head
+    embeddings = [m for m in packed.model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert isinstance(head, StoredHead) and head.weight.dtype == torch.bfloat16
+    assert len(embeddings) == 1 and isinstance(embeddings[0], StoredEmbedding)
+    assert embeddings[0].weight.dtype == torch.bfloat16
+    assert (head.weight.data_ptr() == embeddings[0].weight.data_ptr()) == packed.model_cfg.tie_embeddings
+    assert dense.model.lm_head.weight.dtype == torch.float32
+    for n in (1, 40):  # the bf16 kernel and prefill's widened blocks (n >= cpu.PREFILL_TOKENS)
+        ids = torch.randint(0, packed.model_cfg.vocab_size, (1, n))
+        with torch.no_grad():
+            want, got = dense.logits(ids), packed.logits(ids)
+        assert got.dtype == torch.float32
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    twin = cached_model(packed)
+    assert twin.lm_head is head and twin.get_input_embeddings() is embeddings[0]
+
+
 def test_pbllm_runs_dense_with_a_warning(tmp_path, tokenizer_dir, caplog):
     path = exported(tmp_path, tokenizer_dir, "pbllm")
     packed = load(path)
@@ -59,10 +84,12 @@ def test_pbllm_runs_dense_with_a_warning(tmp_path, tokenizer_dir, caplog):
     assert "pbllm" in caplog.text and "--kernel dense" in caplog.text
 
 
-@pytest.mark.parametrize("scheme,arch", [("fbi", "llama"), ("bitnet", "llama"),
-                                         ("bitnet158", "llama"), ("fbi", "mamba2")])
-def test_packed_generation_equals_dense_token_for_token(tmp_path, tokenizer_dir, scheme, arch):
-    path = exported(tmp_path, tokenizer_dir, scheme, arch)
+@pytest.mark.parametrize("scheme,arch,fp_dtype", [
+    ("fbi", "llama", "float32"), ("bitnet", "llama", "float32"), ("bitnet158", "llama", "float32"),
+    ("fbi", "mamba2", "float32"), ("fbi", "llama", "bfloat16"), ("fbi", "mamba2", "bfloat16")])
+def test_packed_generation_equals_dense_token_for_token(tmp_path, tokenizer_dir, scheme, arch,
+                                                        fp_dtype):
+    path = exported(tmp_path, tokenizer_dir, scheme, arch, fp_dtype)
     dense, packed = load(path, kernel="dense"), load(path)
     prompt = [dense.start_id] + dense.tokenizer.encode(["The history of the"])[0]
     n = dense.max_length - len(prompt)
