@@ -4,10 +4,11 @@
                                   [--prefill 512] [--threads 2] [--json FILE]
 
 Each model (``conf/model/NAME``, scheme fbi, vocab 32,000, random weights) is exported packed
-(full-precision parts in fp32) to a temporary folder, then each path runs in its own process,
-as ``python -m fbi generate`` would hold it: ``packed`` (``--kernel packed``: the packed layers
-inside the transformers twin), ``fp32`` (``--kernel dense``: unpacked, folded into the twin)
-and ``bf16`` (that twin in bf16). Per path: decode tokens/s at batch 1 (greedy, with the
+(full-precision parts in bf16, the export's default, as models ship) to a temporary folder,
+then each path runs in its own process, as ``python -m fbi generate`` would hold it:
+``packed`` (``--kernel packed``: the packed layers, the head and embeddings as stored, inside
+the transformers twin), ``fp32`` (``--kernel dense``: everything unpacked or widened to fp32,
+folded into the twin) and ``bf16`` (that twin in bf16). Per path: decode tokens/s at batch 1 (greedy, with the
 key-value cache or Mamba-2's state, after an 8-token prompt), prefill tokens/s of one
 ``--prefill``-token forward, peak RSS, and the largest error of its logits relative to the
 fp32 path's (over a 64-token text). ``--json FILE`` writes the rows.
@@ -56,7 +57,7 @@ def export(model_name: str, out: Path, max_length: int) -> None:
     model = build_model(cfg.model, cfg.scheme, cfg.scheme.binarize).eval()
     tokenizer = load_tokenizer(str(tiny_tokenizer(out.parent / "tokenizer")))
     export_packed(Trained(model, model, tokenizer, 0, max_length, model_name, cfg.model, cfg.scheme),
-                  out, fp_dtype="float32")
+                  out)
 
 
 def child(args) -> None:
