@@ -7,7 +7,9 @@ compiled CPU kernel) against ``x @ W^T`` in fp32 and bf16 with W dense. Prints m
 (median of interleaved repeats, so that a busy machine slows every path alike), ratios
 against the packed path, the weight bytes each path reads per call, and the largest relative
 error of the packed output (decode: the kernel's masked adds; prefill: torch's int8 GEMM on the
-signs and the inputs' int8 pieces). ``--crossover`` also times the two routes against each
+signs and the inputs' int8 pieces). Then the output head (``--vocab`` x in, bf16 as a packed
+export stores it) at decode: ``StoredHead``'s fp32 sums over the bf16 weights (the ``packed``
+column) against the same weights widened to fp32 and torch's bf16 product. ``--crossover`` also times the two routes against each
 other by token count: the measurement behind ``fbi.kernels.cpu.PREFILL_TOKENS``.
 """
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fbi.binarize import SCHEMES, scheme_config  # noqa: E402
 from fbi.kernels import cpu  # noqa: E402
 from fbi.kernels.linear import PackedLinear  # noqa: E402
+from fbi.kernels.stored import StoredHead  # noqa: E402
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--vocab", type=int, default=32000, help="the output head's rows")
     parser.add_argument("--crossover", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,6 +75,18 @@ def main() -> None:
             err = float(((packed(x).double() - want).abs().max() / want.abs().max()))
             print(f"{label:>12} {ms['packed']:10.3f} {ms['fp32']:9.3f} {ms['bf16']:9.3f} "
                   f"{ms['fp32'] / ms['packed']:12.2f} {ms['bf16'] / ms['packed']:12.2f} {err:12.2e}")
+        # the output head as a packed export stores it (bf16, run with fp32 sums) at decode
+        head_bf16 = torch.randn(args.vocab, d_in).bfloat16()
+        head = StoredHead(torch.nn.Parameter(head_bf16, requires_grad=False))
+        head32 = head_bf16.float()
+        x = torch.randn(1, d_in)
+        xb = x.bfloat16()
+        ms = median_ms({"packed": lambda: head(x), "fp32": lambda: x @ head32.T,
+                        "bf16": lambda: xb @ head_bf16.T}, args.repeats)
+        want = x.double() @ head32.double().T
+        err = float(((head(x).double() - want).abs().max() / want.abs().max()))
+        print(f"{'head decode':>12} {ms['packed']:10.3f} {ms['fp32']:9.3f} {ms['bf16']:9.3f} "
+              f"{ms['fp32'] / ms['packed']:12.2f} {ms['bf16'] / ms['packed']:12.2f} {err:12.2e}")
         if args.crossover:
             print(f"\ntokens  masked adds ms  int8 GEMM ms   "
                   f"(PREFILL_TOKENS = {cpu.PREFILL_TOKENS})")

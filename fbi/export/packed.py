@@ -213,7 +213,8 @@ def stored_parts(model: nn.Module) -> dict[str, type]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             parts[f"{name}.weight"] = StoredEmbedding
-        elif name == "lm_head" and type(module) in (nn.Linear, DenseLinear) and module.bias is None:
+        elif name == "lm_head" and type(module) in (nn.Linear, DenseLinear) \
+                and module.bias is None:
             parts[f"{name}.weight"] = StoredHead
     return parts
 

@@ -65,7 +65,8 @@ def test_head_and_embeddings_run_as_stored(tmp_path, tokenizer_dir, arch):
     assert isinstance(head, StoredHead) and head.weight.dtype == torch.bfloat16
     assert len(embeddings) == 1 and isinstance(embeddings[0], StoredEmbedding)
     assert embeddings[0].weight.dtype == torch.bfloat16
-    assert (head.weight.data_ptr() == embeddings[0].weight.data_ptr()) == packed.model_cfg.tie_embeddings
+    shared = head.weight.data_ptr() == embeddings[0].weight.data_ptr()
+    assert shared == packed.model_cfg.tie_embeddings
     assert dense.model.lm_head.weight.dtype == torch.float32
     for n in (1, 40):  # the bf16 kernel and prefill's widened blocks (n >= cpu.PREFILL_TOKENS)
         ids = torch.randint(0, packed.model_cfg.vocab_size, (1, n))
