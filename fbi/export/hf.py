@@ -91,6 +91,11 @@ def to_transformers(trained: Trained, keep_packed: bool = False) -> torch.nn.Mod
     for name in keep | stored:  # fbi's names are the transformers model's (identity mapping)
         hf.set_submodule(name, trained.model.get_submodule(name))
     hf.load_state_dict(state, strict=True, assign=True)
+    if arch.hf_head_casts_input and isinstance(hf.lm_head, StoredHead) \
+            and hf.lm_head.weight.dtype != torch.float32:
+        # a bf16 head would round the hidden states the model casts to its dtype: the twin
+        # gets a float32 copy (trained.model keeps the stored one)
+        hf.lm_head = StoredHead(torch.nn.Parameter(hf.lm_head.weight.float(), requires_grad=False))
     for name, module in list(hf.named_modules()):  # buffers computed at init (rotary inv_freq)
         if any(b.is_meta for b in module.buffers(recurse=False)):
             hf.set_submodule(name, type(module)(config=config))

@@ -40,6 +40,8 @@ class Architecture:
     activation_bytes: Callable[[Any], float]
     # training FLOPs per token at a sequence length (fbi.flops: MFU)
     flops_per_token: Callable[[Any, int], float]
+    # whether ``hf_class`` casts the head's input to the head's dtype (Mamba2ForCausalLM does)
+    hf_head_casts_input: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -57,6 +59,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         to_hf_config=mamba2.to_hf_config, from_hf_config=mamba2.from_hf_config,
         to_hf_state_dict=mamba2.to_hf_state_dict, from_hf_state_dict=mamba2.from_hf_state_dict,
         activation_bytes=mamba2.activation_bytes, flops_per_token=mamba2.flops_per_token,
+        hf_head_casts_input=True,
     ),
 }
 

@@ -75,7 +75,15 @@ def test_head_and_embeddings_run_as_stored(tmp_path, tokenizer_dir, arch):
         assert got.dtype == torch.float32
         assert float((got - want).abs().max() / want.abs().max()) < 1e-4
     twin = cached_model(packed)
-    assert twin.lm_head is head and twin.get_input_embeddings() is embeddings[0]
+    assert twin.get_input_embeddings() is embeddings[0]
+    # Mamba2ForCausalLM casts the head's input to the head's dtype: its twin's head is fp32
+    assert (twin.lm_head is head) == (arch == "llama")
+    ids = torch.randint(0, packed.model_cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        want, got = cached_model(dense)(ids).logits, twin(ids).logits
+        step = twin(ids[:, :1]).logits  # decode's shape through the twin
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert float((step[0, 0] - want[0, 0]).abs().max() / want.abs().max()) < 1e-4
 
 
 def test_pbllm_runs_dense_with_a_warning(tmp_path, tokenizer_dir, caplog):
