@@ -88,8 +88,11 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") ->
 def sign_linear(form, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
     """Decode's whole layer for x (n, in) float32 (``form``: its ``forms.SignProduct``): the
     sign product of the rescaled input, the output scales and the rank-1 term in one call."""
-    return extension(variant).sign_linear(form.bits, x, form.planes, form.in_scale,
-                                          form.out_scale, form.beta_in, form.beta_out)
+    ext = extension(variant)
+    if form.lut is None and hasattr(ext, "lut_layout"):  # AVX-512 builds: made at first use
+        form.lut = ext.lut_layout(form.bits)
+    return ext.sign_linear(form.bits, form.lut if hasattr(ext, "lut_layout") else None, x,
+                           form.planes, form.in_scale, form.out_scale, form.beta_in, form.beta_out)
 
 
 def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",

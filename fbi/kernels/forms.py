@@ -46,6 +46,7 @@ class SignProduct:
     out_scale: Optional[torch.Tensor] = None  # (out,) or (1,)
     beta_in: Optional[torch.Tensor] = None  # (in,)
     beta_out: Optional[torch.Tensor] = None  # (out,) or (1,)
+    lut: Optional[torch.Tensor] = None  # the bits re-laid for decode's table lookups (CPU)
 
     @property
     def has_rank1(self) -> bool:

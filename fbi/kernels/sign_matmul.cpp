@@ -153,12 +153,92 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
   return y;
 }
 
+// Decode by table lookup (AVX-512; T-MAC's idea in float32): for each group of 4 inputs, the
+// 16 sums +-u0 +-u1 +-u2 +-u3 form a table; a row's 4 bits of that group index it. With the
+// bits of 16 rows laid side by side (lut_layout: byte k of rows 16b..16b+15 together), one
+// _mm512_permutexvar_ps looks up 16 rows x 4 weights, where the masked adds take 16 weights.
+#if defined(__AVX512F__)
+
+torch::Tensor lut_layout(torch::Tensor bits) {
+  TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
+              "bits: a contiguous uint8 (rows, bytes) tensor");
+  const int64_t rows = bits.size(0), nb = bits.size(1), blocks = (rows + 15) / 16;
+  auto out = torch::zeros({blocks, nb, 16}, bits.options());
+  const uint8_t* pb = bits.data_ptr<uint8_t>();
+  uint8_t* po = out.data_ptr<uint8_t>();
+  for (int64_t o = 0; o < rows; ++o)
+    for (int64_t k = 0; k < nb; ++k) po[((o / 16) * nb + k) * 16 + o % 16] = pb[o * nb + k];
+  return out;
+}
+
+namespace {
+// T[16 g + c] = sum_j (bit j of c ? u[4g + j] : -u[4g + j]) for the groups of u (8 nb inputs)
+void lut_tables(const float* u, float* table, int64_t groups) {
+  __m512 sign[4];
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) float lanes[16];
+    for (int c = 0; c < 16; ++c) lanes[c] = ((c >> j) & 1) ? 1.0f : -1.0f;
+    sign[j] = _mm512_load_ps(lanes);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 t = _mm512_mul_ps(_mm512_set1_ps(u[4 * g]), sign[0]);
+    for (int j = 1; j < 4; ++j) t = _mm512_fmadd_ps(_mm512_set1_ps(u[4 * g + j]), sign[j], t);
+    _mm512_storeu_ps(table + 16 * g, t);
+  }
+}
+
+// y[16 b + r] for the blocks [b0, b1) of 16 rows. A block's whole rows in one pass: the layout
+// is then read as one stream, prefetched ahead (a token's tables, 16 floats an input, stay in
+// L1/L2); passes over chunks of the row across all blocks read 3x slower from memory.
+void lut_blocks(const uint8_t* lut, const float* table, float* y, int64_t nb, int64_t rows,
+                int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* p = lut + b * nb * 16;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t k = 0; k < nb; k += 2) {  // nb is a multiple of 8
+      _mm_prefetch(reinterpret_cast<const char*>(p + (k + 128) * 16), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (k + h) * 16)));
+        const float* t = table + 32 * (k + h);  // the byte's two groups: low, then high nibble
+        acc[2 * h] = _mm512_add_ps(acc[2 * h], _mm512_permutexvar_ps(v, _mm512_loadu_ps(t)));
+        acc[2 * h + 1] = _mm512_add_ps(
+            acc[2 * h + 1], _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), _mm512_loadu_ps(t + 16)));
+      }
+    }
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    const int64_t left = rows - 16 * b;
+    const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    _mm512_mask_storeu_ps(y + 16 * b, lanes, sum);
+  }
+}
+}  // namespace
+
+// u @ S^T (n, rows) from the lut layout of S's bits (rows given: the layout pads to 16)
+torch::Tensor lut_matmul(torch::Tensor lut, int64_t rows, torch::Tensor u) {
+  const int64_t blocks = lut.size(0), nb = lut.size(1), n = u.size(0);
+  TORCH_CHECK(u.size(1) == 8 * nb, "u: ", u.size(1), " features, the bits hold ", 8 * nb);
+  auto y = torch::empty({n, rows}, u.options());
+  auto table = torch::empty({n, 16 * 2 * nb}, u.options());
+  const uint8_t* pl = lut.data_ptr<uint8_t>();
+  for (int64_t t = 0; t < n; ++t)
+    lut_tables(u.data_ptr<float>() + t * 8 * nb, table.data_ptr<float>() + t * 32 * nb, 2 * nb);
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = 0; t < n; ++t)
+      lut_blocks(pl, table.data_ptr<float>() + t * 32 * nb, y.data_ptr<float>() + t * rows, nb,
+                 rows, b0, b1);
+  });
+  return y;
+}
+#endif
+
 // Decode's whole layer in one call, so that no small torch operation runs between the product
 // and its scales (each costs as much as a 2048-row product): y = out_scale * (S (in_scale * x))
 // + beta_out * (beta_in . x), S the sum of ``planes`` sign matrices (fbi/kernels/forms.py), a
 // scale left out being ones and the rank-1 term absent when both betas are.
-torch::Tensor sign_linear(torch::Tensor bits, torch::Tensor x, int64_t planes,
-                          c10::optional<torch::Tensor> in_scale,
+torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, torch::Tensor x,
+                          int64_t planes, c10::optional<torch::Tensor> in_scale,
                           c10::optional<torch::Tensor> out_scale,
                           c10::optional<torch::Tensor> beta_in,
                           c10::optional<torch::Tensor> beta_out) {
@@ -195,7 +275,11 @@ torch::Tensor sign_linear(torch::Tensor bits, torch::Tensor x, int64_t planes,
       dot[t] = d;
     }
   }
+#if defined(__AVX512F__)
+  auto s = lut.has_value() ? lut_matmul(*lut, bits.size(0), u) : sign_matmul(bits, u);
+#else
   auto s = sign_matmul(bits, u);
+#endif
   const float* ps = s.data_ptr<float>();
   auto y = torch::empty({n, out}, x.options());
   float* py = y.data_ptr<float>();
@@ -463,5 +547,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("split_int8", &split_int8, "float32 inputs as three exact int8 pieces and a scale a token");
   m.def("combine_int8", &combine_int8, "float32 outputs from the pieces' int32 products");
   m.def("bf16_matmul", &bf16_matmul, "bfloat16 matrix times float32 tokens, summed in float32");
+#if defined(__AVX512F__)
+  m.def("lut_layout", &lut_layout, "the bits of 16 rows side by side, for decode's table lookups");
+#endif
   m.def("simd_path", &simd_path, "the SIMD path this build compiled");
 }
