@@ -55,9 +55,9 @@ def host_signature() -> str:
 
 @functools.cache
 def extension(variant: str = "native"):
-    """The compiled module (``sign_matmul``, decode's ``sign_linear``, prefill's
-    ``sign_weight``, ``split_int8`` and ``combine_int8``, the head's ``bf16_matmul``,
-    ``simd_path``), built once per host."""
+    """The compiled module (``sign_matmul``, decode's ``sign_linear`` and, on AVX-512, its
+    ``lut_layout``, prefill's ``sign_weight``, ``split_int8`` and ``combine_int8``, the head's
+    ``bf16_matmul``, ``simd_path``), built once per host."""
     from torch.utils.cpp_extension import load
 
     if variant not in FLAGS:
@@ -89,10 +89,13 @@ def sign_linear(form, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
     """Decode's whole layer for x (n, in) float32 (``form``: its ``forms.SignProduct``): the
     sign product of the rescaled input, the output scales and the rank-1 term in one call."""
     ext = extension(variant)
-    if form.lut is None and hasattr(ext, "lut_layout"):  # AVX-512 builds: made at first use
-        form.lut = ext.lut_layout(form.bits)
-    return ext.sign_linear(form.bits, form.lut if hasattr(ext, "lut_layout") else None, x,
-                           form.planes, form.in_scale, form.out_scale, form.beta_in, form.beta_out)
+    lut = None
+    if hasattr(ext, "lut_layout"):  # AVX-512 builds look up; the layout is made at first use
+        if form.lut is None:
+            form.lut = ext.lut_layout(form.bits)
+        lut = form.lut
+    return ext.sign_linear(form.bits, lut, x, form.planes, form.in_scale, form.out_scale,
+                           form.beta_in, form.beta_out)
 
 
 def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",

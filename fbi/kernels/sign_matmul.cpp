@@ -217,6 +217,10 @@ void lut_blocks(const uint8_t* lut, const float* table, float* y, int64_t nb, in
 
 // u @ S^T (n, rows) from the lut layout of S's bits (rows given: the layout pads to 16)
 torch::Tensor lut_matmul(torch::Tensor lut, int64_t rows, torch::Tensor u) {
+  TORCH_CHECK(lut.dtype() == torch::kUInt8 && lut.dim() == 3 && lut.size(2) == 16 &&
+                  lut.is_contiguous() && lut.size(0) == (rows + 15) / 16,
+              "lut: lut_layout's contiguous uint8 (blocks of 16 rows, bytes, 16) tensor of ",
+              rows, " rows");
   const int64_t blocks = lut.size(0), nb = lut.size(1), n = u.size(0);
   TORCH_CHECK(u.size(1) == 8 * nb, "u: ", u.size(1), " features, the bits hold ", 8 * nb);
   auto y = torch::empty({n, rows}, u.options());
@@ -236,7 +240,8 @@ torch::Tensor lut_matmul(torch::Tensor lut, int64_t rows, torch::Tensor u) {
 // Decode's whole layer in one call, so that no small torch operation runs between the product
 // and its scales (each costs as much as a 2048-row product): y = out_scale * (S (in_scale * x))
 // + beta_out * (beta_in . x), S the sum of ``planes`` sign matrices (fbi/kernels/forms.py), a
-// scale left out being ones and the rank-1 term absent when both betas are.
+// scale left out being ones and the rank-1 term absent when both betas are. ``lut``: the bits
+// in lut_layout, for the table lookups (AVX-512 builds; other builds take the masked adds).
 torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, torch::Tensor x,
                           int64_t planes, c10::optional<torch::Tensor> in_scale,
                           c10::optional<torch::Tensor> out_scale,
