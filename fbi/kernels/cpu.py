@@ -92,7 +92,7 @@ def sign_linear(form, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
     lut = None
     if hasattr(ext, "lut_layout"):  # AVX-512 builds look up; the layout is made at first use
         if form.lut is None:
-            form.lut = ext.lut_layout(form.bits)
+            form.lut = ext.lut_layout(form.bits, form.planes)
         lut = form.lut
     return ext.sign_linear(form.bits, lut, x, form.planes, form.in_scale, form.out_scale,
                            form.beta_in, form.beta_out)

@@ -153,21 +153,72 @@ torch::Tensor sign_matmul(torch::Tensor bits, torch::Tensor u) {
   return y;
 }
 
+// Decode's layer: y = out_scale * (S (in_scale * x)) + beta_out * (beta_in . x), S the sum of
+// ``planes`` sign matrices (fbi/kernels/forms.py), a scale left out being ones and the rank-1
+// term absent when both betas are. An output's vector may be one value for all.
+namespace {
+struct Scales {
+  const float* in = nullptr;  // (in,)
+  const float* out = nullptr;  // (out,) or (1,)
+  const float* beta_in = nullptr;  // (in,)
+  const float* beta_out = nullptr;  // (out,) or (1,)
+  bool out_one = false, beta_out_one = false;
+  bool rank1() const { return beta_in || beta_out; }
+};
+
+// u = in_scale * x over in features, zero up to width (the padding adds nothing); returns the
+// rank-1 term's dot product beta_in . x (0 without the term)
+float scale_input(const float* x, const Scales& s, int64_t in, int64_t width, float* u) {
+  if (s.in)
+    for (int64_t i = 0; i < in; ++i) u[i] = x[i] * s.in[i];
+  else
+    std::memcpy(u, x, in * sizeof(float));
+  std::fill(u + in, u + width, 0.0f);
+  if (!s.rank1()) return 0.0f;
+  float dot = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  // 16 partial sums: one chain of dependent adds would take 4 cycles an input
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= in; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    acc = s.beta_in ? _mm512_fmadd_ps(v, _mm512_loadu_ps(s.beta_in + i), acc) : _mm512_add_ps(acc, v);
+  }
+  dot = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < in; ++i) dot += s.beta_in ? x[i] * s.beta_in[i] : x[i];
+  return dot;
+}
+
+// output o of a token from its sign product v and dot product
+inline float finish(float v, int64_t o, float dot, const Scales& s) {
+  if (s.out) v *= s.out[s.out_one ? 0 : o];
+  if (s.rank1()) v += s.beta_out ? dot * s.beta_out[s.beta_out_one ? 0 : o] : dot;
+  return v;
+}
+}  // namespace
+
 // Decode by table lookup (AVX-512; T-MAC's idea in float32): for each group of 4 inputs, the
 // 16 sums +-u0 +-u1 +-u2 +-u3 form a table; a row's 4 bits of that group index it. With the
 // bits of 16 rows laid side by side (lut_layout: byte k of rows 16b..16b+15 together), one
 // _mm512_permutexvar_ps looks up 16 rows x 4 weights, where the masked adds take 16 weights.
 #if defined(__AVX512F__)
 
-torch::Tensor lut_layout(torch::Tensor bits) {
+// (planes, blocks of 16 rows, bytes, 16) from bits (planes x rows, bytes): each plane's rows
+// padded to a whole block
+torch::Tensor lut_layout(torch::Tensor bits, int64_t planes) {
   TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
-              "bits: a contiguous uint8 (rows, bytes) tensor");
-  const int64_t rows = bits.size(0), nb = bits.size(1), blocks = (rows + 15) / 16;
-  auto out = torch::zeros({blocks, nb, 16}, bits.options());
+              "bits: a contiguous uint8 (planes * rows, bytes) tensor");
+  TORCH_CHECK((planes == 1 || planes == 2) && bits.size(0) % planes == 0,
+              "planes: 1 or 2, dividing the bits' ", bits.size(0), " rows");
+  const int64_t rows = bits.size(0) / planes, nb = bits.size(1), blocks = (rows + 15) / 16;
+  auto out = torch::zeros({planes, blocks, nb, 16}, bits.options());
   const uint8_t* pb = bits.data_ptr<uint8_t>();
   uint8_t* po = out.data_ptr<uint8_t>();
-  for (int64_t o = 0; o < rows; ++o)
-    for (int64_t k = 0; k < nb; ++k) po[((o / 16) * nb + k) * 16 + o % 16] = pb[o * nb + k];
+  for (int64_t p = 0; p < planes; ++p)
+    for (int64_t o = 0; o < rows; ++o)
+      for (int64_t k = 0; k < nb; ++k)
+        po[((p * blocks + o / 16) * nb + k) * 16 + o % 16] = pb[(p * rows + o) * nb + k];
   return out;
 }
 
@@ -187,61 +238,70 @@ void lut_tables(const float* u, float* table, int64_t groups) {
   }
 }
 
-// y[16 b + r] for the blocks [b0, b1) of 16 rows. A block's whole rows in one pass: the layout
+// The 16 rows' sums of one block (p: its nb x 16 bytes), its whole rows in one pass: the layout
 // is then read as one stream, prefetched ahead (a token's tables, 16 floats an input, stay in
 // L1/L2); passes over chunks of the row across all blocks read 3x slower from memory.
-void lut_blocks(const uint8_t* lut, const float* table, float* y, int64_t nb, int64_t rows,
-                int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* p = lut + b * nb * 16;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    for (int64_t k = 0; k < nb; k += 2) {  // nb is a multiple of 8
-      _mm_prefetch(reinterpret_cast<const char*>(p + (k + 128) * 16), _MM_HINT_T0);
-      for (int h = 0; h < 2; ++h) {
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (k + h) * 16)));
-        const float* t = table + 32 * (k + h);  // the byte's two groups: low, then high nibble
-        acc[2 * h] = _mm512_add_ps(acc[2 * h], _mm512_permutexvar_ps(v, _mm512_loadu_ps(t)));
-        acc[2 * h + 1] = _mm512_add_ps(
-            acc[2 * h + 1], _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), _mm512_loadu_ps(t + 16)));
+inline __m512 lut_block(const uint8_t* p, const float* table, int64_t nb) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  for (int64_t k = 0; k < nb; k += 2) {  // nb is a multiple of 8
+    _mm_prefetch(reinterpret_cast<const char*>(p + (k + 256) * 16), _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (k + h) * 16)));
+      const float* t = table + 32 * (k + h);  // the byte's two groups: low, then high nibble
+      acc[2 * h] = _mm512_add_ps(acc[2 * h], _mm512_permutexvar_ps(v, _mm512_loadu_ps(t)));
+      acc[2 * h + 1] = _mm512_add_ps(
+          acc[2 * h + 1], _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), _mm512_loadu_ps(t + 16)));
+    }
+  }
+  return _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+}
+
+// The whole layer in one parallel region: each thread scales the tokens and builds their tables
+// itself (a few microseconds, less than reading them from another core's cache), then sums and
+// finishes its own blocks of rows, each block for every token while its bits are in L1.
+torch::Tensor lut_linear(const torch::Tensor& lut, const torch::Tensor& x, int64_t out,
+                         const Scales& s) {
+  const int64_t planes = lut.size(0), blocks = lut.size(1), nb = lut.size(2);
+  const int64_t n = x.size(0), in = x.size(1), width = 8 * nb;
+  auto y = torch::empty({n, out}, x.options());
+  const uint8_t* pl = lut.data_ptr<uint8_t>();
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    // grown, never freed: a fresh buffer of this size would pay its page faults at every call
+    thread_local std::vector<float> u, storage, dots;
+    u.resize(width), storage.resize(n * 32 * nb + 16), dots.resize(n);
+    // on a cache line: an unaligned table's every load would span two
+    float* tables = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 16) % 16;
+    for (int64_t t = 0; t < n; ++t) {
+      dots[t] = scale_input(px + t * in, s, in, width, u.data());
+      lut_tables(u.data(), tables + t * 32 * nb, 2 * nb);
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o0 = 16 * b, left = out - o0;
+      const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      for (int64_t t = 0; t < n; ++t) {
+        __m512 v = lut_block(pl + b * nb * 16, tables + t * 32 * nb, nb);
+        if (planes == 2)
+          v = _mm512_add_ps(v, lut_block(pl + (blocks + b) * nb * 16, tables + t * 32 * nb, nb));
+        alignas(64) float sums[16];
+        _mm512_store_ps(sums, v);
+        for (int64_t r = 0; r < std::min<int64_t>(left, 16); ++r)
+          sums[r] = finish(sums[r], o0 + r, dots[t], s);
+        _mm512_mask_storeu_ps(py + t * out + o0, lanes, _mm512_load_ps(sums));
       }
     }
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    const int64_t left = rows - 16 * b;
-    const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    _mm512_mask_storeu_ps(y + 16 * b, lanes, sum);
-  }
-}
-}  // namespace
-
-// u @ S^T (n, rows) from the lut layout of S's bits (rows given: the layout pads to 16)
-torch::Tensor lut_matmul(torch::Tensor lut, int64_t rows, torch::Tensor u) {
-  TORCH_CHECK(lut.dtype() == torch::kUInt8 && lut.dim() == 3 && lut.size(2) == 16 &&
-                  lut.is_contiguous() && lut.size(0) == (rows + 15) / 16,
-              "lut: lut_layout's contiguous uint8 (blocks of 16 rows, bytes, 16) tensor of ",
-              rows, " rows");
-  const int64_t blocks = lut.size(0), nb = lut.size(1), n = u.size(0);
-  TORCH_CHECK(u.size(1) == 8 * nb, "u: ", u.size(1), " features, the bits hold ", 8 * nb);
-  auto y = torch::empty({n, rows}, u.options());
-  auto table = torch::empty({n, 16 * 2 * nb}, u.options());
-  const uint8_t* pl = lut.data_ptr<uint8_t>();
-  for (int64_t t = 0; t < n; ++t)
-    lut_tables(u.data_ptr<float>() + t * 8 * nb, table.data_ptr<float>() + t * 32 * nb, 2 * nb);
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t t = 0; t < n; ++t)
-      lut_blocks(pl, table.data_ptr<float>() + t * 32 * nb, y.data_ptr<float>() + t * rows, nb,
-                 rows, b0, b1);
   });
   return y;
 }
+}  // namespace
 #endif
 
 // Decode's whole layer in one call, so that no small torch operation runs between the product
-// and its scales (each costs as much as a 2048-row product): y = out_scale * (S (in_scale * x))
-// + beta_out * (beta_in . x), S the sum of ``planes`` sign matrices (fbi/kernels/forms.py), a
-// scale left out being ones and the rank-1 term absent when both betas are. ``lut``: the bits
-// in lut_layout, for the table lookups (AVX-512 builds; other builds take the masked adds).
+// and its scales (each costs as much as a 2048-row product). ``lut``: the bits in lut_layout,
+// for the table lookups (AVX-512 builds; other builds take the masked adds).
 torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, torch::Tensor x,
                           int64_t planes, c10::optional<torch::Tensor> in_scale,
                           c10::optional<torch::Tensor> out_scale,
@@ -249,10 +309,13 @@ torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, 
                           c10::optional<torch::Tensor> beta_out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x: a contiguous float32 (tokens, features) tensor");
-  const int64_t n = x.size(0), in = x.size(1), width = 8 * bits.size(1);
+  TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
+              "bits: a contiguous uint8 (planes * rows, bytes) tensor");
+  TORCH_CHECK((planes == 1 || planes == 2) && bits.size(0) % planes == 0,
+              "planes: 1 or 2, dividing the bits' ", bits.size(0), " rows");
+  const int64_t n = x.size(0), in = x.size(1), nb = bits.size(1), width = 8 * nb;
   const int64_t out = bits.size(0) / planes;
   TORCH_CHECK(in <= width, "x: ", in, " features, the bits hold ", width);
-  // an output's vector may be one value for all; an input's is one a feature
   auto vec = [&](const c10::optional<torch::Tensor>& v, int64_t size, bool one, const char* name) {
     if (!v.has_value()) return static_cast<const float*>(nullptr);
     TORCH_CHECK(v->dtype() == torch::kFloat32 && v->is_contiguous() &&
@@ -260,41 +323,36 @@ torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, 
                 name, ": a contiguous float32 tensor of ", size, " values");
     return static_cast<const float*>(v->data_ptr<float>());
   };
-  const float* si = vec(in_scale, in, false, "in_scale");
-  const float* so = vec(out_scale, out, true, "out_scale");
-  const float* bi = vec(beta_in, in, false, "beta_in");
-  const float* bo = vec(beta_out, out, true, "beta_out");
-  const bool so_one = so && out_scale->numel() == 1, bo_one = bo && beta_out->numel() == 1;
-  const bool rank1 = bi || bo;
-  const float* px = x.data_ptr<float>();
-  auto u = torch::zeros({n, width}, x.options());  // zero beyond in: the padding adds nothing
-  float* pu = u.data_ptr<float>();
-  std::vector<float> dot(n, 0.0f);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = px + t * in;
-    float* ut = pu + t * width;
-    for (int64_t i = 0; i < in; ++i) ut[i] = si ? xt[i] * si[i] : xt[i];
-    if (rank1) {
-      float d = 0.0f;
-      for (int64_t i = 0; i < in; ++i) d += bi ? xt[i] * bi[i] : xt[i];
-      dot[t] = d;
-    }
-  }
+  Scales s;
+  s.in = vec(in_scale, in, false, "in_scale");
+  s.out = vec(out_scale, out, true, "out_scale");
+  s.beta_in = vec(beta_in, in, false, "beta_in");
+  s.beta_out = vec(beta_out, out, true, "beta_out");
+  s.out_one = s.out && out_scale->numel() == 1;
+  s.beta_out_one = s.beta_out && beta_out->numel() == 1;
 #if defined(__AVX512F__)
-  auto s = lut.has_value() ? lut_matmul(*lut, bits.size(0), u) : sign_matmul(bits, u);
-#else
-  auto s = sign_matmul(bits, u);
+  if (lut.has_value()) {
+    TORCH_CHECK(lut->dtype() == torch::kUInt8 && lut->dim() == 4 && lut->is_contiguous() &&
+                    lut->size(0) == planes && lut->size(1) == (out + 15) / 16 &&
+                    lut->size(2) == nb && lut->size(3) == 16,
+                "lut: lut_layout's contiguous uint8 (", planes, " planes, ", (out + 15) / 16,
+                " blocks of 16 rows, ", nb, " bytes, 16) tensor of these bits");
+    return lut_linear(*lut, x, out, s);
+  }
 #endif
-  const float* ps = s.data_ptr<float>();
+  auto u = torch::empty({n, width}, x.options());
+  std::vector<float> dots(n);
+  for (int64_t t = 0; t < n; ++t)
+    dots[t] = scale_input(x.data_ptr<float>() + t * in, s, in, width, u.data_ptr<float>() + t * width);
+  auto sums = sign_matmul(bits, u);
+  const float* ps = sums.data_ptr<float>();
   auto y = torch::empty({n, out}, x.options());
   float* py = y.data_ptr<float>();
   for (int64_t t = 0; t < n; ++t)
     for (int64_t o = 0; o < out; ++o) {
       float v = ps[t * planes * out + o];
       if (planes == 2) v += ps[t * planes * out + out + o];
-      if (so) v *= so[so_one ? 0 : o];
-      if (rank1) v += bo ? dot[t] * bo[bo_one ? 0 : o] : dot[t];
-      py[t * out + o] = v;
+      py[t * out + o] = finish(v, o, dots[t], s);
     }
   return y;
 }

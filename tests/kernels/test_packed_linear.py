@@ -102,6 +102,31 @@ def test_cpu_kernel_variants_against_float64(variant):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(u.abs().sum(1).max()))
 
 
+def test_lookup_layer_split_across_threads_and_a_foreign_layout_refused():
+    """Decode's lookup layer (AVX-512 hosts): each thread scales the input and builds its own
+    tables, so the rows split between threads must give the one-thread result exactly; a layout
+    made for other bits is refused, naming the argument."""
+    ext = cpu.extension()
+    if not hasattr(ext, "lut_layout"):
+        pytest.skip("this CPU has no AVX-512: decode takes the masked adds")
+    layer = scheme_layer("bitnet158", {}, 200, 1000)  # two planes, 63 blocks, the last partial
+    kernel = PackedLinear(layer, layer.pack())
+    x = torch.randn(3, 200)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x)
+        torch.set_num_threads(2)
+        torch.testing.assert_close(kernel(x), one, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    form = kernel.form
+    other = ext.lut_layout(form.bits[:992], 2)  # 31 blocks a plane where the layer has 63
+    with pytest.raises(RuntimeError, match="lut: lut_layout's"):
+        ext.sign_linear(form.bits, other, x, form.planes, form.in_scale, form.out_scale,
+                        form.beta_in, form.beta_out)
+
+
 @pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
 def test_int8_prefill_product_against_float64(variant):
     """Prefill's int8 route (``cpu.int8_matmul``: the signs as int8, the inputs split into three
