@@ -55,9 +55,9 @@ def host_signature() -> str:
 
 @functools.cache
 def extension(variant: str = "native"):
-    """The compiled module (``sign_matmul``, decode's ``sign_linear`` and, on AVX-512, its
-    ``lut_layout``, prefill's ``sign_weight``, ``split_int8`` and ``combine_int8``, the head's
-    ``bf16_matmul``, ``simd_path``), built once per host."""
+    """The compiled module (``sign_matmul``, decode's ``sign_linear``, prefill's
+    ``sign_weight``, ``split_int8`` and ``combine_int8``, the head's ``bf16_matmul``,
+    ``simd_path``), built once per host."""
     from torch.utils.cpp_extension import load
 
     if variant not in FLAGS:
@@ -85,17 +85,33 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native") ->
     return extension(variant).sign_matmul(bits, u)
 
 
+@functools.cache
+def looks_up(variant: str = "native") -> bool:
+    """Whether this build decodes by table lookup (AVX-512) rather than by masked adds."""
+    return extension(variant).simd_path() == "avx512"
+
+
+def lut_layout(bits: torch.Tensor, planes: int) -> torch.Tensor:
+    """Decode's lookup layout of ``bits`` (planes x rows, bytes): (planes, blocks of 16 rows,
+    bytes, 16), byte k of a block's 16 rows side by side, each plane's rows padded with zero
+    bits to a whole block."""
+    rows, nb = bits.shape[0] // planes, bits.shape[1]
+    blocks = bits.view(planes, rows, nb)
+    if rows % 16:  # a padded copy only where the last block is short: one copy less at first decode
+        blocks = torch.nn.functional.pad(blocks, (0, 0, 0, -rows % 16))
+    return blocks.view(planes, -1, 16, nb).transpose(2, 3).contiguous()
+
+
 def sign_linear(form, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
     """Decode's whole layer for x (n, in) float32 (``form``: its ``forms.SignProduct``): the
     sign product of the rescaled input, the output scales and the rank-1 term in one call."""
-    ext = extension(variant)
     lut = None
-    if hasattr(ext, "lut_layout"):  # AVX-512 builds look up; the layout is made at first use
+    if looks_up(variant):  # the layout is made at the layer's first decode call
         if form.lut is None:
-            form.lut = ext.lut_layout(form.bits, form.planes)
+            form.lut = lut_layout(form.bits, form.planes)
         lut = form.lut
-    return ext.sign_linear(form.bits, lut, x, form.planes, form.in_scale, form.out_scale,
-                           form.beta_in, form.beta_out)
+    return extension(variant).sign_linear(form.bits, lut, x, form.planes, form.in_scale,
+                                          form.out_scale, form.beta_in, form.beta_out)
 
 
 def int8_matmul(bits: torch.Tensor, u: torch.Tensor, variant: str = "native",

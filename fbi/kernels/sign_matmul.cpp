@@ -200,27 +200,10 @@ inline float finish(float v, int64_t o, float dot, const Scales& s) {
 
 // Decode by table lookup (AVX-512; T-MAC's idea in float32): for each group of 4 inputs, the
 // 16 sums +-u0 +-u1 +-u2 +-u3 form a table; a row's 4 bits of that group index it. With the
-// bits of 16 rows laid side by side (lut_layout: byte k of rows 16b..16b+15 together), one
-// _mm512_permutexvar_ps looks up 16 rows x 4 weights, where the masked adds take 16 weights.
+// bits of 16 rows laid side by side (fbi/kernels/cpu.py's lut_layout: byte k of rows 16b..16b+15
+// together, each plane's rows padded to a whole block), one _mm512_permutexvar_ps looks up 16
+// rows x 4 weights, where the masked adds take 16 weights.
 #if defined(__AVX512F__)
-
-// (planes, blocks of 16 rows, bytes, 16) from bits (planes x rows, bytes): each plane's rows
-// padded to a whole block
-torch::Tensor lut_layout(torch::Tensor bits, int64_t planes) {
-  TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
-              "bits: a contiguous uint8 (planes * rows, bytes) tensor");
-  TORCH_CHECK((planes == 1 || planes == 2) && bits.size(0) % planes == 0,
-              "planes: 1 or 2, dividing the bits' ", bits.size(0), " rows");
-  const int64_t rows = bits.size(0) / planes, nb = bits.size(1), blocks = (rows + 15) / 16;
-  auto out = torch::zeros({planes, blocks, nb, 16}, bits.options());
-  const uint8_t* pb = bits.data_ptr<uint8_t>();
-  uint8_t* po = out.data_ptr<uint8_t>();
-  for (int64_t p = 0; p < planes; ++p)
-    for (int64_t o = 0; o < rows; ++o)
-      for (int64_t k = 0; k < nb; ++k)
-        po[((p * blocks + o / 16) * nb + k) * 16 + o % 16] = pb[(p * rows + o) * nb + k];
-  return out;
-}
 
 namespace {
 // T[16 g + c] = sum_j (bit j of c ? u[4g + j] : -u[4g + j]) for the groups of u (8 nb inputs)
@@ -610,8 +593,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("split_int8", &split_int8, "float32 inputs as three exact int8 pieces and a scale a token");
   m.def("combine_int8", &combine_int8, "float32 outputs from the pieces' int32 products");
   m.def("bf16_matmul", &bf16_matmul, "bfloat16 matrix times float32 tokens, summed in float32");
-#if defined(__AVX512F__)
-  m.def("lut_layout", &lut_layout, "the bits of 16 rows side by side, for decode's table lookups");
-#endif
   m.def("simd_path", &simd_path, "the SIMD path this build compiled");
 }

@@ -106,8 +106,7 @@ def test_lookup_layer_split_across_threads_and_a_foreign_layout_refused():
     """Decode's lookup layer (AVX-512 hosts): each thread scales the input and builds its own
     tables, so the rows split between threads must give the one-thread result exactly; a layout
     made for other bits is refused, naming the argument."""
-    ext = cpu.extension()
-    if not hasattr(ext, "lut_layout"):
+    if not cpu.looks_up():
         pytest.skip("this CPU has no AVX-512: decode takes the masked adds")
     layer = scheme_layer("bitnet158", {}, 200, 1000)  # two planes, 63 blocks, the last partial
     kernel = PackedLinear(layer, layer.pack())
@@ -121,10 +120,22 @@ def test_lookup_layer_split_across_threads_and_a_foreign_layout_refused():
     finally:
         torch.set_num_threads(threads)
     form = kernel.form
-    other = ext.lut_layout(form.bits[:992], 2)  # 31 blocks a plane where the layer has 63
+    other = cpu.lut_layout(form.bits[:992], 2)  # 31 blocks a plane where the layer has 63
     with pytest.raises(RuntimeError, match="lut: lut_layout's"):
-        ext.sign_linear(form.bits, other, x, form.planes, form.in_scale, form.out_scale,
-                        form.beta_in, form.beta_out)
+        cpu.extension().sign_linear(form.bits, other, x, form.planes, form.in_scale,
+                                    form.out_scale, form.beta_in, form.beta_out)
+
+
+def test_lut_layout_puts_a_blocks_rows_side_by_side():
+    """Byte k of rows 16b..16b+15 of each plane together; the rows padded with zero bits."""
+    bits = torch.randint(0, 256, (2 * 21, 16), dtype=torch.uint8)
+    lut = cpu.lut_layout(bits, 2)
+    assert lut.shape == (2, 2, 16, 16)
+    for p in range(2):
+        for o in range(21):
+            for k in range(16):
+                assert lut[p, o // 16, k, o % 16] == bits[21 * p + o, k]
+    assert (lut[:, 1, :, 5:] == 0).all()
 
 
 @pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
