@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -26,7 +27,23 @@ def init_distributed(settings: DistributedConfig | None = None,
 
     info = distributed.init_distributed(settings, run_dir=run_dir)
     deepspeed.init_distributed(dist_backend="nccl" if info.device.startswith("cuda") else "gloo")
+    unlink_shm_buffer(info)
     return info
+
+
+def unlink_shm_buffer(info: Dist) -> None:
+    """On CPU with every rank on one host (its launcher sets LOCAL_SIZE), DeepSpeed's
+    shared-memory all-reduce gives each rank a 69 MB buffer in /dev/shm and never unlinks it,
+    so each run left 69 MB a rank behind. Once every rank has mapped every buffer (they do in
+    ``init_distributed``; the barrier waits for all), each unlinks its own name: the mappings
+    hold until the processes exit, and then nothing is left."""
+    if info.device != "cpu" or os.environ.get("LOCAL_SIZE") != str(info.world_size):
+        return
+    torch.distributed.barrier()
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()),
+                     os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                     str(info.rank)])
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def uses_torch_adam(cfg: TrainConfig) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,14 @@ def test_consolidated_stage3_checkpoint_loads_into_the_model(tmp_path, base):
 def test_deepspeed_launcher_starts_two_processes_sharing_one_run_dir(tmp_path, base):
     # ${now:...} resolves in each process a moment apart; rank 0's folder must be the only one.
     pattern = f"run_dir={tmp_path}/run-" + "${now:%H%M%S%f}"
+    buffers = f"deepspeed_allreduce_buffer_{os.getuid()}_*"  # its shared-memory all-reduce's
+    before = set(Path("/dev/shm").glob(buffers))
     proc = run_train(base + [pattern, "zero=stage2", "max_steps=2"], nproc=2,
                      launcher="deepspeed")
     assert "world 2" in proc.stderr + proc.stdout
     runs = list(tmp_path.glob("run-*"))
     assert len(runs) == 1 and len(read_steps(runs[0])) == 2
+    assert set(Path("/dev/shm").glob(buffers)) <= before  # nothing left in /dev/shm
 
 
 def test_bf16_under_zero2_follows_the_fp32_run(tmp_path, base, single_process):
