@@ -25,12 +25,14 @@ def sign_matmul(bits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def apply(form: SignProduct, x: torch.Tensor) -> torch.Tensor:
-    """``x W_eff^T`` in fp32 for x (n, in) fp32: the binary product of the rescaled input,
+    """``x W_eff^T`` in fp32 for x (..., in) fp32: the binary product of the rescaled input,
     rescaled outputs, the rank-1 term. On CPU below ``cpu.PREFILL_TOKENS`` tokens (decode) all
     of it is one call, ``cpu.sign_linear``; from there on the binary product is
     ``cpu.int8_matmul`` (its planes summed into one int8 matrix)."""
-    if not form.bits.is_cuda and x.shape[0] < cpu.PREFILL_TOKENS:
+    if not form.bits.is_cuda and x.numel() < cpu.PREFILL_TOKENS * form.in_features:
         return cpu.sign_linear(form, x.contiguous())
+    shape = x.shape
+    x = x.reshape(-1, form.in_features)
     u = x if form.in_scale is None else x * form.in_scale
     if not form.bits.is_cuda:
         y = cpu.int8_matmul(form.bits, u, planes=form.planes)
@@ -44,7 +46,7 @@ def apply(form: SignProduct, x: torch.Tensor) -> torch.Tensor:
     if form.has_rank1:
         dot = x.sum(1, keepdim=True) if form.beta_in is None else x @ form.beta_in[:, None]
         y = y + (dot if form.beta_out is None else dot * form.beta_out)
-    return y
+    return y.view(*shape[:-1], form.out_features)
 
 
 class PackedLinear(nn.Module):
@@ -73,8 +75,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantize_input(x)
-        y = apply(self.form, q.reshape(-1, self.in_features).float())
-        return self.normalize_output(y.view(*q.shape[:-1], self.out_features).to(x.dtype))
+        y = self.normalize_output(apply(self.form, q if q.dtype == torch.float32 else q.float()))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def pack(self) -> dict[str, torch.Tensor]:
         return dict(self.packed)

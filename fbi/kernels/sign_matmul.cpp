@@ -284,21 +284,26 @@ torch::Tensor lut_linear(const torch::Tensor& lut, const torch::Tensor& x, int64
 
 // Decode's whole layer in one call, so that no small torch operation runs between the product
 // and its scales (each costs as much as a 2048-row product). ``lut``: the bits in lut_layout,
-// for the table lookups (AVX-512 builds; other builds take the masked adds).
-torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, torch::Tensor x,
+// for the table lookups (AVX-512 builds; other builds take the masked adds). x (..., in) gives
+// y (..., out): the caller's reshapes, a microsecond each, would cost 2 % of a token.
+torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, torch::Tensor input,
                           int64_t planes, c10::optional<torch::Tensor> in_scale,
                           c10::optional<torch::Tensor> out_scale,
                           c10::optional<torch::Tensor> beta_in,
                           c10::optional<torch::Tensor> beta_out) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "x: a contiguous float32 (tokens, features) tensor");
+  TORCH_CHECK(input.dtype() == torch::kFloat32 && input.dim() >= 1 && input.size(-1) > 0 &&
+                  input.is_contiguous(),
+              "x: a contiguous float32 (..., features) tensor");
   TORCH_CHECK(bits.dtype() == torch::kUInt8 && bits.dim() == 2 && bits.is_contiguous(),
               "bits: a contiguous uint8 (planes * rows, bytes) tensor");
+  const auto x = input.view({-1, input.size(-1)});
+  auto shape = input.sizes().vec();
   TORCH_CHECK((planes == 1 || planes == 2) && bits.size(0) % planes == 0,
               "planes: 1 or 2, dividing the bits' ", bits.size(0), " rows");
   const int64_t n = x.size(0), in = x.size(1), nb = bits.size(1), width = 8 * nb;
   const int64_t out = bits.size(0) / planes;
   TORCH_CHECK(in <= width, "x: ", in, " features, the bits hold ", width);
+  shape.back() = out;
   auto vec = [&](const c10::optional<torch::Tensor>& v, int64_t size, bool one, const char* name) {
     if (!v.has_value()) return static_cast<const float*>(nullptr);
     TORCH_CHECK(v->dtype() == torch::kFloat32 && v->is_contiguous() &&
@@ -320,7 +325,7 @@ torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, 
                     lut->size(2) == nb && lut->size(3) == 16,
                 "lut: lut_layout's contiguous uint8 (", planes, " planes, ", (out + 15) / 16,
                 " blocks of 16 rows, ", nb, " bytes, 16) tensor of these bits");
-    return lut_linear(*lut, x, out, s);
+    return lut_linear(*lut, x, out, s).view(shape);
   }
 #endif
   auto u = torch::empty({n, width}, x.options());
@@ -337,7 +342,7 @@ torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, 
       if (planes == 2) v += ps[t * planes * out + out + o];
       py[t * out + o] = finish(v, o, dots[t], s);
     }
-  return y;
+  return y.view(shape);
 }
 
 // Prefill: torch's int8 GEMM (AMX or VNNI where the CPU has them) on S and on the inputs split
