@@ -103,8 +103,9 @@ def lut_layout(bits: torch.Tensor, planes: int) -> torch.Tensor:
 
 
 def sign_linear(form, x: torch.Tensor, variant: str = "native") -> torch.Tensor:
-    """Decode's whole layer for x (n, in) float32 (``form``: its ``forms.SignProduct``): the
-    sign product of the rescaled input, the output scales and the rank-1 term in one call."""
+    """Decode's whole layer for x (..., in) float32, contiguous (``form``: its
+    ``forms.SignProduct``): the sign product of the rescaled input, the output scales and the
+    rank-1 term in one call, (..., out)."""
     lut = None
     if looks_up(variant):  # the layout is made at the layer's first decode call
         if form.lut is None:
