@@ -206,6 +206,10 @@ inline float finish(float v, int64_t o, float dot, const Scales& s) {
 #if defined(__AVX512F__)
 
 namespace {
+inline __mmask16 lanes16(int64_t left) {  // the first min(left, 16) lanes
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
 // T[16 g + c] = sum_j (bit j of c ? u[4g + j] : -u[4g + j]) for the groups of u (8 nb inputs)
 void lut_tables(const float* u, float* table, int64_t groups) {
   __m512 sign[4];
@@ -264,7 +268,7 @@ torch::Tensor lut_linear(const torch::Tensor& lut, const torch::Tensor& x, int64
     }
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o0 = 16 * b, left = out - o0;
-      const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      const __mmask16 lanes = lanes16(left);
       for (int64_t t = 0; t < n; ++t) {
         __m512 v = lut_block(pl + b * nb * 16, tables + t * 32 * nb, nb);
         if (planes == 2)
@@ -351,13 +355,6 @@ torch::Tensor sign_linear(torch::Tensor bits, c10::optional<torch::Tensor> lut, 
 // each piece the rounded remainder of the last (x - round(x) is exact), |q| <= 127; |r| <= s_t /
 // 2 / 254^2, 2^-24 of the token's largest input, as fine as fp32's own rounding. Then
 // y[t] = s_t (Y1 + (Y2 + Y3 / 254) / 254) with Y = q S^T (exact int32, in fp32 below 2^24).
-#if defined(__AVX512F__)
-namespace {
-inline __mmask16 lanes16(int64_t left) {  // the first min(left, 16) lanes
-  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
-}  // namespace
-#endif
 
 // S (the sum of ``planes`` +-1 matrices; bits: planes x rows of them) as int8 (rows,
 // in_features) into ``w``, a reused buffer (a fresh one pays its page faults at every call).
